@@ -1,0 +1,1 @@
+"""Benchmarks; each writes a CSV and a plot to artifacts/."""

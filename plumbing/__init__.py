@@ -1,0 +1,1 @@
+"""Shared plumbing every stage imports: config, Kafka clients, Redis, ledger, DLQ, metrics, local servers."""

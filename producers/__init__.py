@@ -1,0 +1,1 @@
+"""Publishing prompt batches and replaying logged runs onto the prompts topic."""

@@ -1,0 +1,60 @@
+"""rollout.completion-chunks (streamed deltas) and rollout.completions (finals)."""
+
+from __future__ import annotations
+
+import msgspec
+
+from schemas.base import Message
+from schemas.prompts import Grammar
+
+
+class CompletionChunk(Message, kw_only=True):
+    """A streamed delta of one sample; `seq` orders the chunks of a sample from 0."""
+
+    request_id: str
+    sample_index: int
+    seq: int
+    text: str
+    token_ids: list[int]
+    policy_version: int
+
+
+class Timings(msgspec.Struct, frozen=True, kw_only=True):
+    """Unix-second timestamps of one sample's life in the engine worker."""
+
+    enqueued_at: float
+    started_at: float
+    first_token_at: float
+    finished_at: float
+
+
+def completion_id(request_id: str, sample_index: int) -> str:
+    """Deterministic id of a final completion, so a regenerated sample is a duplicate
+    that every downstream ledger recognises."""
+    return f"{request_id}/{sample_index}"
+
+
+class Completion(Message, kw_only=True):
+    """One finished sample with everything a verifier and a learner need."""
+
+    request_id: str
+    group_id: str
+    group_size: int
+    sample_index: int
+    session_id: str | None = None
+    turn_index: int = 0
+    prompt: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    policy_version: int
+    worker_id: str
+    timings: Timings
+    prompt_tokens: int
+    cached_prompt_tokens: int
+    task: str = "none"
+    reference: str | None = None
+    grammar: Grammar | None = None
+    grammar_completed: bool | None = None

@@ -1,0 +1,81 @@
+"""rollout.prompts: what producers ask the engines to generate."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from schemas.base import Message
+
+
+class ChatMessage(msgspec.Struct, frozen=True):
+    """One turn of a chat prompt."""
+
+    role: str
+    content: str
+
+
+class GrammarKind(str, enum.Enum):
+    """Output grammars the engines know; `answer_format` is the math task's built-in one."""
+
+    JSON_SCHEMA = "json_schema"
+    REGEX = "regex"
+    CHOICE = "choice"
+    LARK = "lark"
+    GBNF = "gbnf"
+    ANSWER_FORMAT = "answer_format"
+
+
+class Grammar(msgspec.Struct, frozen=True):
+    """An output grammar: `spec` is the schema (JSON text), regex, grammar text, or
+    choices (JSON list) depending on `kind`."""
+
+    kind: GrammarKind
+    spec: str = ""
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-request sampling; validated by the engine worker against the model."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 128
+    stop: list[str] = []
+    # Log-prob of each sampled token is always recorded; this asks for extra top-k.
+    logprobs: int = 0
+
+
+class PromptRequest(Message, kw_only=True):
+    """A prompt to sample `group_size` completions for (one GRPO group).
+
+    Exactly one of `messages` (chat, rendered with the model's chat template) or
+    `text` (raw prompt) is set.
+    """
+
+    messages: list[ChatMessage] | None = None
+    text: str | None = None
+    group_id: str = ""
+    group_size: int = 1
+    session_id: str | None = None
+    turn_index: int = 0
+    sampling: SamplingParams = SamplingParams()
+    grammar: Grammar | None = None
+    task: str = "none"
+    reference: str | None = None
+    metadata: dict[str, str] = {}
+    min_policy_version: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.text is None):
+            raise ValueError("exactly one of `messages` or `text` must be set")
+        if self.group_size < 1:
+            raise ValueError("`group_size` must be >= 1")
+        if not self.group_id:
+            self.group_id = self.id
+
+    def routing_key(self) -> bytes:
+        """Kafka key: a session's turns and a group's samples share a key, so they
+        land on the same partition (and engine worker) and reuse its KV cache."""
+        return (self.session_id or self.group_id).encode()

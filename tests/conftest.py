@@ -1,0 +1,115 @@
+"""Servers for the tests: from the environment, else testcontainers, else local processes.
+
+One broker and one Redis per test session (the local broker never frees memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from plumbing.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+
+def _docker_answers() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: no Docker engine
+        return False
+
+
+class _Servers:
+    def __init__(self) -> None:
+        self.bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS", "")
+        self.redis_url = os.environ.get("REDIS_URL", "")
+        self.source = "environment"
+        self.is_tansu = False
+        self._cleanups: list = []
+        self.state_dir = Path(tempfile.mkdtemp(prefix="primerl-test-"))
+
+    def start(self) -> None:
+        if self.bootstrap and self.redis_url:
+            return
+        if _docker_answers():
+            from testcontainers.kafka import KafkaContainer
+            from testcontainers.redis import RedisContainer
+
+            self.source = "testcontainers"
+            if not self.bootstrap:
+                kafka = KafkaContainer().with_kraft()
+                kafka.start()
+                self._cleanups.append(kafka.stop)
+                self.bootstrap = kafka.get_bootstrap_server()
+            if not self.redis_url:
+                redis = RedisContainer()
+                redis.start()
+                self._cleanups.append(redis.stop)
+                self.redis_url = f"redis://{redis.get_container_host_ip()}:{redis.get_exposed_port(6379)}/0"
+            return
+        from plumbing.local_servers import start_broker, start_redis, stop_process
+
+        self.source = "local processes (Tansu + redis-server)"
+        if not self.bootstrap:
+            _, rec = start_broker(self.state_dir / "logs")
+            self._cleanups.append(lambda r=rec: stop_process(r))
+            self.bootstrap = f"127.0.0.1:{rec.port}"
+            self.is_tansu = True
+        if not self.redis_url:
+            _, rec = start_redis(self.state_dir / "logs")
+            self._cleanups.append(lambda r=rec: stop_process(r))
+            self.redis_url = f"redis://127.0.0.1:{rec.port}/0"
+
+    def stop(self) -> None:
+        for cleanup in reversed(self._cleanups):
+            try:
+                cleanup()
+            except Exception as err:  # noqa: BLE001 - best effort at session end
+                log.warning("cleanup failed: %s", err)
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[_Servers]:
+    """A Kafka-compatible broker and Redis for the whole session, with topics created."""
+    from plumbing.infra import wait_kafka, wait_redis
+    from plumbing.kafka import create_topics
+    from plumbing.runtime import run
+
+    s = _Servers()
+    s.start()
+    print(f"\n[servers] kafka={s.bootstrap} redis={s.redis_url} from {s.source}")
+
+    async def ready() -> None:
+        await wait_kafka(s.bootstrap)
+        await wait_redis(s.redis_url)
+        await create_topics(_config(s))
+
+    try:
+        run(ready())
+        yield s
+    finally:
+        s.stop()
+
+
+def _config(s: _Servers) -> Config:
+    cfg = load_config(state_dir=s.state_dir, kafka_bootstrap_servers=s.bootstrap, redis_url=s.redis_url)
+    return cfg
+
+
+@pytest.fixture
+def cfg(servers: _Servers) -> Config:
+    """A fresh Config pointing at the session's servers."""
+    return _config(servers)

@@ -1,0 +1,1 @@
+"""Verifier consumers: reward functions, signing, publishing rewards."""
