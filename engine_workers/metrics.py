@@ -1,0 +1,31 @@
+"""Prometheus metrics of an engine worker."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class EngineMetrics:
+    """Requests, tokens, latency and cache figures of one engine worker."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("primerl_engine_requests", "Prompt requests by outcome", ["outcome"], registry=registry)
+        self.samples = Counter("primerl_engine_samples", "Final completions published", registry=registry)
+        self.generated_tokens = Counter("primerl_engine_generated_tokens", "Tokens generated", registry=registry)
+        self.prompt_tokens = Counter("primerl_engine_prompt_tokens", "Prompt tokens of served requests", registry=registry)
+        self.cached_prompt_tokens = Counter(
+            "primerl_engine_cached_prompt_tokens", "Prompt tokens served from the prefix cache (vLLM's count)", registry=registry
+        )
+        self.ttfb = Histogram(
+            "primerl_engine_ttfb_seconds", "Enqueue on the prompts topic to the first token", buckets=_LATENCY_BUCKETS, registry=registry
+        )
+        self.e2e = Histogram(
+            "primerl_engine_e2e_seconds", "Enqueue to the final completion acked", buckets=_LATENCY_BUCKETS, registry=registry
+        )
+        self.in_flight = Gauge("primerl_engine_in_flight", "Requests in the engine", registry=registry)
+        self.policy_version = Gauge("primerl_engine_policy_version", "Policy version being served", registry=registry)
+        self.reload_seconds = Histogram(
+            "primerl_engine_reload_seconds", "Weight reload time (drain excluded)", buckets=_LATENCY_BUCKETS, registry=registry
+        )

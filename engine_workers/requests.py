@@ -1,0 +1,73 @@
+"""Turning a PromptRequest into engine input, or a clear reason why it cannot be served."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from vllm import SamplingParams as VllmSamplingParams
+from vllm.sampling_params import RequestOutputKind
+
+from engine_workers.grammar import GrammarError, structured_outputs
+from schemas import PromptRequest
+
+
+class BadRequest(ValueError):
+    """A request this worker will never be able to serve; it goes to the dead-letter topic."""
+
+
+class EngineInput(msgspec.Struct, frozen=True):
+    """What the engine needs for one request: rendered prompt, its tokens, sampling."""
+
+    prompt: str
+    prompt_token_ids: list[int]
+    params: Any  # vllm.SamplingParams (not a msgspec type)
+
+
+def render_prompt(req: PromptRequest, tokenizer: Any) -> tuple[str, list[int]]:
+    """The prompt text and token ids; chat messages go through the model's chat template."""
+    if req.messages is not None:
+        msgs = [{"role": m.role, "content": m.content} for m in req.messages]
+        try:
+            text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+        except Exception as err:  # noqa: BLE001 - a template rejecting the roles is bad input
+            raise BadRequest(f"chat template rejected the messages: {err}") from err
+        return text, tokenizer.encode(text, add_special_tokens=False)
+    assert req.text is not None
+    return req.text, tokenizer.encode(req.text)
+
+
+def build_input(req: PromptRequest, tokenizer: Any, max_model_len: int) -> EngineInput:
+    """Validate `req` against the model and build the engine input; raises BadRequest."""
+    prompt, ids = render_prompt(req, tokenizer)
+    s = req.sampling
+    if not ids:
+        raise BadRequest("empty prompt")
+    if len(ids) + s.max_tokens > max_model_len:
+        raise BadRequest(
+            f"prompt of {len(ids)} tokens + max_tokens {s.max_tokens} exceeds the model's {max_model_len}-token context"
+        )
+    kwargs: dict[str, Any] = {}
+    if req.grammar is not None:
+        try:
+            kwargs["structured_outputs"] = structured_outputs(req.grammar)
+        except (GrammarError, ValueError) as err:
+            raise BadRequest(f"unusable grammar: {err}") from err
+    if s.temperature == 0 and req.group_size > 1:
+        raise BadRequest("greedy sampling (temperature 0) cannot draw more than one sample per group")
+    try:
+        params = VllmSamplingParams(
+            n=req.group_size,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k if s.top_k > 0 else 0,
+            max_tokens=s.max_tokens,
+            stop=list(s.stop) or None,
+            # logprobs=0 returns the sampled token's log-prob, which learners need.
+            logprobs=s.logprobs,
+            output_kind=RequestOutputKind.DELTA,
+            **kwargs,
+        )
+    except (ValueError, TypeError) as err:
+        raise BadRequest(f"invalid sampling parameters: {err}") from err
+    return EngineInput(prompt=prompt, prompt_token_ids=ids, params=params)

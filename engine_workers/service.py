@@ -1,0 +1,44 @@
+"""Running an engine worker process: engine, clients, metrics server, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from prometheus_client import CollectorRegistry
+
+from engine_workers.engine import Engine
+from engine_workers.model_store import resolve_model
+from engine_workers.worker import EngineWorker
+from plumbing.config import Config
+from plumbing.kafka import Publisher
+from plumbing.metrics import serve_metrics
+from plumbing.redis_client import connect_redis
+
+log = logging.getLogger(__name__)
+
+
+async def serve_engine(cfg: Config, started: asyncio.Future[EngineWorker] | None = None) -> None:
+    """Run one engine worker until SIGTERM/SIGINT (graceful) or engine death (FatalError).
+
+    `started`, when given, receives the worker once it consumes (for in-process drivers).
+    """
+    registry = CollectorRegistry()
+    port = serve_metrics(cfg.metrics, registry)
+    engine = Engine(cfg.engine, resolve_model(cfg.engine.model))
+    await engine.start()
+    redis = connect_redis(cfg)
+    try:
+        async with Publisher(cfg) as publisher:
+            worker = EngineWorker(cfg, engine, publisher, redis, registry)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, worker.stop)
+            log.info("engine worker %s serving %s; metrics on :%d", worker.worker_id, engine.model_path, port)
+            if started is not None:
+                started.set_result(worker)
+            await worker.run()
+    finally:
+        await redis.aclose()
+        engine.shutdown()

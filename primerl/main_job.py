@@ -1,0 +1,79 @@
+"""`primerl up`: the embedded default run on one machine."""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+
+import typer
+
+from engine_workers.service import serve_engine
+from engine_workers.worker import EngineWorker
+from plumbing.config import Config
+from plumbing.infra import ensure_infra
+from plumbing.kafka import Publisher
+from primerl.observe import RunObserver
+from producers.arithmetic import arithmetic_requests
+from schemas.topics import PROMPTS
+
+
+async def engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: int) -> int:
+    """Servers, one engine worker, a GRPO batch through it; prints per-request figures.
+
+    Returns the process exit code (0 when every expected completion arrived).
+    """
+    await ensure_infra(cfg)
+    run_id = cfg.run_id if cfg.run_id != "default" else f"up-{uuid.uuid4().hex[:8]}"
+    started: asyncio.Future[EngineWorker] = asyncio.get_running_loop().create_future()
+    serving = asyncio.create_task(serve_engine(cfg, started))
+    await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)
+    if serving.done():
+        serving.result()  # the engine failed to start: raise its error
+    worker = started.result()
+    observer = RunObserver(cfg, run_id)
+    await observer.start()
+    try:
+        await asyncio.wait_for(worker.runner.assigned.wait(), 60)
+        batch = arithmetic_requests(run_id, prompts, group_size, max_tokens=max_tokens)
+        t0 = time.time()
+        async with Publisher(cfg) as pub:
+            await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in batch])
+        expected = prompts * group_size
+        with typer.progressbar(length=expected, label="completions") as bar:
+            seen = 0
+            while seen < expected:
+                await asyncio.sleep(0.2)
+                if serving.done():
+                    serving.result()
+                    break
+                now_seen = len(observer.finals())
+                bar.update(now_seen - seen)
+                seen = now_seen
+                if time.time() - t0 > 1800:
+                    break
+        wall = time.time() - t0
+    finally:
+        await observer.stop()
+        worker.stop()
+        await serving
+    finals = observer.finals()
+    tokens = sum(len(c.token_ids) for c in finals)
+    typer.echo(f"{'request':34s} {'samples':>7s} {'ttfb_ms':>8s} {'tokens':>6s} {'cached/prompt':>13s}")
+    ttfbs = []
+    for req in batch:
+        view = observer.requests.get(req.id)
+        if view is None:
+            typer.echo(f"{req.id:34s} {'0':>7s} {'-':>8s}")
+            continue
+        ttfb = (view.first_chunk_at - t0) * 1000
+        ttfbs.append(ttfb)
+        any_final = next(iter(view.finals.values()), None)
+        cache = f"{any_final.cached_prompt_tokens}/{any_final.prompt_tokens}" if any_final else "-"
+        typer.echo(f"{req.id:34s} {len(view.finals):>7d} {ttfb:>8.0f} {sum(len(c.token_ids) for c in view.finals.values()):>6d} {cache:>13s}")
+    typer.echo(
+        f"run {run_id}: {len(finals)}/{expected} completions, {tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tokens/s; "
+        f"TTFB p50 {statistics.median(ttfbs) if ttfbs else float('nan'):.0f} ms"
+    )
+    return 0 if len(finals) == expected else 1
