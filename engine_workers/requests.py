@@ -6,6 +6,7 @@ from typing import Any
 
 import msgspec
 from vllm import SamplingParams as VllmSamplingParams
+from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import RequestOutputKind
 
 from engine_workers.grammar import GrammarError, structured_outputs
@@ -68,6 +69,6 @@ def build_input(req: PromptRequest, tokenizer: Any, max_model_len: int) -> Engin
             output_kind=RequestOutputKind.DELTA,
             **kwargs,
         )
-    except (ValueError, TypeError) as err:
+    except (VLLMValidationError, ValueError, TypeError) as err:
         raise BadRequest(f"invalid sampling parameters: {err}") from err
     return EngineInput(prompt=prompt, prompt_token_ids=ids, params=params)
