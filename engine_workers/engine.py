@@ -68,6 +68,7 @@ class Engine:
             enable_prefix_caching=self.cfg.enable_prefix_caching,
             max_model_len=self.cfg.max_model_len,
             seed=self.cfg.seed,
+            dtype=self.cfg.dtype,
             disable_log_stats=False,
             max_num_seqs=max(self.cfg.max_in_flight * 8, 32),
         )

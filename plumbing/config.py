@@ -46,6 +46,20 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    # bf16: the converted checkpoint is fp32, which decodes much slower on CPU.
+    dtype: str = "bfloat16"
+
+
+class VerifierConfig(BaseModel):
+    """Verifier worker settings."""
+
+    verifier_id: str = "primerl-verifier"
+    version: str = "1"
+    key_file: Path | None = None  # None: generate one under <state_dir>/keys on first start
+    max_in_flight: int = 8
+    remote_url: str = ""
+    remote_timeout_s: float = 5.0
+    code_timeout_s: float = 10.0
 
 
 class Config(BaseSettings):
@@ -62,6 +76,7 @@ class Config(BaseSettings):
     )
     metrics: MetricsConfig = MetricsConfig()
     engine: EngineConfig = EngineConfig()
+    verifier: VerifierConfig = VerifierConfig()
     log_level: str = "INFO"
 
     @classmethod
@@ -78,6 +93,11 @@ class Config(BaseSettings):
         if toml:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
         return tuple(sources)
+
+    @property
+    def keys_dir(self) -> Path:
+        """Where verifier key pairs live (public keys are the learners' keyring)."""
+        return self.state_dir / "keys"
 
     @property
     def bootstrap(self) -> str:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 from aiokafka.admin import AIOKafkaAdminClient
 from redis.asyncio import Redis
@@ -95,6 +97,19 @@ async def ensure_infra(cfg: Config) -> InfraState:
     await wait_redis(cfg.redis_url)
     await create_topics(cfg)
     return state
+
+
+@asynccontextmanager
+async def infra_for_run(cfg: Config, keep: bool = False) -> AsyncIterator[InfraState]:
+    """`ensure_infra` for one run: stops on exit what it started, never what was running before."""
+    earlier = read_state(cfg.state_dir)
+    owned = earlier is None or not all(alive for _, alive in process_status(earlier))
+    state = await ensure_infra(cfg)
+    try:
+        yield state
+    finally:
+        if owned and not keep:
+            teardown_infra(cfg)
 
 
 def teardown_infra(cfg: Config) -> list[str]:

@@ -68,20 +68,10 @@ def up(
     keep: Annotated[bool, typer.Option(help="leave the local servers running")] = False,
 ) -> None:
     """The main job: local servers, an engine worker, a GRPO batch through it; per-request TTFB, tokens/s."""
-    from plumbing.infra import teardown_infra
-    from plumbing.local_servers import process_status, read_state
     from primerl.main_job import engine_demo
 
     cfg = _cfg(config, state_dir)
-    earlier = read_state(cfg.state_dir)
-    # Servers an earlier `infra up` left running belong to the user: leave them.
-    owns_servers = earlier is None or not all(alive for _, alive in process_status(earlier))
-    try:
-        code = run(engine_demo(cfg, prompts, group_size, max_tokens))
-    finally:
-        if owns_servers and not keep:
-            teardown_infra(cfg)
-    raise typer.Exit(code)
+    raise typer.Exit(run(engine_demo(cfg, prompts, group_size, max_tokens, keep)))
 
 
 @app.command("engine")

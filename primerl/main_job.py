@@ -12,19 +12,23 @@ import typer
 from engine_workers.service import serve_engine
 from engine_workers.worker import EngineWorker
 from plumbing.config import Config
-from plumbing.infra import ensure_infra
+from plumbing.infra import infra_for_run
 from plumbing.kafka import Publisher
 from primerl.observe import RunObserver
 from producers.arithmetic import arithmetic_requests
 from schemas.topics import PROMPTS
 
 
-async def engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: int) -> int:
+async def engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: int, keep: bool = False) -> int:
     """Servers, one engine worker, a GRPO batch through it; prints per-request figures.
 
     Returns the process exit code (0 when every expected completion arrived).
     """
-    await ensure_infra(cfg)
+    async with infra_for_run(cfg, keep):
+        return await _engine_demo(cfg, prompts, group_size, max_tokens)
+
+
+async def _engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: int) -> int:
     run_id = cfg.run_id if cfg.run_id != "default" else f"up-{uuid.uuid4().hex[:8]}"
     started: asyncio.Future[EngineWorker] = asyncio.get_running_loop().create_future()
     serving = asyncio.create_task(serve_engine(cfg, started))
@@ -60,7 +64,7 @@ async def engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: in
         await serving
     finals = observer.finals()
     tokens = sum(len(c.token_ids) for c in finals)
-    typer.echo(f"{'request':34s} {'samples':>7s} {'ttfb_ms':>8s} {'tokens':>6s} {'cached/prompt':>13s}")
+    typer.echo(f"{'request':34s} {'samples':>7s} {'ttfb_ms':>8s} {'engine_ttfb_ms':>14s} {'tokens':>6s} {'cached/prompt':>13s}")
     ttfbs = []
     for req in batch:
         view = observer.requests.get(req.id)
@@ -71,7 +75,10 @@ async def engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: in
         ttfbs.append(ttfb)
         any_final = next(iter(view.finals.values()), None)
         cache = f"{any_final.cached_prompt_tokens}/{any_final.prompt_tokens}" if any_final else "-"
-        typer.echo(f"{req.id:34s} {len(view.finals):>7d} {ttfb:>8.0f} {sum(len(c.token_ids) for c in view.finals.values()):>6d} {cache:>13s}")
+        # As the engine saw it: from the record's enqueue time to its first token.
+        engine_ttfb = min((c.timings.first_token_at - c.timings.enqueued_at) * 1000 for c in view.finals.values()) if view.finals else float("nan")
+        tokens_req = sum(len(c.token_ids) for c in view.finals.values())
+        typer.echo(f"{req.id:34s} {len(view.finals):>7d} {ttfb:>8.0f} {engine_ttfb:>14.0f} {tokens_req:>6d} {cache:>13s}")
     typer.echo(
         f"run {run_id}: {len(finals)}/{expected} completions, {tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tokens/s; "
         f"TTFB p50 {statistics.median(ttfbs) if ttfbs else float('nan'):.0f} ms"

@@ -1,0 +1,119 @@
+"""The verifier worker: rollout.completions -> score -> sign -> rollout.rewards.
+
+Consumer group `verifier`. One reward per completion and verifier version: the reward
+id is derived from both, and a Redis ledger skips completions already rewarded, so a
+redelivered completion never yields a second reward. aiokafka, not faust: scoring is
+stateless per message, and faust-streaming pins click < 8.4, which vLLM's
+huggingface-hub (click >= 8.4.2) cannot share one environment with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+
+from aiokafka.structs import ConsumerRecord
+from prometheus_client import CollectorRegistry
+from redis.asyncio import Redis
+
+from plumbing.config import Config
+from plumbing.consumer import ConsumerRunner
+from plumbing.dead_letters import DeadLetters
+from plumbing.kafka import Publisher
+from plumbing.ledger import Ledger
+from schemas import Completion, Reward, RewardStatus
+from schemas.topics import COMPLETIONS, REWARDS
+from verifier_workers.metrics import VerifierMetrics
+from verifier_workers.rewards import RewardFn, Score, UnknownTask
+from verifier_workers.signing import Signer, digest, token_hash
+
+log = logging.getLogger(__name__)
+
+VERIFIER_GROUP = "verifier"
+
+
+def reward_id(completion_id: str, verifier_id: str, version: str) -> str:
+    """Deterministic: the same completion scored by the same verifier version has one id."""
+    return hashlib.sha256(f"{completion_id}|{verifier_id}|{version}".encode()).hexdigest()[:32]
+
+
+@dataclass
+class VerifierWorker:
+    """Scores completions with the reward function each one's task names; see the module doc."""
+
+    cfg: Config
+    registry_fns: dict[str, RewardFn]
+    signer: Signer
+    publisher: Publisher
+    redis: Redis
+    registry: CollectorRegistry
+
+    def __post_init__(self) -> None:
+        v = self.cfg.verifier
+        self.metrics = VerifierMetrics(self.registry)
+        self.ledger = Ledger(self.redis, f"verifier:{v.verifier_id}:{v.version}")
+        self.runner = ConsumerRunner(
+            self.cfg,
+            topics=[COMPLETIONS.name],
+            group_id=VERIFIER_GROUP,
+            message_type=Completion,
+            handler=self.handle,
+            dead_letters=DeadLetters(self.publisher, "verifier", self.cfg.run_id, self.registry),
+            registry=self.registry,
+            max_in_flight=v.max_in_flight,
+        )
+
+    async def run(self) -> None:
+        """Serve until `stop()`."""
+        await self.runner.run()
+
+    def stop(self) -> None:
+        """Finish in-flight completions, commit, return from `run`."""
+        self.runner.stop()
+
+    async def handle(self, completion: Completion, _record: ConsumerRecord) -> None:
+        """Score, sign and publish one reward; returns once the broker acked it."""
+        if await self.ledger.done(completion.id):
+            self.metrics.duplicates.inc()
+            return
+        fn = self.registry_fns.get(completion.task)
+        if fn is None:
+            # A request naming a verifier nobody runs is bad input, not a zero reward.
+            raise UnknownTask(f"no reward function for task {completion.task!r}; known: {sorted(self.registry_fns)}")
+        t0 = time.perf_counter()
+        score = await self._score(fn, completion)
+        self.metrics.scoring_seconds.labels(completion.task).observe(time.perf_counter() - t0)
+        if "sandbox_kill" in score.trace:
+            self.metrics.sandbox_kills.labels(score.trace["sandbox_kill"]).inc()
+        v = self.cfg.verifier
+        reward = self.signer.sign(
+            Reward(
+                id=reward_id(completion.id, v.verifier_id, v.version),
+                run_id=completion.run_id,
+                completion_id=completion.id,
+                request_id=completion.request_id,
+                group_id=completion.group_id,
+                prompt_hash=digest(completion.prompt.encode()),
+                tokens_hash=token_hash(completion.token_ids),
+                policy_version=completion.policy_version,
+                verifier_id=v.verifier_id,
+                verifier_version=f"{v.version}/{fn.name}@{fn.version}",
+                components=score.components,
+                scalar=score.scalar,
+                status=score.status,
+                trace=score.trace,
+            )
+        )
+        self.metrics.signed.inc()
+        await self.publisher.publish(REWARDS.name, reward, key=completion.group_id.encode())
+        await self.ledger.mark(completion.id)
+        self.metrics.rewards.labels(completion.task, reward.status.value).inc()
+
+    async def _score(self, fn: RewardFn, completion: Completion) -> Score:
+        try:
+            return await fn.score(completion)
+        except Exception as err:  # noqa: BLE001 - a scorer bug is the verifier's failure, never the model's
+            log.exception("reward function %s failed on %s", fn.name, completion.id)
+            return Score(components={}, scalar=0.0, status=RewardStatus.INFRA_FAIL, trace={"error": f"{type(err).__name__}: {err}"})
