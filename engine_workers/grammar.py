@@ -7,9 +7,7 @@ import json
 from vllm.sampling_params import StructuredOutputsParams
 
 from schemas import Grammar, GrammarKind
-
-# The math task's answer format: free reasoning, then the answer in tags.
-ANSWER_FORMAT_REGEX = r"[^<]{0,600}<answer>-?[0-9]{1,12}(\.[0-9]{1,6})?</answer>"
+from schemas.prompts import ANSWER_FORMAT_REGEX
 
 
 class GrammarError(ValueError):

@@ -9,7 +9,9 @@ it under ``~/.cache/primerl/models/<sha256-prefix-of-gguf>/``.
 
 The conversion is written into a temporary folder next to the final one and
 renamed into place in one step, so a crashed or interrupted conversion never
-leaves a half-written model folder behind; the next call simply converts again.
+leaves a half-written model folder behind; the next call simply converts again
+(and removes the crashed attempt's temporary folder).  A lock file serialises
+concurrent processes, so the conversion runs once even when several start at once.
 
 Any other model value is passed through: an existing local folder comes back as
 its absolute path, anything else (a Hugging Face model id) unchanged.
@@ -22,8 +24,10 @@ import importlib.util
 import logging
 import os
 import shutil
-import tempfile
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = [
@@ -121,6 +125,26 @@ def convert_gguf(gguf_path: Path, dest: Path) -> None:
     model.save_pretrained(dest, safe_serialization=True)
 
 
+@contextmanager
+def _conversion_lock(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive inter-process lock on ``lock_path`` (POSIX ``flock``).
+
+    Where ``fcntl`` is unavailable the lock is a no-op: two processes may then
+    both convert, and the atomic rename still keeps the result whole.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with lock_path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _convert_default(cache_root: Path) -> Path:
     """Return the cached folder of the bundled model, converting it on a miss."""
     gguf_path = default_gguf_path()
@@ -131,33 +155,34 @@ def _convert_default(cache_root: Path) -> Path:
         return target
 
     cache_root.mkdir(parents=True, exist_ok=True)
-    if target.exists():
-        # Not produced by this module's atomic rename (e.g. a hand-made folder).
-        raise FileExistsError(f"{target} exists but is not a complete model folder; remove it")
+    with _conversion_lock(cache_root / f".{key}.lock"):
+        if _is_complete(target):  # another process converted it while we waited
+            logger.info("using model folder converted by another process: %s", target)
+            return target
+        if target.exists():
+            # Never produced by the atomic rename below (e.g. a hand-made folder).
+            raise FileExistsError(f"{target} exists but is not a complete model folder; remove it")
+        # Leftovers of a conversion killed before it could clean up.
+        for stale in cache_root.glob(f".{key}.tmp-*"):
+            logger.info("removing leftover of an interrupted conversion: %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
 
-    # Same parent as the target, so the final rename stays on one file system.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_root))
-    logger.info("converting %s into %s (runs once)", gguf_path, target)
-    started = time.monotonic()
-    try:
-        # mkdtemp creates the folder private (0700); give it the usual mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)
-        convert_gguf(gguf_path, tmp)
-        for written in tmp.iterdir():  # some writers create files 0600 too
-            written.chmod(0o666 & ~umask)
+        # Same parent as the target, so the final rename stays on one file system.
+        tmp = cache_root / f".{key}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        logger.info("converting %s into %s (runs once)", gguf_path, target)
+        started = time.monotonic()
         try:
+            convert_gguf(gguf_path, tmp)
+            # safetensors writes its file 0600; give every file the mode the
+            # JSON files got from the umask, so a shared cache stays readable.
+            mode = (tmp / "config.json").stat().st_mode & 0o777
+            for written in tmp.iterdir():
+                written.chmod(mode)
             os.rename(tmp, target)
-        except OSError:
-            # Another process finished the same conversion first: use theirs.
-            if not _is_complete(target):
-                raise
-            logger.info("another process converted %s first; using it", target)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            raise
     logger.info("converted model in %.1f s: %s", time.monotonic() - started, target)
     return target
 

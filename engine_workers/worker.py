@@ -92,22 +92,23 @@ class EngineWorker:
 
     async def handle(self, req: PromptRequest, record: ConsumerRecord) -> None:
         """Generate the group of `req`, stream chunks, publish finals; returns once all are acked."""
-        if await self.ledger.done(req.id):
-            self.metrics.requests.labels("duplicate").inc()
-            return
         enqueued_at = record.timestamp / 1000 if record.timestamp else req.created_at
         inp = build_input(req, self.engine.tokenizer, self.engine.max_model_len)
-        async with self._version_changed:
-            await self._version_changed.wait_for(lambda: self.engine.policy_version >= req.min_policy_version)
-        async with self.admission.slot():
-            self.metrics.in_flight.inc()
-            try:
-                await self._generate(req, inp.prompt, inp.prompt_token_ids, inp.params, enqueued_at)
-            except EngineDead as err:
-                raise FatalError(f"engine died: {err}") from err
-            finally:
-                self.metrics.in_flight.dec()
-        await self.ledger.mark(req.id)
+        async with self.ledger.claim(req.id) as fresh:
+            if not fresh:
+                self.metrics.requests.labels("duplicate").inc()
+                return
+            async with self._version_changed:
+                await self._version_changed.wait_for(lambda: self.engine.policy_version >= req.min_policy_version)
+            async with self.admission.slot():
+                self.metrics.in_flight.inc()
+                try:
+                    await self._generate(req, inp.prompt, inp.prompt_token_ids, inp.params, enqueued_at)
+                except EngineDead as err:
+                    raise FatalError(f"engine died: {err}") from err
+                finally:
+                    self.metrics.in_flight.dec()
+            await self.ledger.mark(req.id)
         self.metrics.requests.labels("ok").inc()
 
     async def _generate(self, req: PromptRequest, prompt: str, prompt_ids: list[int], params: object, enqueued_at: float) -> None:

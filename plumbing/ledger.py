@@ -1,28 +1,88 @@
 """A processed-id ledger in Redis, for idempotent consumers (exactly-once effect).
 
-A consumer checks `done(id)` before doing the work and calls `mark(id)` after its
-output is acknowledged; a redelivered message is then skipped. Output ids are
-derived from input ids, so the rare duplicate from a crash between the ack and the
-mark is also caught by the next stage's ledger.
+    async with ledger.claim(msg.id) as fresh:
+        if not fresh:
+            return                        # already took effect: skip
+        ...produce the output, wait for the ack...
+        await ledger.mark(msg.id)
+
+`claim` takes a short-lived lock (SET NX with a TTL, renewed while the body runs), so
+two deliveries of one message handled at once, in one worker or two, produce one
+effect: the second waits for the first and then skips. The claim of a worker that
+died expires within `claim_ttl_s` and the redelivery proceeds. Output ids are derived
+from input ids, so the last window (killed between the ack and `mark`) is caught by
+the next stage's ledger.
 """
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+
 from redis.asyncio import Redis
+
+_DONE = b"done"
+
+# Renew only our own claim; a claim that expired and was taken by another is theirs.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('EXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 
 class Ledger:
-    """Processed message ids of one stage, with a TTL beyond any redelivery window."""
+    """Processed message ids of one stage."""
 
-    def __init__(self, redis: Redis, stage: str, ttl_s: int = 7 * 24 * 3600) -> None:
+    def __init__(self, redis: Redis, stage: str, ttl_s: int = 7 * 24 * 3600, claim_ttl_s: int = 15) -> None:
         self._redis = redis
         self._prefix = f"primerl:ledger:{stage}:"
         self._ttl = ttl_s
+        self._claim_ttl = claim_ttl_s
+        self._token = uuid.uuid4().hex.encode()  # whose claim it is
+        self._renew = redis.register_script(_RENEW)
+        self._release = redis.register_script(_RELEASE)
 
     async def done(self, msg_id: str) -> bool:
         """Whether `msg_id` already took effect."""
-        return bool(await self._redis.exists(self._prefix + msg_id))
+        return await self._redis.get(self._prefix + msg_id) == _DONE
 
-    async def mark(self, msg_id: str) -> bool:
-        """Record `msg_id` as done; False when it already was (someone else won)."""
-        return bool(await self._redis.set(self._prefix + msg_id, b"1", nx=True, ex=self._ttl))
+    async def mark(self, msg_id: str) -> None:
+        """Record `msg_id` as having taken effect."""
+        await self._redis.set(self._prefix + msg_id, _DONE, ex=self._ttl)
+
+    @asynccontextmanager
+    async def claim(self, msg_id: str, poll_s: float = 0.2) -> AsyncIterator[bool]:
+        """Hold the claim on `msg_id` for the body; yields False when it already took effect."""
+        key = self._prefix + msg_id
+        while True:
+            if await self._redis.set(key, self._token, nx=True, ex=self._claim_ttl):
+                break
+            value = await self._redis.get(key)
+            if value == _DONE:
+                yield False
+                return
+            if value is not None:
+                await asyncio.sleep(poll_s)  # another delivery is being handled: wait for it
+        renewer = asyncio.create_task(self._keep(key))
+        try:
+            yield True
+        finally:
+            renewer.cancel()
+            with suppress(asyncio.CancelledError):
+                await renewer
+            await self._release(keys=[key], args=[self._token])  # no-op once marked done
+
+    async def _keep(self, key: str) -> None:
+        while True:
+            await asyncio.sleep(self._claim_ttl / 3)
+            await self._renew(keys=[key], args=[self._token, self._claim_ttl])

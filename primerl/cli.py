@@ -13,6 +13,8 @@ from plumbing.runtime import run, setup_logging
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="PrimeRL-ServeKit++: event-driven RL rollouts on Kafka, Redis and vLLM.")
 infra_app = typer.Typer(no_args_is_help=True, help="Local broker and Redis.")
 app.add_typer(infra_app, name="infra")
+keys_app = typer.Typer(no_args_is_help=True, help="Verifier signing keys.")
+app.add_typer(keys_app, name="keys")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file")]
 StateOpt = Annotated[Optional[Path], typer.Option("--state-dir", help="where infra state and logs live")]
@@ -98,6 +100,42 @@ def engine(
     except FatalError as err:
         typer.echo(f"engine worker stopped: {err}", err=True)
         raise typer.Exit(3) from err
+
+
+@app.command("verifier")
+def verifier(
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+    key_file: Annotated[Optional[Path], typer.Option(help="Ed25519 private key (default: <state-dir>/keys, generated once)")] = None,
+    remote_url: Annotated[Optional[str], typer.Option(help="URL of a remote HTTP verifier for task 'remote'")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="/metrics port (0: any free)")] = None,
+) -> None:
+    """Run one verifier worker in the `verifier` consumer group until SIGTERM."""
+    from verifier_workers.service import serve_verifier
+
+    cfg = _cfg(config, state_dir)
+    if key_file is not None:
+        cfg.verifier.key_file = key_file
+    if remote_url is not None:
+        cfg.verifier.remote_url = remote_url
+    if metrics_port is not None:
+        cfg.metrics.port = metrics_port
+    run(serve_verifier(cfg))
+
+
+@keys_app.command("generate")
+def keys_generate(
+    out_dir: Annotated[Optional[Path], typer.Option(help="folder for the pair (default: <state-dir>/keys)")] = None,
+    key_id: Annotated[Optional[str], typer.Option(help="key id (default: verifier-<date>-<random>)")] = None,
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Write an Ed25519 key pair: <key-id>.key (mode 0600) and <key-id>.pub."""
+    from verifier_workers.signing import generate_keypair
+
+    cfg = _cfg(config, state_dir)
+    priv, pub = generate_keypair(out_dir or cfg.keys_dir, key_id)
+    typer.echo(f"private key: {priv} (0600)\npublic key:  {pub} (add it to the learners' keyring folder)")
 
 
 def main() -> None:

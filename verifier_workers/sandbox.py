@@ -10,7 +10,8 @@ Barriers, outermost first; `Sandbox.barriers()` says which are active on this ho
 - `rlimits`: CPU seconds, address space, file size, open files, no core dumps, and a
   process count (`nproc`, listed only where the kernel enforces it);
 - `audit_hook`: `sandbox_runner.py` blocks processes, sockets, ctypes, raising
-  rlimits, and file access outside the temp dir (reads also under the stdlib);
+  rlimits, signals, tracing, symlinks and file access outside the temp dir (reads
+  also under the stdlib), and makes a pass unforgeable by an early `exit(0)`;
 - always: `python -I -S` (no environment, no user or site packages), an empty
   environment, a fresh temp dir as working directory, a new session whose whole
   process group is killed at the wall-clock limit, and output read with a size cap.
@@ -36,10 +37,12 @@ from pathlib import Path
 
 import msgspec
 
-_RUNNER = Path(__file__).with_name("sandbox_runner.py")
-BLOCKED_EXIT = 86  # sandbox_runner.BLOCKED_EXIT; the runner is not importable as a module here
-_BLOCKED_MARK = "sandbox-blocked: "
-_ERROR_MARK = "sandbox-error: "
+from verifier_workers import sandbox_runner
+from verifier_workers.sandbox_runner import BLOCKED_EXIT, BLOCKED_MARK, ERROR_MARK
+
+# The runner is copied into each temp dir: the sandboxed interpreter reads nothing
+# outside it and its stdlib, and must not import the project.
+_RUNNER = Path(sandbox_runner.__file__)
 _TAIL_BYTES = 4096
 _PROBE_TIMEOUT_S = 10.0
 _DRAIN_TIMEOUT_S = 2.0
@@ -89,8 +92,11 @@ class SandboxResult(msgspec.Struct, frozen=True, kw_only=True):
 
 class _Launch(msgspec.Struct, frozen=True):
     prefix: list[str]
-    barriers: tuple[str, ...]
+    barriers: tuple[str, ...]  # beyond the rlimits and the audit hook every launch has
     owner: tuple[int, int] | None  # uid/gid that must own the temp dir
+
+    def all_barriers(self) -> tuple[str, ...]:
+        return ("rlimits", "audit_hook", *self.barriers)
 
 
 def _rlimits(limits: SandboxLimits) -> Callable[[], None]:
@@ -113,13 +119,14 @@ def _candidates(limits: SandboxLimits) -> list[_Launch]:
     found: list[_Launch] = []
     unshare = shutil.which("unshare")
     root = os.geteuid() == 0
+    nproc = () if root else ("nproc",)  # the kernel does not enforce RLIMIT_NPROC for root
     if limits.use_netns and unshare:
         if root and limits.uid is not None:
             drop = ["--setgid", str(limits.gid), "--setuid", str(limits.uid)]
             found.append(_Launch([unshare, "--net", *drop, "--"], ("netns", f"uid:{limits.uid}", "nproc"), (limits.uid, limits.gid)))
         # As root a plain network namespace needs no user namespace; otherwise map to root in one.
-        found.append(_Launch([unshare, "--net", "--"] if root else [unshare, "--net", "--map-root-user", "--"], ("netns",), None))
-    found.append(_Launch([], () if root else ("nproc",), None))
+        found.append(_Launch([unshare, "--net", "--"] if root else [unshare, "--net", "--map-root-user", "--"], ("netns", *nproc), None))
+    found.append(_Launch([], nproc, None))
     return found
 
 
@@ -157,8 +164,7 @@ class Sandbox:
 
     async def barriers(self) -> tuple[str, ...]:
         """The barriers every run has on this host (probes the launchers on first use)."""
-        launch = await self._launcher()
-        return ("rlimits", "audit_hook", *launch.barriers)
+        return (await self._launcher()).all_barriers()
 
     async def _launcher(self) -> _Launch:
         async with self._probe_lock:
@@ -197,18 +203,18 @@ class Sandbox:
         infrastructure failure, not the candidate's).
         """
         launch = await self._launcher()
-        barriers = ("rlimits", "audit_hook", *launch.barriers)
         async with self._slots:
             tmp = tempfile.mkdtemp(prefix="primerl-sandbox-")
             try:
-                return await self._run_in(Path(tmp), launch, barriers, code, tests)
+                return await self._run_in(Path(tmp), launch, code, tests)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
-    async def _run_in(self, tmp: Path, launch: _Launch, barriers: tuple[str, ...], code: str, tests: str) -> SandboxResult:
+    async def _run_in(self, tmp: Path, launch: _Launch, code: str, tests: str) -> SandboxResult:
         limits = self.limits
-        (tmp / "solution.py").write_text(code, encoding="utf-8")
-        (tmp / "tests.py").write_text(tests, encoding="utf-8")
+        # errors="replace": a lone surrogate in model output is the candidate's problem, not a crash here.
+        (tmp / "solution.py").write_text(code, encoding="utf-8", errors="replace")
+        (tmp / "tests.py").write_text(tests, encoding="utf-8", errors="replace")
         shutil.copyfile(_RUNNER, tmp / "runner.py")
         if launch.owner:
             os.chown(tmp, *launch.owner)
@@ -234,6 +240,9 @@ class Sandbox:
                 await asyncio.wait_for(proc.wait(), limits.wall_s)
             except TimeoutError:
                 timed_out = True
+        except BaseException:
+            readers.cancel()
+            raise
         finally:
             # Always, also on cancellation: nothing of the candidate outlives the run.
             _kill_group(proc)
@@ -249,7 +258,7 @@ class Sandbox:
         outcome, reason, kill = _classify(proc.returncode, timed_out, passed, stderr_tail, limits)
         return SandboxResult(
             outcome=outcome, reason=reason, kill=kill, returncode=proc.returncode, duration_s=time.monotonic() - started,
-            stdout=out.decode("utf-8", "replace").replace(nonce, ""), stderr_tail=stderr_tail, barriers=barriers,
+            stdout=out.decode("utf-8", "replace").replace(nonce, ""), stderr_tail=stderr_tail, barriers=launch.all_barriers(),
         )
 
 
@@ -261,11 +270,11 @@ def _classify(rc: int | None, timed_out: bool, nonce_seen: bool, stderr_tail: st
         if nonce_seen:
             return Outcome.PASSED, "tests passed", ""
         return Outcome.FAILED, "exited before the tests finished", ""
-    if rc == BLOCKED_EXIT and (blocked := _last_line(stderr_tail, _BLOCKED_MARK)):
+    if rc == BLOCKED_EXIT and (blocked := _last_line(stderr_tail, BLOCKED_MARK)):
         return Outcome.BLOCKED, f"blocked: {blocked}", "blocked"
     if rc in (-signal.SIGXCPU, -signal.SIGKILL):
         return Outcome.TIMEOUT, f"cpu limit of {limits.cpu_s} s", "cpu_limit"
-    error = _last_line(stderr_tail, _ERROR_MARK)
+    error = _last_line(stderr_tail, ERROR_MARK)
     if error == "MemoryError":
         return Outcome.MEMORY, "memory limit", "memory_limit"
     if rc == -signal.SIGXFSZ:

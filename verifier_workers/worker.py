@@ -23,10 +23,10 @@ from plumbing.consumer import ConsumerRunner
 from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
 from plumbing.ledger import Ledger
-from schemas import Completion, Reward, RewardStatus
+from schemas import Completion, Reward
 from schemas.topics import COMPLETIONS, REWARDS
 from verifier_workers.metrics import VerifierMetrics
-from verifier_workers.rewards import RewardFn, Score, UnknownTask
+from verifier_workers.rewards import RewardFn, score_completion
 from verifier_workers.signing import Signer, digest, token_hash
 
 log = logging.getLogger(__name__)
@@ -75,15 +75,17 @@ class VerifierWorker:
 
     async def handle(self, completion: Completion, _record: ConsumerRecord) -> None:
         """Score, sign and publish one reward; returns once the broker acked it."""
-        if await self.ledger.done(completion.id):
-            self.metrics.duplicates.inc()
-            return
-        fn = self.registry_fns.get(completion.task)
-        if fn is None:
-            # A request naming a verifier nobody runs is bad input, not a zero reward.
-            raise UnknownTask(f"no reward function for task {completion.task!r}; known: {sorted(self.registry_fns)}")
+        async with self.ledger.claim(completion.id) as fresh:
+            if not fresh:
+                self.metrics.duplicates.inc()
+                return
+            await self._reward(completion)
+
+    async def _reward(self, completion: Completion) -> None:
         t0 = time.perf_counter()
-        score = await self._score(fn, completion)
+        # An unknown task raises UnknownTask: bad input for the dead-letter topic, not a zero reward.
+        score = await score_completion(self.registry_fns, completion)
+        fn = self.registry_fns[completion.task]
         self.metrics.scoring_seconds.labels(completion.task).observe(time.perf_counter() - t0)
         if "sandbox_kill" in score.trace:
             self.metrics.sandbox_kills.labels(score.trace["sandbox_kill"]).inc()
@@ -110,10 +112,3 @@ class VerifierWorker:
         await self.publisher.publish(REWARDS.name, reward, key=completion.group_id.encode())
         await self.ledger.mark(completion.id)
         self.metrics.rewards.labels(completion.task, reward.status.value).inc()
-
-    async def _score(self, fn: RewardFn, completion: Completion) -> Score:
-        try:
-            return await fn.score(completion)
-        except Exception as err:  # noqa: BLE001 - a scorer bug is the verifier's failure, never the model's
-            log.exception("reward function %s failed on %s", fn.name, completion.id)
-            return Score(components={}, scalar=0.0, status=RewardStatus.INFRA_FAIL, trace={"error": f"{type(err).__name__}: {err}"})

@@ -23,11 +23,9 @@ import jsonschema
 import lark
 
 from schemas import Completion, Grammar, GrammarKind, RewardStatus
+from schemas.prompts import ANSWER_FORMAT_REGEX
 from verifier_workers.rewards.base import Score, infra_fail, policy_fail
 
-# Same value as engine_workers.grammar.ANSWER_FORMAT_REGEX; copied because that module
-# imports vLLM and a verifier must not (a test keeps the two equal).
-ANSWER_FORMAT_REGEX = r"[^<]{0,600}<answer>-?[0-9]{1,12}(\.[0-9]{1,6})?</answer>"
 
 # Earley parsing and backtracking regexes grow fast with the input; outputs longer than
 # this are rejected before parsing so one completion cannot stall the verifier.
