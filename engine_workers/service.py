@@ -32,9 +32,10 @@ async def serve_engine(cfg: Config, started: asyncio.Future[EngineWorker] | None
     try:
         async with Publisher(cfg) as publisher:
             worker = EngineWorker(cfg, engine, publisher, redis, registry)
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, worker.stop)
+            if started is None:  # a process of its own; an embedding driver owns the signals
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, worker.stop)
             log.info("engine worker %s serving %s; metrics on :%d", worker.worker_id, engine.model_path, port)
             if started is not None:
                 started.set_result(worker)

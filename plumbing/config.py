@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import AliasChoices, BaseModel, Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from plumbing.local_servers import process_status, read_state
+
 
 class KafkaConfig(BaseModel):
     """Kafka client settings. The session/heartbeat defaults suit the local Tansu
@@ -63,6 +65,24 @@ class VerifierConfig(BaseModel):
     code_timeout_s: float = 10.0
 
 
+class LearnerConfig(BaseModel):
+    """Learner settings (GRPO/PPO, staleness, checkpoints)."""
+
+    algo: str = "grpo"
+    groups_per_step: int = 8
+    max_policy_lag: int = 1
+    group_timeout_s: float = 120.0
+    lr: float = 2e-6
+    clip_eps: float = 0.2
+    mask_ratio: float = 10.0
+    dr_grpo: bool = False  # no std division of group advantages
+    filter_zero_variance: bool = True  # DAPO-style: drop groups whose rewards are all equal
+    gamma: float = 1.0
+    lam: float = 0.95
+    kl_coef: float = 0.0
+    seed: int = 0
+
+
 class Config(BaseSettings):
     """Everything a process needs to know; one instance per process, passed down."""
 
@@ -78,6 +98,7 @@ class Config(BaseSettings):
     metrics: MetricsConfig = MetricsConfig()
     engine: EngineConfig = EngineConfig()
     verifier: VerifierConfig = VerifierConfig()
+    learner: LearnerConfig = LearnerConfig()
     log_level: str = "INFO"
 
     @classmethod
@@ -107,17 +128,11 @@ class Config(BaseSettings):
 
 
 def _infra_env(state_dir: Path) -> dict[str, str]:
-    """The KEY=VALUE pairs `primerl infra up` wrote, if any."""
-    path = state_dir / "infra.env"
-    if not path.exists():
+    """The environment `primerl infra up` recorded, if the servers it started still run."""
+    state = read_state(state_dir)
+    if state is None or not state.processes or not all(alive for _, alive in process_status(state)):
         return {}
-    pairs = {}
-    for line in path.read_text().splitlines():
-        line = line.removeprefix("export ").strip()
-        if "=" in line and not line.startswith("#"):
-            key, value = line.split("=", 1)
-            pairs[key] = value.strip("'\"")
-    return pairs
+    return dict(state.env)
 
 
 def load_config(config_file: Path | None = None, **overrides: Any) -> Config:

@@ -64,16 +64,56 @@ def infra_status(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
 def up(
     config: ConfigOpt = None,
     state_dir: StateOpt = None,
-    prompts: Annotated[int, typer.Option(help="prompts in the GRPO batch")] = 8,
+    steps: Annotated[int, typer.Option(help="GRPO steps (0: one batch through the engine, per-request figures)")] = 12,
+    prompts: Annotated[int, typer.Option(help="prompts per step (GRPO groups)")] = 8,
     group_size: Annotated[int, typer.Option(help="samples per prompt (G)")] = 4,
-    max_tokens: Annotated[int, typer.Option(help="tokens per sample at most")] = 32,
+    max_tokens: Annotated[int, typer.Option(help="tokens per sample at most")] = 24,
+    heldout: Annotated[int, typer.Option(help="held-out prompts for the accuracy")] = 32,
+    eval_every: Annotated[int, typer.Option(help="evaluate every this many steps")] = 3,
+    seed: Annotated[int, typer.Option(help="seed of the training prompts and the learner")] = 0,
     keep: Annotated[bool, typer.Option(help="leave the local servers running")] = False,
 ) -> None:
-    """The main job: local servers, an engine worker, a GRPO batch through it; per-request TTFB, tokens/s."""
+    """The main job: local servers, engine, verifier and learner; a whole GRPO run on the built-in task."""
+    from plumbing.infra import infra_for_run
     from primerl.main_job import engine_demo
+    from primerl.rl_loop import RunSettings, rl_loop, write_curve
 
     cfg = _cfg(config, state_dir)
-    raise typer.Exit(run(engine_demo(cfg, prompts, group_size, max_tokens, keep)))
+    cfg.learner.seed = seed
+    if steps == 0:
+        raise typer.Exit(run(engine_demo(cfg, prompts, group_size, max_tokens, keep)))
+
+    async def main() -> None:
+        async with infra_for_run(cfg, keep):
+            rows = await rl_loop(cfg, RunSettings(steps=steps, prompts_per_step=prompts, group_size=group_size,
+                                                  heldout=heldout, eval_every=eval_every, max_tokens=max_tokens, seed=seed))
+        out = Path("artifacts")
+        write_curve(rows, out)
+        typer.echo(f"wrote {out / 'learning_curve.csv'} and {out / 'learning_curve.png'}")
+
+    run(main())
+
+
+@app.command("learner")
+def learner(
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+    algo: Annotated[str, typer.Option(help="grpo or ppo")] = "grpo",
+    run_id: Annotated[Optional[str], typer.Option(help="the run to learn from")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="/metrics port (0: any free)")] = None,
+) -> None:
+    """Run the learner of one run until SIGTERM (it checkpoints and resumes)."""
+    from learners.service import serve_learner
+
+    if algo not in ("grpo", "ppo"):
+        raise typer.BadParameter("--algo must be grpo or ppo")
+    cfg = _cfg(config, state_dir)
+    cfg.learner.algo = algo
+    if run_id is not None:
+        cfg.run_id = run_id
+    if metrics_port is not None:
+        cfg.metrics.port = metrics_port
+    run(serve_learner(cfg))
 
 
 @app.command("engine")

@@ -9,14 +9,36 @@ from schemas import ChatMessage, PromptRequest, SamplingParams
 SYSTEM = "You are a careful calculator. Reply with the result inside <answer></answer> tags, for example <answer>12</answer>."
 
 
-def arithmetic_requests(
-    run_id: str, count: int, group_size: int, *, seed: int = 0, max_tokens: int = 32, temperature: float = 1.0
-) -> list[PromptRequest]:
-    """`count` chat prompts `a + b` (a, b < 50) with their reference answers, one GRPO group each."""
+def heldout_pairs(count: int, seed: int = 1234) -> set[tuple[int, int]]:
+    """The (a, b) pairs reserved for evaluation: training prompts never use them."""
     rng = random.Random(seed)
-    out = []
-    for _ in range(count):
+    pairs: set[tuple[int, int]] = set()
+    while len(pairs) < count:
+        pairs.add((rng.randrange(50), rng.randrange(50)))
+    return pairs
+
+
+def arithmetic_requests(
+    run_id: str,
+    count: int,
+    group_size: int,
+    *,
+    seed: int = 0,
+    max_tokens: int = 32,
+    temperature: float = 1.0,
+    exclude: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
+    pairs: list[tuple[int, int]] | None = None,
+) -> list[PromptRequest]:
+    """Chat prompts `a + b` (a, b < 50) with their reference answers, one GRPO group each:
+    `pairs` when given, else `count` random pairs not in `exclude`."""
+    rng = random.Random(seed)
+    chosen = list(pairs or [])
+    while len(chosen) < count:
         a, b = rng.randrange(50), rng.randrange(50)
+        if (a, b) not in exclude:
+            chosen.append((a, b))
+    out = []
+    for a, b in chosen:
         out.append(
             PromptRequest(
                 run_id=run_id,

@@ -19,7 +19,7 @@ from schemas import Grammar, GrammarKind, RewardStatus
 from schemas.topics import COMPLETIONS, PROMPTS
 from tests.kafka_helpers import dead_letters_matching
 from tests.reward_helpers import make_completion
-from tests.rewards_reader import RewardsReader
+from primerl.rewards_reader import RewardsReader
 from verifier_workers.rewards import build_registry, close_registry
 from verifier_workers.signing import Keyring, MemoryReplayGuard, RewardRejected, Signer, generate_keypair, verify_reward
 from verifier_workers.worker import VerifierWorker

@@ -45,9 +45,10 @@ async def serve_verifier(cfg: Config, started: asyncio.Future[VerifierWorker] | 
     try:
         async with Publisher(cfg) as publisher:
             worker = VerifierWorker(cfg, fns, load_signer(cfg), publisher, redis, registry)
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, worker.stop)
+            if started is None:  # a process of its own; an embedding driver owns the signals
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.add_signal_handler(sig, worker.stop)
             log.info("verifier %s v%s (key %s) serving; metrics on :%d", v.verifier_id, v.version, worker.signer.key_id, port)
             if started is not None:
                 started.set_result(worker)

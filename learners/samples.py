@@ -1,0 +1,42 @@
+"""What a learner trains on: a completion joined with its verified reward."""
+
+from __future__ import annotations
+
+import msgspec
+
+from schemas import RewardStatus
+
+
+class Sample(msgspec.Struct, frozen=True):
+    """One scored sample of a group, with what the update needs."""
+
+    completion_id: str
+    group_id: str
+    group_size: int
+    sample_index: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    logprobs: list[float]
+    policy_version: int
+    reward: float
+    status: RewardStatus
+
+    @property
+    def trainable(self) -> bool:
+        """INFRA_FAIL and TIMEOUT are the verifier's failures: masked out of the loss."""
+        return self.status in (RewardStatus.OK, RewardStatus.POLICY_FAIL)
+
+
+class StepStats(msgspec.Struct):
+    """What one update step did."""
+
+    step: int
+    policy_version: int
+    samples: int
+    groups: int
+    reward_mean: float
+    loss: float
+    policy_lag_mean: float
+    clip_frac: float
+    masked_frac: float
+    wall_s: float

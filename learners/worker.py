@@ -1,0 +1,246 @@
+"""The learner: rollout.completions + rollout.rewards -> verified, assembled groups -> update -> rollout.policy.
+
+One process per run (group `learner-<run_id>`). Rewards are joined with the
+completions they score; every reward passes `verify_reward` (signature, key, replay)
+and samples older than `max_policy_lag` versions are dropped. Complete groups (or
+groups timed out with >= 2 samples) are trained on once `groups_per_step` are ready;
+the new weights are written as a safetensors folder and announced on rollout.policy,
+and the version goes to Redis, where producers read it for admission control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.structs import ConsumerRecord
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from redis.asyncio import Redis
+
+from learners.samples import Sample, StepStats
+from learners.state import REPLAY_WINDOW, LearnerState, load_checkpoint, save_checkpoint
+from learners.trainer import Trainer
+from plumbing.config import Config
+from plumbing.dead_letters import DeadLetters
+from plumbing.kafka import Publisher, consumer_kwargs
+from schemas import Completion, DecodeError, PolicyUpdate, Reward, decode
+from schemas.topics import COMPLETIONS, POLICY, REWARDS
+from verifier_workers.signing import Keyring, RewardRejected, verify_reward
+
+log = logging.getLogger(__name__)
+
+
+def policy_version_key(run_id: str) -> str:
+    """Redis key holding a run's latest published policy version (admission control)."""
+    return f"primerl:policy:{run_id}:version"
+
+
+class _StateReplayGuard:
+    """The replay check backed by the checkpointed state (so a restart neither forgets
+    nor double-counts what it saw)."""
+
+    def __init__(self, state: LearnerState) -> None:
+        self._state = state
+        self._seen = set(state.seen_rewards)
+
+    async def first_time(self, reward_id: str) -> bool:
+        if reward_id in self._seen:
+            return False
+        self._seen.add(reward_id)
+        self._state.seen_rewards.append(reward_id)
+        if len(self._state.seen_rewards) > REPLAY_WINDOW:
+            self._seen.discard(self._state.seen_rewards.pop(0))
+        return True
+
+
+class _LearnerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rejected = Counter("primerl_learner_rewards_rejected", "Rewards failing verification", ["reason"], registry=registry)
+        self.stale = Counter("primerl_learner_samples_stale", "Samples dropped for exceeding the max policy lag", registry=registry)
+        self.masked = Counter("primerl_learner_samples_masked", "INFRA_FAIL/TIMEOUT samples masked out", registry=registry)
+        self.buffer = Gauge("primerl_learner_buffer_samples", "Samples in partial groups", registry=registry)
+        self.ready = Gauge("primerl_learner_ready_groups", "Complete groups waiting for a step", registry=registry)
+        self.version = Gauge("primerl_learner_policy_version", "Latest published policy version", registry=registry)
+        self.reward_mean = Gauge("primerl_learner_reward_mean", "Mean reward of the last step", registry=registry)
+        self.lag = Gauge("primerl_learner_policy_lag_mean", "Mean policy lag of the last step's samples", registry=registry)
+        self.step_seconds = Histogram("primerl_learner_step_seconds", "Update step time", registry=registry)
+
+
+@dataclass
+class LearnerWorker:
+    """See the module doc. `history` holds every step's stats (for the main job's table)."""
+
+    cfg: Config
+    trainer: Trainer
+    keyring: Keyring
+    publisher: Publisher
+    redis: Redis
+    registry: CollectorRegistry
+    checkpoint: Path
+    policies_dir: Path
+    history: list[StepStats] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.metrics = _LearnerMetrics(self.registry)
+        self.dead_letters = DeadLetters(self.publisher, "learner", self.cfg.run_id, self.registry)
+        self.state = LearnerState(run_id=self.cfg.run_id)
+        restored = load_checkpoint(self.checkpoint)
+        if restored is not None:
+            self.state, opt_state = restored
+            if self.state.weights_path:
+                from safetensors.torch import load_file
+
+                for f in Path(self.state.weights_path).glob("*.safetensors"):
+                    self.trainer.model.lm.load_state_dict(load_file(f), strict=False)
+            self.trainer.optimizer.load_state_dict(opt_state)
+            log.info("resumed at step %d, policy v%d, %d partial groups", self.state.step, self.state.version, len(self.state.groups))
+        self.replay = _StateReplayGuard(self.state)
+        self._stopping = asyncio.Event()
+        self.assigned = asyncio.Event()
+        self.version_published = asyncio.Condition()
+
+    def stop(self) -> None:
+        """Checkpoint and return from `run`."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Consume, assemble, train and publish until stopped."""
+        consumer = AIOKafkaConsumer(**consumer_kwargs(self.cfg, f"learner-{self.cfg.run_id}"))
+        consumer.subscribe([COMPLETIONS.name, REWARDS.name], listener=_SeekToCheckpoint(self, consumer))
+        await consumer.start()
+        try:
+            await self.redis.set(policy_version_key(self.cfg.run_id), self.state.version)
+            while not self._stopping.is_set():
+                batches = await consumer.getmany(timeout_ms=200, max_records=256)
+                for tp, records in batches.items():
+                    for record in records:
+                        await self._ingest(record)
+                        self.state.offsets[f"{tp.topic}:{tp.partition}"] = record.offset + 1
+                self._expire_groups()
+                self.metrics.buffer.set(sum(len(g) for g in self.state.groups.values()))
+                self.metrics.ready.set(len(self.state.ready))
+                if len(self.state.ready) >= self.cfg.learner.groups_per_step:
+                    await self._train_step()
+        finally:
+            save_checkpoint(self.checkpoint, self.state, self.trainer.optimizer)
+            await consumer.stop()
+
+    async def _ingest(self, record: ConsumerRecord) -> None:
+        try:
+            if record.topic == COMPLETIONS.name:
+                completion = decode(record.value or b"", Completion, list(record.headers or ()))
+                if completion.run_id == self.cfg.run_id:
+                    self.state.completions.setdefault(completion.id, completion)
+                    self._join(completion.id)
+            else:
+                reward = decode(record.value or b"", Reward, list(record.headers or ()))
+                if reward.run_id != self.cfg.run_id:
+                    return
+                await verify_reward(reward, self.keyring, self.replay)
+                self.state.rewards[reward.completion_id] = reward
+                self._join(reward.completion_id)
+        except RewardRejected as err:
+            self.metrics.rejected.labels(err.reason).inc()
+            self.state.count(f"rejected_{err.reason}")
+            await self.dead_letters.send(record, err)
+        except DecodeError as err:
+            await self.dead_letters.send(record, err)
+
+    def _join(self, completion_id: str) -> None:
+        c = self.state.completions.get(completion_id)
+        r = self.state.rewards.get(completion_id)
+        if c is None or r is None:
+            return
+        del self.state.completions[completion_id], self.state.rewards[completion_id]
+        if self.state.version - c.policy_version > self.cfg.learner.max_policy_lag:
+            self.metrics.stale.inc()
+            self.state.count("stale")
+            return
+        sample = Sample(
+            completion_id=c.id, group_id=c.group_id, group_size=c.group_size, sample_index=c.sample_index,
+            prompt_token_ids=c.prompt_token_ids, token_ids=c.token_ids, logprobs=c.logprobs,
+            policy_version=c.policy_version, reward=r.scalar, status=r.status,
+        )
+        if not sample.trainable:
+            self.metrics.masked.inc()
+        group = self.state.groups.setdefault(c.group_id, [])
+        self.state.group_first_seen.setdefault(c.group_id, time.time())
+        if any(s.sample_index == sample.sample_index for s in group):
+            return  # a regenerated duplicate of a sample already here
+        group.append(sample)
+        if len(group) == c.group_size:
+            self.state.ready.append(self.state.groups.pop(c.group_id))
+            self.state.group_first_seen.pop(c.group_id, None)
+
+    def _expire_groups(self) -> None:
+        """Groups incomplete after the timeout: train on them if >= 2 samples, else drop."""
+        now = time.time()
+        for gid, first in list(self.state.group_first_seen.items()):
+            if now - first < self.cfg.learner.group_timeout_s:
+                continue
+            group = self.state.groups.pop(gid, [])
+            del self.state.group_first_seen[gid]
+            if len(group) >= 2:
+                self.state.ready.append(group)
+                self.state.count("groups_partial")
+            else:
+                self.state.count("groups_dropped")
+
+    async def _train_step(self) -> None:
+        n = self.cfg.learner.groups_per_step
+        groups, self.state.ready = self.state.ready[:n], self.state.ready[n:]
+        step = self.state.step
+        # torch blocks for seconds: off the event loop, so Kafka heartbeats go on.
+        stats = await asyncio.to_thread(self.trainer.step, step, self.state.version + 1, groups, self.state.version)
+        self.state.step += 1
+        if stats is None:
+            self.state.count("steps_without_signal")
+            log.info("step %d: no group with a learning signal; weights unchanged", step)
+            save_checkpoint(self.checkpoint, self.state, self.trainer.optimizer)
+            return
+        version = self.state.version + 1
+        dest = self.policies_dir / f"v{version}"
+        checksum = await asyncio.to_thread(self.trainer.model.save_policy, dest)
+        previous = self.state.weights_path
+        self.state.version, self.state.weights_path = version, str(dest)
+        save_checkpoint(self.checkpoint, self.state, self.trainer.optimizer)
+        await self.publisher.publish(
+            POLICY.name, PolicyUpdate(run_id=self.cfg.run_id, version=version, weights_path=str(dest), step=step, checksum=checksum)
+        )
+        await self.redis.set(policy_version_key(self.cfg.run_id), version)
+        # Engines may still be loading the previous folder: remove the one before it.
+        if previous:
+            older = Path(previous).with_name(f"v{version - 2}")
+            shutil.rmtree(older, ignore_errors=True)
+        self.history.append(stats)
+        self.metrics.version.set(version)
+        self.metrics.reward_mean.set(stats.reward_mean)
+        self.metrics.lag.set(stats.policy_lag_mean)
+        self.metrics.step_seconds.observe(stats.wall_s)
+        log.info("step %d -> policy v%d: %d samples, reward %.3f, loss %.4f, lag %.2f, %.1fs",
+                 step, version, stats.samples, stats.reward_mean, stats.loss, stats.policy_lag_mean, stats.wall_s)
+        async with self.version_published:
+            self.version_published.notify_all()
+
+
+class _SeekToCheckpoint(ConsumerRebalanceListener):
+    """On assignment, continue from the checkpoint's offsets (not the group's commits)."""
+
+    def __init__(self, learner: LearnerWorker, consumer: AIOKafkaConsumer) -> None:
+        self._learner = learner
+        self._consumer = consumer
+
+    async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        return None
+
+    async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        for tp in assigned:
+            offset = self._learner.state.offsets.get(f"{tp.topic}:{tp.partition}")
+            if offset is not None:
+                self._consumer.seek(tp, offset)
+        self._learner.assigned.set()

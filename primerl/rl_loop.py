@@ -1,0 +1,192 @@
+"""`primerl up`: a whole RL run on one machine: servers, engine, verifier, learner, N GRPO steps.
+
+A feeder publishes one training batch per step under admission control (it runs at
+most `max_policy_lag` versions ahead of the learner); held-out prompts (never trained
+on) are scored greedily every `eval_every` versions through the same engine and
+verifier. Prints a per-step table and writes artifacts/learning_curve.csv and .png.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import math
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+import typer
+
+from engine_workers.service import serve_engine
+from learners.service import serve_learner
+from learners.worker import LearnerWorker
+from plumbing.config import Config
+from plumbing.kafka import Publisher
+from primerl.observe import RunObserver
+from primerl.rewards_reader import RewardsReader
+from producers.arithmetic import arithmetic_requests, heldout_pairs
+from schemas import PromptRequest, RewardStatus
+from schemas.topics import PROMPTS
+from verifier_workers.service import load_signer, serve_verifier
+
+
+class CurveRow(msgspec.Struct):
+    """One learner step of the learning curve."""
+
+    step: int
+    wall_s: float
+    reward_mean: float
+    heldout_accuracy: float
+    policy_lag_mean: float
+    tokens_per_s: float
+    cache_hit_rate: float
+
+
+class RunSettings(msgspec.Struct, frozen=True, kw_only=True):
+    """The shape of the run."""
+
+    steps: int = 12
+    prompts_per_step: int = 8
+    group_size: int = 4
+    heldout: int = 32
+    eval_every: int = 3
+    max_tokens: int = 24
+    seed: int = 0
+
+
+async def _start(coro_fn, cfg: Config):  # type: ignore[no-untyped-def]
+    started = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(coro_fn(cfg, started))
+    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # failed to start: raise its error
+    return task, started.result()
+
+
+async def _publish(cfg: Config, reqs: list[PromptRequest]) -> float:
+    async with Publisher(cfg) as pub:
+        t0 = time.time()
+        await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in reqs])
+    return t0
+
+
+async def evaluate(cfg: Config, run_id: str, version: int, pairs: list[tuple[int, int]], max_tokens: int) -> tuple[float, int]:
+    """Greedy accuracy on the held-out pairs under policy >= `version`; returns (accuracy, version served)."""
+    eval_run = f"{run_id}-eval-v{version}"
+    reqs = arithmetic_requests(eval_run, 0, 1, pairs=pairs, temperature=0.0, max_tokens=max_tokens)
+    for r in reqs:
+        r.min_policy_version = version
+    async with RewardsReader(cfg, eval_run) as reader:
+        await _publish(cfg, reqs)
+        rewards = await reader.wait_for(len(reqs), timeout_s=900)
+    scored = [r for r in rewards if r.status in (RewardStatus.OK, RewardStatus.POLICY_FAIL)]
+    acc = sum(r.components.get("correct", r.scalar) for r in scored) / max(1, len(scored))
+    return acc, min(r.policy_version for r in rewards)
+
+
+async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
+    """Run `rs.steps` learner steps; returns the learning curve (servers must be up)."""
+    cfg.run_id = cfg.run_id if cfg.run_id != "default" else f"run-{uuid.uuid4().hex[:8]}"
+    run_id = cfg.run_id
+    load_signer(cfg)  # the verifier's key exists before the learner reads the keyring
+    engine_task, engine = await _start(serve_engine, cfg)
+    verifier_task, verifier = await _start(serve_verifier, cfg)
+    learner_task, learner = await _start(serve_learner, cfg)
+    learner: LearnerWorker
+    tasks = [engine_task, verifier_task, learner_task]
+    observer = RunObserver(cfg, run_id)
+    await observer.start()
+    held = sorted(heldout_pairs(rs.heldout))
+    batches: dict[int, tuple[float, list[str]]] = {}
+
+    async def feeder() -> None:
+        for step in range(rs.steps):
+            # Admission control: never more than max_policy_lag versions ahead of the learner.
+            async with learner.version_published:
+                await learner.version_published.wait_for(lambda: learner.state.version >= step - cfg.learner.max_policy_lag)
+            reqs = arithmetic_requests(run_id, rs.prompts_per_step, rs.group_size, seed=rs.seed * 100_003 + step,
+                                       max_tokens=rs.max_tokens, exclude=set(held))
+            batches[step] = (await _publish(cfg, reqs), [r.id for r in reqs])
+
+    rows: list[CurveRow] = []
+    t_start = time.time()
+    try:
+        await asyncio.wait_for(engine.runner.assigned.wait(), 120)
+        await asyncio.wait_for(verifier.runner.assigned.wait(), 120)
+        await asyncio.wait_for(learner.assigned.wait(), 120)
+        acc, _ = await evaluate(cfg, run_id, 0, held, rs.max_tokens)
+        typer.echo(f"step 0 (policy v0): held-out accuracy {acc:.3f} on {len(held)} prompts")
+        feed = asyncio.create_task(feeder())
+        tasks.append(feed)
+        typer.echo(f"{'step':>4} {'wall_s':>7} {'reward':>7} {'heldout':>7} {'lag':>5} {'tok/s':>7} {'cache':>6}")
+        rows.append(CurveRow(0, time.time() - t_start, math.nan, acc, 0.0, math.nan, math.nan))
+        done = 0
+        while done < rs.steps:
+            async with learner.version_published:
+                await asyncio.wait_for(learner.version_published.wait_for(lambda: len(learner.history) > done), 1800)
+            for t in tasks:
+                if t.done() and t.exception():
+                    raise t.exception()  # type: ignore[misc]
+            stats = learner.history[done]
+            done += 1
+            tps, cache = _batch_figures(observer, batches.get(stats.step))
+            acc = math.nan
+            if done % rs.eval_every == 0 or done == rs.steps:
+                acc, _ = await evaluate(cfg, run_id, stats.policy_version, held, rs.max_tokens)
+            row = CurveRow(done, time.time() - t_start, stats.reward_mean, acc, stats.policy_lag_mean, tps, cache)
+            rows.append(row)
+            typer.echo(f"{row.step:>4} {row.wall_s:>7.0f} {row.reward_mean:>7.3f} {row.heldout_accuracy:>7.3f} "
+                       f"{row.policy_lag_mean:>5.2f} {row.tokens_per_s:>7.1f} {row.cache_hit_rate:>6.2f}")
+    finally:
+        await observer.stop()
+        engine.stop()
+        verifier.stop()
+        learner.stop()
+        for t in tasks[3:]:  # the feeder may wait on admission forever: cancel it
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    return rows
+
+
+def _batch_figures(observer: RunObserver, batch: tuple[float, list[str]] | None) -> tuple[float, float]:
+    """Generated tokens/s and token-level prefix-cache hit rate of one training batch."""
+    if batch is None:
+        return math.nan, math.nan
+    t0, ids = batch
+    views = [observer.requests[i] for i in ids if i in observer.requests and observer.requests[i].finals]
+    if not views:
+        return math.nan, math.nan
+    tokens = sum(len(c.token_ids) for v in views for c in v.finals.values())
+    wall = max(v.final_at for v in views) - t0
+    firsts = [next(iter(v.finals.values())) for v in views]
+    prompt = sum(c.prompt_tokens for c in firsts)
+    return tokens / wall if wall > 0 else math.nan, sum(c.cached_prompt_tokens for c in firsts) / max(1, prompt)
+
+
+def write_curve(rows: list[CurveRow], out_dir: Path) -> None:
+    """artifacts/learning_curve.csv and .png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fields = list(CurveRow.__struct_fields__)
+    with open(out_dir / "learning_curve.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(fields)
+        for r in rows:
+            w.writerow(["" if isinstance(v, float) and math.isnan(v) else (round(v, 4) if isinstance(v, float) else v)
+                        for v in (getattr(r, k) for k in fields)])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = [r.step for r in rows]
+    ax.plot(steps, [r.reward_mean for r in rows], "o-", label="train reward mean")
+    evals = [(r.step, r.heldout_accuracy) for r in rows if not math.isnan(r.heldout_accuracy)]
+    ax.plot([s for s, _ in evals], [a for _, a in evals], "s--", label="held-out accuracy (greedy)")
+    ax.set_xlabel("learner step")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    ax.set_title("GRPO on a+b with SmolLM2-135M (CPU)")
+    fig.tight_layout()
+    fig.savefig(out_dir / "learning_curve.png", dpi=110)
