@@ -33,11 +33,8 @@ def structured_outputs(grammar: Grammar) -> StructuredOutputsParams:
         return StructuredOutputsParams(regex=spec)
     if kind is GrammarKind.CHOICE:
         try:
-            choices = json.loads(spec)
-        except json.JSONDecodeError as err:
-            raise GrammarError(f"choice spec must be a JSON list of strings: {err}") from err
-        if not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
-            raise GrammarError("choice spec must be a non-empty JSON list of strings")
-        return StructuredOutputsParams(choice=choices)
+            return StructuredOutputsParams(choice=grammar.choices())
+        except ValueError as err:
+            raise GrammarError(str(err)) from err
     # Lark and GBNF both go to the grammar field; the backend tells them apart.
     return StructuredOutputsParams(grammar=spec)

@@ -168,7 +168,8 @@ class EngineWorker:
             async for record in consumer:
                 try:
                     update = decode(record.value or b"", PolicyUpdate, list(record.headers or ()))
-                    if update.version <= self.engine.policy_version:
+                    follow = self.cfg.engine.policy_run
+                    if (follow and update.run_id != follow) or update.version <= self.engine.policy_version:
                         continue
                     async with self.admission.exclusive():
                         took = await self.engine.reload(update.weights_path, update.version)

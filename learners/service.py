@@ -53,7 +53,8 @@ async def serve_learner(cfg: Config, started: asyncio.Future[LearnerWorker] | No
             worker = LearnerWorker(
                 cfg, trainer, keyring, publisher, redis, registry,
                 checkpoint=cfg.state_dir / "learner" / cfg.run_id / "learner.ckpt",
-                policies_dir=cfg.state_dir / "policies" / cfg.run_id,
+                # Absolute: engines resolve it from their own working directory.
+                policies_dir=(cfg.state_dir / "policies" / cfg.run_id).resolve(),
             )
             if started is None:  # a process of its own; an embedding driver owns the signals
                 loop = asyncio.get_running_loop()

@@ -51,6 +51,8 @@ class EngineConfig(BaseModel):
     # float32: on CPUs without native bf16 (AVX2 only, like these machines) bf16 decodes
     # ~5x slower (74 vs 14 tok/s measured). Use bfloat16 on AVX512-bf16/AMX CPUs and GPUs.
     dtype: str = "float32"
+    # Only load policy updates of this run ("" = of any run: one engine per broker).
+    policy_run: str = ""
 
 
 class VerifierConfig(BaseModel):
@@ -72,7 +74,8 @@ class LearnerConfig(BaseModel):
     groups_per_step: int = 8
     max_policy_lag: int = 1
     group_timeout_s: float = 120.0
-    lr: float = 2e-6
+    # 1e-5 overshoots on the first AdamW step here (the batch loss rises); 1e-6..3e-6 lowers it.
+    lr: float = 3e-6
     clip_eps: float = 0.2
     mask_ratio: float = 10.0
     dr_grpo: bool = False  # no std division of group advantages

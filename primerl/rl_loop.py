@@ -81,7 +81,8 @@ async def evaluate(cfg: Config, run_id: str, version: int, pairs: list[tuple[int
         await _publish(cfg, reqs)
         rewards = await reader.wait_for(len(reqs), timeout_s=900)
     scored = [r for r in rewards if r.status in (RewardStatus.OK, RewardStatus.POLICY_FAIL)]
-    acc = sum(r.components.get("correct", r.scalar) for r in scored) / max(1, len(scored))
+    # Strict task success: a correct answer in the required format.
+    acc = sum(r.components.get("success", 0.0) for r in scored) / max(1, len(scored))
     return acc, min(r.policy_version for r in rewards)
 
 
@@ -89,6 +90,7 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
     """Run `rs.steps` learner steps; returns the learning curve (servers must be up)."""
     cfg.run_id = cfg.run_id if cfg.run_id != "default" else f"run-{uuid.uuid4().hex[:8]}"
     run_id = cfg.run_id
+    cfg.engine.policy_run = run_id
     load_signer(cfg)  # the verifier's key exists before the learner reads the keyring
     engine_task, engine = await _start(serve_engine, cfg)
     verifier_task, verifier = await _start(serve_verifier, cfg)
@@ -110,6 +112,7 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
             batches[step] = (await _publish(cfg, reqs), [r.id for r in reqs])
 
     rows: list[CurveRow] = []
+    published_at: dict[int, float] = {}  # policy version -> when the learner announced it
     t_start = time.time()
     try:
         await asyncio.wait_for(engine.runner.assigned.wait(), 120)
@@ -129,6 +132,7 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
                 if t.done() and t.exception():
                     raise t.exception()  # type: ignore[misc]
             stats = learner.history[done]
+            published_at[stats.policy_version] = time.time()
             done += 1
             tps, cache = _batch_figures(observer, batches.get(stats.step))
             acc = math.nan
@@ -138,6 +142,7 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
             rows.append(row)
             typer.echo(f"{row.step:>4} {row.wall_s:>7.0f} {row.reward_mean:>7.3f} {row.heldout_accuracy:>7.3f} "
                        f"{row.policy_lag_mean:>5.2f} {row.tokens_per_s:>7.1f} {row.cache_hit_rate:>6.2f}")
+        _report_switch_latency(observer, published_at)
     finally:
         await observer.stop()
         engine.stop()
@@ -147,6 +152,18 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return rows
+
+
+def _report_switch_latency(observer: RunObserver, published_at: dict[int, float]) -> None:
+    """Time from a version's announcement to the first completion served under it."""
+    first_final: dict[int, float] = {}
+    for view in observer.requests.values():
+        for c in view.finals.values():
+            first_final[c.policy_version] = min(first_final.get(c.policy_version, math.inf), c.timings.finished_at)
+    gaps = sorted(first_final[v] - t for v, t in published_at.items() if v in first_final)
+    if gaps:
+        typer.echo(f"publish -> first completion under the new policy: median {gaps[len(gaps) // 2]:.1f}s, "
+                   f"max {gaps[-1]:.1f}s over {len(gaps)} versions (includes the engine's drain of in-flight requests)")
 
 
 def _batch_figures(observer: RunObserver, batch: tuple[float, list[str]] | None) -> tuple[float, float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import json
 
 import msgspec
 
@@ -38,6 +39,16 @@ class Grammar(msgspec.Struct, frozen=True):
 
     kind: GrammarKind
     spec: str = ""
+
+    def choices(self) -> list[str]:
+        """The choice list of a CHOICE grammar; ValueError when the spec is not one."""
+        try:
+            choices = json.loads(self.spec)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"choice spec must be a JSON list of strings: {err}") from err
+        if not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
+            raise ValueError("choice spec must be a non-empty JSON list of strings")
+        return choices
 
 
 class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):

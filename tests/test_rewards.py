@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -24,7 +25,6 @@ from verifier_workers.rewards import (
     close_registry,
     score_completion,
 )
-from schemas.prompts import ANSWER_FORMAT_REGEX
 from verifier_workers.rewards.format import FormatReward
 from verifier_workers.rewards.match import ExactReward, RegexReward
 from verifier_workers.rewards.math import MathReward, extract_answer, safe_sympy
@@ -214,7 +214,7 @@ async def test_format_unusable_grammar_is_infra_fail(grammar: Grammar | None, re
 
 def test_registry_has_every_task() -> None:
     registry = build_registry(RewardConfig())
-    assert set(registry) == {"math", "exact", "regex", "format", "code", "remote"}
+    assert set(registry) == {"math", "math_format", "exact", "regex", "format", "code", "remote"}
     assert all(fn.name == task and fn.version for task, fn in registry.items())
 
 
@@ -435,3 +435,15 @@ def test_circuit_breaker_half_open_allows_one_trial() -> None:
     assert not breaker.allow()  # the trial is in flight
     breaker.record_success()
     assert breaker.state is BreakerState.CLOSED and breaker.allow()
+
+
+async def test_formatted_math_reward_shapes_format_and_success() -> None:
+    from verifier_workers.rewards.math import FormattedMathReward, MathReward
+
+    fn = FormattedMathReward(MathReward())
+    right = await fn.score(make_completion("<answer>7</answer>", reference="7"))
+    wrong_in_tags = await fn.score(make_completion("<answer>8</answer>", reference="7"))
+    right_untagged = await fn.score(make_completion("it is 7", reference="7"))
+    assert (right.scalar, right.components["success"]) == (1.0, 1.0)
+    assert (wrong_in_tags.scalar, wrong_in_tags.components["success"]) == (0.5, 0.0)
+    assert (right_untagged.scalar, right_untagged.components["success"]) == (0.0, 0.0)

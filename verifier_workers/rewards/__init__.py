@@ -19,7 +19,7 @@ from verifier_workers.rewards.base import Guarded, RewardFn, Score, infra_fail, 
 from verifier_workers.rewards.code import CodeReward
 from verifier_workers.rewards.format import FormatReward
 from verifier_workers.rewards.match import ExactReward, RegexReward
-from verifier_workers.rewards.math import MathReward
+from verifier_workers.rewards.math import FormattedMathReward, MathReward
 from verifier_workers.rewards.remote import RemoteConfig, RemoteReward
 from verifier_workers.sandbox import Sandbox, SandboxLimits
 
@@ -46,8 +46,10 @@ def build_registry(config: RewardConfig | None = None) -> dict[str, RewardFn]:
     close the remote's session at shutdown with `close_registry`.
     """
     config = config or RewardConfig()
+    math = MathReward(rel_tol=config.math_rel_tol, symbolic_timeout_s=config.math_symbolic_timeout_s)
     functions: list[RewardFn] = [
-        MathReward(rel_tol=config.math_rel_tol, symbolic_timeout_s=config.math_symbolic_timeout_s),
+        math,
+        FormattedMathReward(math),
         ExactReward(casefold=config.exact_casefold),
         RegexReward(),
         FormatReward(),

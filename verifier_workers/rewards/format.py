@@ -81,7 +81,7 @@ class FormatReward:
         elif kind is GrammarKind.ANSWER_FORMAT:
             _check_regex(spec or ANSWER_FORMAT_REGEX, text)
         elif kind is GrammarKind.CHOICE:
-            _check_choice(spec, text)
+            _check_choice(grammar, text)
         elif kind is GrammarKind.LARK:
             self._check_lark(spec, text)
         else:  # a kind added to the schema but not taught to the verifier
@@ -133,12 +133,10 @@ def _check_regex(spec: str, text: str) -> None:
         raise _Invalid("does not match the regex")
 
 
-def _check_choice(spec: str, text: str) -> None:
+def _check_choice(grammar: Grammar, text: str) -> None:
     try:
-        choices = json.loads(spec)
-    except json.JSONDecodeError as err:
-        raise _BadGrammar(f"choice spec is not JSON: {err}") from err
-    if not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
-        raise _BadGrammar("choice spec must be a non-empty JSON list of strings")
+        choices = grammar.choices()
+    except ValueError as err:
+        raise _BadGrammar(str(err)) from err
     if text.strip() not in choices:
         raise _Invalid("not one of the choices")

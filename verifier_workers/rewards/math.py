@@ -220,3 +220,23 @@ class MathReward:
         # work, the deadline bounds what they miss (the thread is left to finish).
         equal = await asyncio.wait_for(asyncio.to_thread(symbolically_equal, ea, er, self.rel_tol), self.symbolic_timeout_s)
         return equal, "symbolic"
+
+
+class FormattedMathReward:
+    """The built-in task's reward: half for the answer format, half for a correct answer
+    in that format. Components as `math` plus `success` (correct and in tags), the
+    strict task success a held-out accuracy counts."""
+
+    name = "math_format"
+    version = "1"
+
+    def __init__(self, inner: MathReward) -> None:
+        self._inner = inner
+
+    async def score(self, completion: Completion) -> Score:
+        """`math`'s score with the shaped scalar; statuses unchanged."""
+        base = await self._inner.score(completion)
+        fmt = base.components.get("format", 0.0)
+        success = fmt * base.components.get("correct", 0.0)
+        scalar = 0.5 * fmt + 0.5 * success if base.status in (RewardStatus.OK, RewardStatus.POLICY_FAIL) else 0.0
+        return Score({**base.components, "success": success}, scalar, base.status, base.trace)
