@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import logging
 import math
 import time
 import uuid
@@ -29,6 +30,8 @@ from producers.arithmetic import arithmetic_requests, heldout_pairs
 from schemas import PromptRequest, RewardStatus
 from schemas.topics import PROMPTS
 from verifier_workers.service import load_signer, serve_verifier
+
+log = logging.getLogger(__name__)
 
 
 class CurveRow(msgspec.Struct):
@@ -150,6 +153,11 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
         learner.stop()
         for t in tasks[3:]:  # the feeder may wait on admission forever: cancel it
             t.cancel()
+        _, pending = await asyncio.wait(tasks, timeout=60)
+        for name, t in zip(("engine", "verifier", "learner"), tasks, strict=False):
+            if t in pending:
+                log.error("%s did not stop within 60s; cancelling it", name)
+                t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return rows
 
