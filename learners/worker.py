@@ -199,9 +199,20 @@ class LearnerWorker:
         stats = await asyncio.to_thread(self.trainer.step, step, self.state.version + 1, groups, self.state.version)
         self.state.step += 1
         if stats is None:
+            # Every group had equal rewards (or only masked samples): nothing to learn,
+            # the policy stays; the step still counts, so admission moves on.
             self.state.count("steps_without_signal")
             log.info("step %d: no group with a learning signal; weights unchanged", step)
             save_checkpoint(self.checkpoint, self.state, self.trainer.optimizer)
+            trainable = [s for g in groups for s in g if s.trainable]
+            self.history.append(StepStats(
+                step=step, policy_version=self.state.version, samples=0, groups=len(groups),
+                reward_mean=sum(s.reward for s in trainable) / max(1, len(trainable)), loss=0.0,
+                policy_lag_mean=sum(self.state.version - s.policy_version for s in trainable) / max(1, len(trainable)),
+                clip_frac=0.0, masked_frac=0.0, wall_s=0.0,
+            ))
+            async with self.version_published:
+                self.version_published.notify_all()
             return
         version = self.state.version + 1
         dest = self.policies_dir / f"v{version}"

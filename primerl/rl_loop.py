@@ -107,9 +107,9 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
 
     async def feeder() -> None:
         for step in range(rs.steps):
-            # Admission control: never more than max_policy_lag versions ahead of the learner.
+            # Admission control: never more than max_policy_lag steps ahead of the learner.
             async with learner.version_published:
-                await learner.version_published.wait_for(lambda: learner.state.version >= step - cfg.learner.max_policy_lag)
+                await learner.version_published.wait_for(lambda: learner.state.step >= step - cfg.learner.max_policy_lag)
             reqs = arithmetic_requests(run_id, rs.prompts_per_step, rs.group_size, seed=rs.seed * 100_003 + step,
                                        max_tokens=rs.max_tokens, exclude=set(held))
             batches[step] = (await _publish(cfg, reqs), [r.id for r in reqs])
@@ -135,7 +135,8 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
                 if t.done() and t.exception():
                     raise t.exception()  # type: ignore[misc]
             stats = learner.history[done]
-            published_at[stats.policy_version] = time.time()
+            if stats.samples:  # a step that changed the weights announced a new version
+                published_at[stats.policy_version] = time.time()
             done += 1
             tps, cache = _batch_figures(observer, batches.get(stats.step))
             acc = math.nan
