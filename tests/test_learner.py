@@ -129,3 +129,15 @@ async def test_learner_assembles_groups_across_a_restart_and_rejects_bad_rewards
     assert second.state.counters == {"rejected_replay": 1, "rejected_bad_signature": 1, "stale": 2}
     assert "B" not in second.state.groups
     await redis.aclose()
+
+
+def test_a_ppo_update_with_the_value_head_lowers_the_loss() -> None:
+    torch.manual_seed(0)
+    ppo = Trainer(PolicyModel(resolve_model(None), value_head=True), TrainConfig(algo="ppo", lr=2e-6, lam=0.95))
+    groups = [_samples(ppo, [1.0, 0.0, 0.0, 1.0], "p1")]
+    samples, advs = ppo.prepare(groups)
+    before = ppo.loss_on(samples, advs)
+    head = ppo.model.value_head.weight.detach().clone()
+    assert ppo.step(0, 1, groups, current_version=0) is not None
+    assert ppo.loss_on(samples, advs) < before
+    assert not torch.equal(head, ppo.model.value_head.weight)
