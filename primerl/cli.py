@@ -71,15 +71,19 @@ def up(
     heldout: Annotated[int, typer.Option(help="held-out prompts for the accuracy")] = 32,
     eval_every: Annotated[int, typer.Option(help="evaluate every this many steps")] = 3,
     seed: Annotated[int, typer.Option(help="seed of the training prompts and the learner")] = 0,
+    algo: Annotated[str, typer.Option(help="grpo or ppo")] = "grpo",
     keep: Annotated[bool, typer.Option(help="leave the local servers running")] = False,
 ) -> None:
-    """The main job: local servers, engine, verifier and learner; a whole GRPO run on the built-in task."""
+    """The main job: local servers, engine, verifier and learner; a whole RL run on the built-in task."""
     from plumbing.infra import infra_for_run
     from primerl.main_job import engine_demo
     from primerl.rl_loop import RunSettings, rl_loop, write_curve
 
+    if algo not in ("grpo", "ppo"):
+        raise typer.BadParameter("--algo must be grpo or ppo")
     cfg = _cfg(config, state_dir)
     cfg.learner.seed = seed
+    cfg.learner.algo = algo
     if steps == 0:
         raise typer.Exit(run(engine_demo(cfg, prompts, group_size, max_tokens, keep)))
 
@@ -88,8 +92,8 @@ def up(
             rows = await rl_loop(cfg, RunSettings(steps=steps, prompts_per_step=prompts, group_size=group_size,
                                                   heldout=heldout, eval_every=eval_every, max_tokens=max_tokens, seed=seed))
         out = Path("artifacts")
-        write_curve(rows, out)
-        typer.echo(f"wrote {out / 'learning_curve.csv'} and {out / 'learning_curve.png'}")
+        write_curve(rows, out, f"{algo.upper()} on a+b with SmolLM2-135M (CPU)", "" if algo == "grpo" else f"_{algo}")
+        typer.echo(f"wrote the learning curve to {out}/")
 
     run(main())
 

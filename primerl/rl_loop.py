@@ -190,11 +190,11 @@ def _batch_figures(observer: RunObserver, batch: tuple[float, list[str]] | None)
     return tokens / wall if wall > 0 else math.nan, sum(c.cached_prompt_tokens for c in firsts) / max(1, prompt)
 
 
-def write_curve(rows: list[CurveRow], out_dir: Path) -> None:
-    """artifacts/learning_curve.csv and .png."""
+def write_curve(rows: list[CurveRow], out_dir: Path, title: str, suffix: str = "") -> None:
+    """artifacts/learning_curve<suffix>.csv and .png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     fields = list(CurveRow.__struct_fields__)
-    with open(out_dir / "learning_curve.csv", "w", newline="") as f:
+    with open(out_dir / f"learning_curve{suffix}.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(fields)
         for r in rows:
@@ -213,6 +213,6 @@ def write_curve(rows: list[CurveRow], out_dir: Path) -> None:
     ax.set_xlabel("learner step")
     ax.set_ylim(0, 1)
     ax.legend()
-    ax.set_title("GRPO on a+b with SmolLM2-135M (CPU)")
+    ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(out_dir / "learning_curve.png", dpi=110)
+    fig.savefig(out_dir / f"learning_curve{suffix}.png", dpi=110)
