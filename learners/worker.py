@@ -233,8 +233,9 @@ class LearnerWorker:
         self.metrics.reward_mean.set(stats.reward_mean)
         self.metrics.lag.set(stats.policy_lag_mean)
         self.metrics.step_seconds.observe(stats.wall_s)
-        log.info("step %d -> policy v%d: %d samples, reward %.3f, loss %.4f, lag %.2f, %.1fs",
-                 step, version, stats.samples, stats.reward_mean, stats.loss, stats.policy_lag_mean, stats.wall_s)
+        log.info("step %d -> policy v%d: %d samples, reward %.3f, loss %.4f, lag %.2f, %.1fs; buffer %d samples in partial groups, %d groups ready",
+                 step, version, stats.samples, stats.reward_mean, stats.loss, stats.policy_lag_mean, stats.wall_s,
+                 sum(len(g) for g in self.state.groups.values()), len(self.state.ready))
         async with self.version_published:
             self.version_published.notify_all()
 
