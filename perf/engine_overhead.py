@@ -24,16 +24,14 @@ from engine_workers.engine import Engine
 from engine_workers.model_store import resolve_model
 from engine_workers.requests import build_input
 from engine_workers.service import serve_engine
-from engine_workers.worker import EngineWorker
 from perf.common import ARTIFACTS, percentile, write_csv
 from plumbing.config import Config, load_config
 from plumbing.infra import infra_for_run
-from plumbing.kafka import Publisher
 from plumbing.runtime import run, setup_logging
+from primerl.embedded import publish_prompts, start_stage
 from primerl.observe import RunObserver
 from producers.arithmetic import arithmetic_requests
 from schemas import PromptRequest
-from schemas.topics import PROMPTS
 
 
 class Row(msgspec.Struct):
@@ -83,9 +81,7 @@ async def raw_vllm(cfg: Config, args: argparse.Namespace) -> Row:
 
 async def pipeline(cfg: Config, args: argparse.Namespace) -> Row:
     """The workload published to Kafka and served by an engine worker."""
-    started: asyncio.Future[EngineWorker] = asyncio.get_running_loop().create_future()
-    serving = asyncio.create_task(serve_engine(cfg, started))
-    worker = await started
+    serving, worker = await start_stage(serve_engine, cfg)
     run_id = f"bench-{uuid.uuid4().hex[:8]}"
     obs = RunObserver(cfg, run_id)
     await obs.start()
@@ -93,9 +89,7 @@ async def pipeline(cfg: Config, args: argparse.Namespace) -> Row:
         await asyncio.wait_for(worker.runner.assigned.wait(), 60)
         await asyncio.wait_for(obs.ready.wait(), 60)
         reqs = _workload(run_id, args)
-        async with Publisher(cfg) as pub:
-            t0 = time.time()
-            await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in reqs])
+        t0 = await publish_prompts(cfg, reqs)
         await obs.wait_finals(len(reqs) * args.group_size, timeout_s=1800)
         wall = max(v.final_at for v in obs.requests.values()) - t0
     finally:

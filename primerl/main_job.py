@@ -10,13 +10,11 @@ import uuid
 import typer
 
 from engine_workers.service import serve_engine
-from engine_workers.worker import EngineWorker
 from plumbing.config import Config
 from plumbing.infra import infra_for_run
-from plumbing.kafka import Publisher
+from primerl.embedded import publish_prompts, start_stage
 from primerl.observe import RunObserver
 from producers.arithmetic import arithmetic_requests
-from schemas.topics import PROMPTS
 
 
 async def engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: int, keep: bool = False) -> int:
@@ -30,20 +28,13 @@ async def engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: in
 
 async def _engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: int) -> int:
     run_id = cfg.run_id if cfg.run_id != "default" else f"up-{uuid.uuid4().hex[:8]}"
-    started: asyncio.Future[EngineWorker] = asyncio.get_running_loop().create_future()
-    serving = asyncio.create_task(serve_engine(cfg, started))
-    await asyncio.wait({serving, started}, return_when=asyncio.FIRST_COMPLETED)
-    if serving.done():
-        serving.result()  # the engine failed to start: raise its error
-    worker = started.result()
+    serving, worker = await start_stage(serve_engine, cfg)
     observer = RunObserver(cfg, run_id)
     await observer.start()
     try:
         await asyncio.wait_for(worker.runner.assigned.wait(), 60)
         batch = arithmetic_requests(run_id, prompts, group_size, max_tokens=max_tokens)
-        t0 = time.time()
-        async with Publisher(cfg) as pub:
-            await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in batch])
+        t0 = await publish_prompts(cfg, batch)
         expected = prompts * group_size
         with typer.progressbar(length=expected, label="completions") as bar:
             seen = 0

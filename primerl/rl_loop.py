@@ -21,14 +21,12 @@ import typer
 
 from engine_workers.service import serve_engine
 from learners.service import serve_learner
-from learners.worker import LearnerWorker
 from plumbing.config import Config
-from plumbing.kafka import Publisher
+from primerl.embedded import publish_prompts, start_stage
 from primerl.observe import RunObserver
 from primerl.rewards_reader import RewardsReader
 from producers.arithmetic import arithmetic_requests, heldout_pairs
-from schemas import PromptRequest, RewardStatus
-from schemas.topics import PROMPTS
+from schemas import RewardStatus
 from verifier_workers.service import load_signer, serve_verifier
 
 log = logging.getLogger(__name__)
@@ -58,22 +56,6 @@ class RunSettings(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
 
 
-async def _start(coro_fn, cfg: Config):  # type: ignore[no-untyped-def]
-    started = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(coro_fn(cfg, started))
-    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()  # failed to start: raise its error
-    return task, started.result()
-
-
-async def _publish(cfg: Config, reqs: list[PromptRequest]) -> float:
-    async with Publisher(cfg) as pub:
-        t0 = time.time()
-        await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in reqs])
-    return t0
-
-
 async def evaluate(cfg: Config, run_id: str, version: int, pairs: list[tuple[int, int]], max_tokens: int) -> tuple[float, int]:
     """Greedy accuracy on the held-out pairs under policy >= `version`; returns (accuracy, version served)."""
     eval_run = f"{run_id}-eval-v{version}"
@@ -81,7 +63,7 @@ async def evaluate(cfg: Config, run_id: str, version: int, pairs: list[tuple[int
     for r in reqs:
         r.min_policy_version = version
     async with RewardsReader(cfg, eval_run) as reader:
-        await _publish(cfg, reqs)
+        await publish_prompts(cfg, reqs)
         rewards = await reader.wait_for(len(reqs), timeout_s=900)
     scored = [r for r in rewards if r.status in (RewardStatus.OK, RewardStatus.POLICY_FAIL)]
     # Strict task success: a correct answer in the required format.
@@ -95,10 +77,9 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
     run_id = cfg.run_id
     cfg.engine.policy_run = run_id
     load_signer(cfg)  # the verifier's key exists before the learner reads the keyring
-    engine_task, engine = await _start(serve_engine, cfg)
-    verifier_task, verifier = await _start(serve_verifier, cfg)
-    learner_task, learner = await _start(serve_learner, cfg)
-    learner: LearnerWorker
+    engine_task, engine = await start_stage(serve_engine, cfg)
+    verifier_task, verifier = await start_stage(serve_verifier, cfg)
+    learner_task, learner = await start_stage(serve_learner, cfg)
     tasks = [engine_task, verifier_task, learner_task]
     observer = RunObserver(cfg, run_id)
     await observer.start()
@@ -112,7 +93,7 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
                 await learner.version_published.wait_for(lambda: learner.state.step >= step - cfg.learner.max_policy_lag)
             reqs = arithmetic_requests(run_id, rs.prompts_per_step, rs.group_size, seed=rs.seed * 100_003 + step,
                                        max_tokens=rs.max_tokens, exclude=set(held))
-            batches[step] = (await _publish(cfg, reqs), [r.id for r in reqs])
+            batches[step] = (await publish_prompts(cfg, reqs), [r.id for r in reqs])
 
     rows: list[CurveRow] = []
     published_at: dict[int, float] = {}  # policy version -> when the learner announced it
