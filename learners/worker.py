@@ -157,6 +157,7 @@ class LearnerWorker:
         if c is None or r is None:
             return
         del self.state.completions[completion_id], self.state.rewards[completion_id]
+        self.state.count("joined")  # every scored sample, kept or dropped: what admission counts
         if self.state.version - c.policy_version > self.cfg.learner.max_policy_lag:
             self.metrics.stale.inc()
             self.state.count("stale")

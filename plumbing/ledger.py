@@ -52,10 +52,6 @@ class Ledger:
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
 
-    async def done(self, msg_id: str) -> bool:
-        """Whether `msg_id` already took effect."""
-        return await self._redis.get(self._prefix + msg_id) == _DONE
-
     async def mark(self, msg_id: str) -> None:
         """Record `msg_id` as having taken effect."""
         await self._redis.set(self._prefix + msg_id, _DONE, ex=self._ttl)

@@ -87,13 +87,20 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
     batches: dict[int, tuple[float, list[str]]] = {}
 
     async def feeder() -> None:
-        for step in range(rs.steps):
-            # Admission control: never more than max_policy_lag steps ahead of the learner.
-            async with learner.version_published:
-                await learner.version_published.wait_for(lambda: learner.state.step >= step - cfg.learner.max_policy_lag)
-            reqs = arithmetic_requests(run_id, rs.prompts_per_step, rs.group_size, seed=rs.seed * 100_003 + step,
+        """Batches until the learner has made `rs.steps` steps. Admission control: at most
+        `max_policy_lag + 1` batches published whose samples the learner has not yet
+        scored-and-joined (kept or dropped as stale, so dropping never stalls the run)."""
+        per_batch = rs.prompts_per_step * rs.group_size
+        k = 0
+        while len(learner.history) < rs.steps:
+            while learner.state.counters.get("joined", 0) < (k - cfg.learner.max_policy_lag) * per_batch:
+                if len(learner.history) >= rs.steps:
+                    return
+                await asyncio.sleep(0.2)
+            reqs = arithmetic_requests(run_id, rs.prompts_per_step, rs.group_size, seed=rs.seed * 100_003 + k,
                                        max_tokens=rs.max_tokens, exclude=set(held))
-            batches[step] = (await publish_prompts(cfg, reqs), [r.id for r in reqs])
+            batches[k] = (await publish_prompts(cfg, reqs), [r.id for r in reqs])
+            k += 1
 
     rows: list[CurveRow] = []
     published_at: dict[int, float] = {}  # policy version -> when the learner announced it
