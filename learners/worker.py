@@ -157,10 +157,8 @@ class LearnerWorker:
         if c is None or r is None:
             return
         del self.state.completions[completion_id], self.state.rewards[completion_id]
-        self.state.count("joined")  # every scored sample, kept or dropped: what admission counts
         if self.state.version - c.policy_version > self.cfg.learner.max_policy_lag:
-            self.metrics.stale.inc()
-            self.state.count("stale")
+            self._drop_stale(1)
             return
         sample = Sample(
             completion_id=c.id, group_id=c.group_id, group_size=c.group_size, sample_index=c.sample_index,
@@ -191,10 +189,22 @@ class LearnerWorker:
                 self.state.count("groups_partial")
             else:
                 self.state.count("groups_dropped")
+                self.state.count("consumed", len(group))
+
+    def _drop_stale(self, samples: int) -> None:
+        self.metrics.stale.inc(samples)
+        self.state.count("stale", samples)
+        self.state.count("consumed", samples)
 
     async def _train_step(self) -> None:
         n = self.cfg.learner.groups_per_step
         groups, self.state.ready = self.state.ready[:n], self.state.ready[n:]
+        # Groups can wait in `ready` while other steps run: check the lag again now.
+        fresh = [g for g in groups if all(self.state.version - s.policy_version <= self.cfg.learner.max_policy_lag for s in g)]
+        self._drop_stale(sum(len(g) for g in groups) - sum(len(g) for g in fresh))
+        groups = fresh
+        # Every sample that leaves the buffer counts, trained or not: producers' admission reads it.
+        self.state.count("consumed", sum(len(g) for g in groups))
         step = self.state.step
         # torch blocks for seconds: off the event loop, so Kafka heartbeats go on.
         stats = await asyncio.to_thread(self.trainer.step, step, self.state.version + 1, groups, self.state.version)

@@ -89,14 +89,21 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
     async def feeder() -> None:
         """Batches until the learner has made `rs.steps` steps. Admission control: at most
         `max_policy_lag + 1` batches published whose samples the learner has not yet
-        scored-and-joined (kept or dropped as stale, so dropping never stalls the run)."""
+        consumed (trained on, or dropped as stale: dropping never stalls the run)."""
         per_batch = rs.prompts_per_step * rs.group_size
         k = 0
         while len(learner.history) < rs.steps:
-            while learner.state.counters.get("joined", 0) < (k - cfg.learner.max_policy_lag) * per_batch:
+            # A sample whose reward was rejected is never consumed: after twice the group
+            # timeout without reaching the mark, feed anyway rather than stall.
+            waited = 0.0
+            while learner.state.counters.get("consumed", 0) < (k - cfg.learner.max_policy_lag) * per_batch:
                 if len(learner.history) >= rs.steps:
                     return
+                if waited > 2 * cfg.learner.group_timeout_s:
+                    log.warning("admission: the learner consumed fewer samples than published; feeding batch %d anyway", k)
+                    break
                 await asyncio.sleep(0.2)
+                waited += 0.2
             reqs = arithmetic_requests(run_id, rs.prompts_per_step, rs.group_size, seed=rs.seed * 100_003 + k,
                                        max_tokens=rs.max_tokens, exclude=set(held))
             batches[k] = (await publish_prompts(cfg, reqs), [r.id for r in reqs])

@@ -126,7 +126,7 @@ async def test_learner_assembles_groups_across_a_restart_and_rejects_bad_rewards
         await task
     [ready] = second.state.ready
     assert sorted(s.completion_id for s in ready) == [c.id for c in group_a]
-    assert second.state.counters == {"joined": 6, "rejected_replay": 1, "rejected_bad_signature": 1, "stale": 2}
+    assert second.state.counters == {"consumed": 2, "rejected_replay": 1, "rejected_bad_signature": 1, "stale": 2}
     assert "B" not in second.state.groups
     await redis.aclose()
 
