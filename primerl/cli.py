@@ -64,7 +64,7 @@ def infra_status(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
 def up(
     config: ConfigOpt = None,
     state_dir: StateOpt = None,
-    steps: Annotated[int, typer.Option(help="GRPO steps (0: one batch through the engine, per-request figures)")] = 12,
+    steps: Annotated[int, typer.Option(help="learner steps (0: one batch through the engine, per-request figures)")] = 15,
     prompts: Annotated[int, typer.Option(help="prompts per step (GRPO groups)")] = 8,
     group_size: Annotated[int, typer.Option(help="samples per prompt (G)")] = 4,
     max_tokens: Annotated[int, typer.Option(help="tokens per sample at most")] = 24,

@@ -47,7 +47,7 @@ class CurveRow(msgspec.Struct):
 class RunSettings(msgspec.Struct, frozen=True, kw_only=True):
     """The shape of the run."""
 
-    steps: int = 12
+    steps: int = 15
     prompts_per_step: int = 8
     group_size: int = 4
     heldout: int = 32
