@@ -40,7 +40,6 @@ class StepOutput:
 
     deltas: list[SampleDelta]
     num_cached_tokens: int
-    finished: bool
 
 
 @dataclass
@@ -106,7 +105,7 @@ class Engine:
                     )
                     for o in out.outputs
                 ]
-                yield StepOutput(deltas=deltas, num_cached_tokens=out.num_cached_tokens or 0, finished=out.finished)
+                yield StepOutput(deltas=deltas, num_cached_tokens=out.num_cached_tokens or 0)
         except EngineDeadError as err:
             raise EngineDead(str(err)) from err
 
