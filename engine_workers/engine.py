@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +53,9 @@ class Engine:
     llm: Any = None
     tokenizer: Any = None
     max_model_len: int = 0
+    block_size: int = 0
+    kv_events_endpoint: str = ""  # where vLLM publishes its KV-cache events (ZMQ)
+    kv_events_topic: str = "kv"
     policy_version: int = 0
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -58,9 +63,12 @@ class Engine:
         """Build the engine (tens of seconds on a CPU) and load the tokenizer."""
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs
+        from vllm.config import KVEventsConfig
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
+        # ipc: vLLM binds it (a tcp host address would make it connect) and it stays local.
+        self.kv_events_endpoint = f"ipc://{tempfile.gettempdir()}/primerl-kv-{uuid.uuid4().hex[:12]}"
         args = AsyncEngineArgs(
             model=self.model_path,
             enforce_eager=self.cfg.enforce_eager,
@@ -70,11 +78,17 @@ class Engine:
             dtype=self.cfg.dtype,
             disable_log_stats=False,
             max_num_seqs=max(self.cfg.max_in_flight * 8, 32),
+            kv_events_config=KVEventsConfig(
+                enable_kv_cache_events=self.cfg.enable_prefix_caching,
+                publisher="zmq" if self.cfg.enable_prefix_caching else "null",
+                endpoint=self.kv_events_endpoint, topic=self.kv_events_topic,
+            ),
         )
         t0 = time.perf_counter()
         self.llm = AsyncLLM.from_engine_args(args)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.max_model_len = int(self.llm.model_config.max_model_len)
+        self.block_size = int(self.llm.vllm_config.cache_config.block_size)
         log.info("engine ready in %.1fs: %s, max_model_len %d", time.perf_counter() - t0, self.model_path, self.max_model_len)
 
     def shutdown(self) -> None:

@@ -26,6 +26,19 @@ class EngineMetrics:
         )
         self.in_flight = Gauge("primerl_engine_in_flight", "Requests in the engine", registry=registry)
         self.policy_version = Gauge("primerl_engine_policy_version", "Policy version being served", registry=registry)
+        self.predicted_hits = Counter(
+            "primerl_engine_routed_hits", "Requests the router sent here expecting cached prefix blocks", registry=registry
+        )
+        self.predicted_hits_missed = Counter(
+            "primerl_engine_routed_hits_missed",
+            "Of those, requests where vLLM found fewer cached tokens than the router predicted", registry=registry,
+        )
+        self.index_sync_failures = Counter(
+            "primerl_engine_index_sync_failures", "Registry heartbeats that failed (Redis down or slow)", registry=registry
+        )
+        self.ledger_unavailable = Gauge(
+            "primerl_engine_ledger_unavailable", "Requests handled without the Redis ledger (outage)", registry=registry
+        )
         self.reload_seconds = Histogram(
             "primerl_engine_reload_seconds", "Weight reload time (drain excluded)", buckets=_LATENCY_BUCKETS, registry=registry
         )

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 
 from engine_workers.engine import Engine
 from engine_workers.model_store import resolve_model
+from engine_workers.routing.router import Router
 from engine_workers.worker import EngineWorker
 from plumbing.config import Config
 from plumbing.kafka import Publisher
@@ -32,6 +33,11 @@ async def serve_engine(cfg: Config, started: asyncio.Future[EngineWorker] | None
     try:
         async with Publisher(cfg) as publisher:
             worker = EngineWorker(cfg, engine, publisher, redis, registry)
+            router = (
+                Router(cfg, publisher, redis, engine.tokenizer, registry,
+                       dead_letters=worker.dead_letters, consumer_metrics=worker.runner.metrics)
+                if cfg.routing.embedded else None
+            )
             if started is None:  # a process of its own; an embedding driver owns the signals
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -39,7 +45,40 @@ async def serve_engine(cfg: Config, started: asyncio.Future[EngineWorker] | None
             log.info("engine worker %s serving %s; metrics on :%d", worker.worker_id, engine.model_path, port)
             if started is not None:
                 started.set_result(worker)
-            await worker.run()
+            if router is None:
+                await worker.run()
+            else:
+                await run_with_router(worker, router)
     finally:
         await redis.aclose()
         engine.shutdown()
+
+
+async def run_with_router(worker: EngineWorker, router: Router) -> None:
+    """Run the worker and its embedded router; the router stops when the worker does."""
+    routing = asyncio.create_task(router.run())
+    try:
+        await worker.run()
+    finally:
+        router.stop()
+        await asyncio.gather(routing, return_exceptions=True)
+
+
+async def serve_router(cfg: Config, policy: str = "") -> None:
+    """Run one router alone (group `router`) until SIGTERM/SIGINT."""
+    from transformers import AutoTokenizer
+
+    registry = CollectorRegistry()
+    port = serve_metrics(cfg.metrics, registry)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.engine.model))
+    redis = connect_redis(cfg)
+    try:
+        async with Publisher(cfg) as publisher:
+            router = Router(cfg, publisher, redis, tokenizer, registry, policy=policy)
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, router.stop)
+            log.info("router (%s) serving; metrics on :%d", router.policy, port)
+            await router.run()
+    finally:
+        await redis.aclose()

@@ -1,16 +1,20 @@
 """The engine worker: a Kafka consumer around one vLLM engine.
 
-Consumes rollout.prompts (group `engine`), streams rollout.completion-chunks as tokens
-arrive, publishes one rollout.completions record per sample, and reloads weights on
-rollout.policy. A request's offset is committed only after all its final completions
-are acked; a processed-request ledger in Redis keeps a redelivered request from being
-generated again.
+Consumes rollout.routed (group `engine`; the router put each request on a partition
+this worker owns), streams rollout.completion-chunks as tokens arrive, publishes one
+rollout.completions record per sample, and reloads weights on rollout.policy. A
+request's offset is committed only after all its final completions are acked; a
+processed-request ledger in Redis keeps a redelivered request from being generated
+again. It heartbeats into the Redis registry with its partitions, its load and the
+prefix blocks its engine holds (from vLLM's KV-cache events).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,10 +23,14 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from engine_workers.admission import Admission
 from engine_workers.engine import Engine, EngineDead
 from engine_workers.metrics import EngineMetrics
+from engine_workers.prefix_cache.held_blocks import HeldBlocks
+from engine_workers.prefix_cache.index import PrefixIndex, WorkerInfo
+from engine_workers.prefix_cache.kv_events import follow_kv_events
 from engine_workers.requests import build_input
 from plumbing.config import Config
 from plumbing.consumer import ConsumerRunner, FatalError
@@ -31,7 +39,7 @@ from plumbing.kafka import Publisher, common_kwargs
 from plumbing.ledger import Ledger
 from schemas import Completion, CompletionChunk, PolicyUpdate, PromptRequest, Timings, decode
 from schemas.completions import completion_id
-from schemas.topics import CHUNKS, COMPLETIONS, POLICY, PROMPTS
+from schemas.topics import CHUNKS, COMPLETIONS, POLICY, ROUTED
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +69,18 @@ class EngineWorker:
 
     def __post_init__(self) -> None:
         self.metrics = EngineMetrics(self.registry)
-        self.ledger = Ledger(self.redis, "engine")
+        # Fail open: with Redis down the worker keeps serving (routers hash-route meanwhile).
+        self.ledger = Ledger(self.redis, "engine", fail_open=True)
+        self.index = PrefixIndex(self.redis, self.cfg.routing.ttl_s)
+        self.blocks = HeldBlocks(policy_version=self.engine.policy_version)
+        self._served_prompt_tokens = 0
+        self._served_cached_tokens = 0
         self.dead_letters = DeadLetters(self.publisher, "engine", self.cfg.run_id, self.registry)
         self.admission = Admission(self.cfg.engine.max_in_flight)
         self._version_changed = asyncio.Condition()
         self.runner = ConsumerRunner(
             self.cfg,
-            topics=[PROMPTS.name],
+            topics=[ROUTED.name],
             group_id=ENGINE_GROUP,
             message_type=PromptRequest,
             handler=self.handle,
@@ -79,12 +92,20 @@ class EngineWorker:
 
     async def run(self) -> None:
         """Serve until stopped; raises FatalError when the engine dies."""
-        policy = asyncio.create_task(self._follow_policy())
+        tasks = [asyncio.create_task(self._follow_policy()), asyncio.create_task(self._heartbeat())]
+        if self.engine.kv_events_endpoint:
+            tasks.append(asyncio.create_task(
+                follow_kv_events(self.engine.kv_events_endpoint, self.engine.kv_events_topic, self.blocks)))
         try:
             await self.runner.run()
         finally:
-            policy.cancel()
-            await asyncio.gather(policy, return_exceptions=True)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            try:
+                await self.index.deregister(self.worker_id)
+            except (RedisError, OSError) as err:
+                log.warning("could not deregister (%s); the entry expires with its TTL", err)
 
     def stop(self) -> None:
         """Finish in-flight requests, commit, and return from `run`."""
@@ -110,6 +131,7 @@ class EngineWorker:
                     self.metrics.in_flight.dec()
             await self.ledger.mark(req.id)
         self.metrics.requests.labels("ok").inc()
+        self.metrics.ledger_unavailable.set(self.ledger.unavailable)
 
     async def _generate(self, req: PromptRequest, prompt: str, prompt_ids: list[int], params: object, enqueued_at: float) -> None:
         version = self.engine.policy_version
@@ -118,8 +140,12 @@ class EngineWorker:
         acks = []
         cached = 0
         engine_request_id = f"{req.id}:{uuid.uuid4().hex[:8]}"  # unique even if redelivered while running
+        prefill_released = False
         async for step in self.engine.stream(prompt_ids, params, engine_request_id):
             cached = max(cached, step.num_cached_tokens)
+            if not prefill_released:
+                prefill_released = True
+                await self._release_load(req, "prefill")
             for d in step.deltas:
                 s = samples[d.index]
                 if d.token_ids and not s.first_token_at:
@@ -148,17 +174,61 @@ class EngineWorker:
                 timings=Timings(enqueued_at=enqueued_at, started_at=started_at,
                                 first_token_at=s.first_token_at or finished_at, finished_at=finished_at),
                 prompt_tokens=len(prompt_ids), cached_prompt_tokens=cached, task=req.task, reference=req.reference,
-                grammar=req.grammar,
+                grammar=req.grammar, route=req.route,
             )
             for i, s in enumerate(samples)
         ]
+        await self._release_load(req, "decode")
         await asyncio.gather(*acks)
         await self.publisher.publish_many(COMPLETIONS.name, [(c, req.group_id.encode()) for c in finals])
         self.metrics.samples.inc(len(finals))
         self.metrics.generated_tokens.inc(sum(len(s.token_ids) for s in samples))
         self.metrics.prompt_tokens.inc(len(prompt_ids))
         self.metrics.cached_prompt_tokens.inc(cached)
+        self._served_prompt_tokens += len(prompt_ids)
+        self._served_cached_tokens += cached
+        if req.route is not None and req.route.predicted_cached_tokens > 0:
+            self.metrics.predicted_hits.inc()
+            if cached < req.route.predicted_cached_tokens:
+                self.metrics.predicted_hits_missed.inc()
         self.metrics.e2e.observe(time.time() - enqueued_at)
+
+    async def _release_load(self, req: PromptRequest, kind: str) -> None:
+        """Take this request's share off the load the router added to its worker."""
+        r = req.route
+        if r is None or not r.worker_id:
+            return
+        try:
+            await self.index.release(r.worker_id, kind, r.prefill_tokens if kind == "prefill" else r.decode_tokens)
+        except (RedisError, OSError) as err:
+            log.debug("load release failed (%s); the load key expires with its worker", err)
+
+    def info(self) -> WorkerInfo:
+        """This worker as the registry shows it."""
+        return WorkerInfo(
+            worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(),
+            partitions=sorted(tp.partition for tp in self.runner.assignment if tp.topic == ROUTED.name),
+            policy_version=self.engine.policy_version, block_size=self.engine.block_size, heartbeat_at=time.time(),
+            prompt_tokens=self._served_prompt_tokens, cached_prompt_tokens=self._served_cached_tokens,
+            in_flight=self.admission.running,
+        )
+
+    async def _heartbeat(self) -> None:
+        """Register this worker and index its blocks every `heartbeat_s`; resync after an outage."""
+        resync = True
+        while True:
+            try:
+                self.blocks.policy_version = self.engine.policy_version
+                await self.index.heartbeat(self.info(), self.blocks, resync)
+                if resync:
+                    log.info("registered in the routing index: %d blocks held", len(self.blocks.by_vllm))
+                resync = False
+            except (RedisError, OSError) as err:
+                if not resync:
+                    log.warning("registry heartbeat failed (%s): will resync the index", type(err).__name__)
+                self.metrics.index_sync_failures.inc()
+                resync = True
+            await asyncio.sleep(self.cfg.routing.heartbeat_s)
 
     async def _follow_policy(self) -> None:
         """Read every policy update (no group: each engine sees all) and load newer versions."""

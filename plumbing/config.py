@@ -55,6 +55,24 @@ class EngineConfig(BaseModel):
     policy_run: str = ""
 
 
+class RoutingConfig(BaseModel):
+    """The router between rollout.prompts and rollout.routed, and the prefix-cache index."""
+
+    # cache_aware: lowest estimated time to first token; round_robin: next live worker;
+    # hash: by session/group key (also the fallback when Redis is down or slow).
+    policy: str = "cache_aware"
+    embedded: bool = True  # every `primerl engine` also runs a router (group `router`)
+    redis_timeout_s: float = 0.25
+    retry_after_s: float = 1.0  # after a Redis failure, hash-route this long before trying again
+    # Cost of one queued decode token in prefill-token units: decode slows a CPU step
+    # but does not block a new prefill the way queued prefill does.
+    decode_token_cost: float = 1.0
+    pending_ttl_s: float = 60.0  # routed-but-not-yet-stored blocks count as held this long
+    heartbeat_s: float = 1.0
+    ttl_s: float = 5.0  # a worker that stops heartbeating disappears within this
+    registry_cache_s: float = 0.5
+
+
 class VerifierConfig(BaseModel):
     """Verifier worker settings."""
 
@@ -100,6 +118,7 @@ class Config(BaseSettings):
     )
     metrics: MetricsConfig = MetricsConfig()
     engine: EngineConfig = EngineConfig()
+    routing: RoutingConfig = RoutingConfig()
     verifier: VerifierConfig = VerifierConfig()
     learner: LearnerConfig = LearnerConfig()
     log_level: str = "INFO"

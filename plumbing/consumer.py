@@ -71,6 +71,18 @@ class _Rebalance(ConsumerRebalanceListener):
 Handler = Callable[[M, ConsumerRecord], Awaitable[None]]
 
 
+class ConsumerMetrics:
+    """Per-group consumer metrics; one instance per registry, shared by a process's runners."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["group"]
+        self.records = Counter("primerl_records_consumed", "Records consumed", labels, registry=registry)
+        self.failed = Counter("primerl_records_dead_lettered", "Records sent to the DLQ by this consumer", labels, registry=registry)
+        self.in_flight = Gauge("primerl_records_in_flight", "Records being handled", labels, registry=registry)
+        self.seconds = Histogram("primerl_record_handle_seconds", "Handler time per record", labels, registry=registry)
+        self.lag = Gauge("primerl_consumer_lag", "Records behind the partition end (approximate on Tansu)", labels, registry=registry)
+
+
 class ConsumerRunner(Generic[M]):
     """Runs `handler(message, record)` for every record of `topics` in consumer group `group_id`.
 
@@ -87,10 +99,12 @@ class ConsumerRunner(Generic[M]):
         message_type: type[M],
         handler: Handler[M],
         dead_letters: DeadLetters,
-        registry: CollectorRegistry,
+        registry: CollectorRegistry | None = None,
+        metrics: ConsumerMetrics | None = None,
         max_in_flight: int = 1,
         client_id: str | None = None,
     ) -> None:
+        """Metrics go to `metrics` when given (a second runner in one process), else to `registry`."""
         self.group_id = group_id
         self._topics = topics
         self._type = message_type
@@ -108,12 +122,11 @@ class ConsumerRunner(Generic[M]):
         if client_id:
             kwargs["client_id"] = client_id
         self._consumer = AIOKafkaConsumer(**kwargs)
-        labels = ["group"]
-        self._m_records = Counter("primerl_records_consumed", "Records consumed", labels, registry=registry)
-        self._m_failed = Counter("primerl_records_dead_lettered", "Records sent to the DLQ by this consumer", labels, registry=registry)
-        self._m_in_flight = Gauge("primerl_records_in_flight", "Records being handled", labels, registry=registry)
-        self._m_seconds = Histogram("primerl_record_handle_seconds", "Handler time per record", labels, registry=registry)
-        self._m_lag = Gauge("primerl_consumer_lag", "Records behind the partition end (approximate on Tansu)", labels, registry=registry)
+        if metrics is None:
+            if registry is None:
+                raise ValueError("a ConsumerRunner needs a registry or shared metrics")
+            metrics = ConsumerMetrics(registry)
+        self.metrics = metrics
 
     def stop(self) -> None:
         """Ask the loop to finish: no new records; in-flight ones complete and commit."""
@@ -152,11 +165,11 @@ class ConsumerRunner(Generic[M]):
         task.add_done_callback(self._tasks.discard)
 
     async def _handle(self, tp: TopicPartition, offsets: _PartitionOffsets, record: ConsumerRecord) -> None:
-        self._m_in_flight.labels(self.group_id).inc()
-        self._m_records.labels(self.group_id).inc()
+        self.metrics.in_flight.labels(self.group_id).inc()
+        self.metrics.records.labels(self.group_id).inc()
         done = False
         try:
-            with self._m_seconds.labels(self.group_id).time():
+            with self.metrics.seconds.labels(self.group_id).time():
                 try:
                     msg = decode(record.value or b"", self._type, list(record.headers or ()))
                     await self._handler(msg, record)
@@ -167,7 +180,7 @@ class ConsumerRunner(Generic[M]):
                 except asyncio.CancelledError:
                     raise
                 except Exception as err:  # noqa: BLE001 - any per-record failure is dead-lettered, never fatal
-                    self._m_failed.labels(self.group_id).inc()
+                    self.metrics.failed.labels(self.group_id).inc()
                     try:
                         await self._dlq.send(record, err)
                     except Exception as dlq_err:  # the DLQ itself is down: keep the record uncommitted
@@ -175,7 +188,7 @@ class ConsumerRunner(Generic[M]):
                         return
             done = True
         finally:
-            self._m_in_flight.labels(self.group_id).dec()
+            self.metrics.in_flight.labels(self.group_id).dec()
             self._slots.release()
             if done:
                 offsets.in_flight.discard(record.offset)
@@ -211,4 +224,4 @@ class ConsumerRunner(Generic[M]):
             pos = self._offsets.get(tp)
             if hw is not None and pos is not None:
                 lag += max(0, hw - max(pos.committed, 0))
-        self._m_lag.labels(self.group_id).set(lag)
+        self.metrics.lag.labels(self.group_id).set(lag)

@@ -72,19 +72,20 @@ class Publisher:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def publish(self, topic: str, msg: Message, key: bytes | None = None) -> RecordMetadata:
-        """Encode `msg` as msgpack and wait for the broker's ack."""
-        return await self.publish_raw(topic, encode(msg), key, [(CONTENT_TYPE_HEADER, MSGPACK.encode())])
+    async def publish(self, topic: str, msg: Message, key: bytes | None = None, partition: int | None = None) -> RecordMetadata:
+        """Encode `msg` as msgpack and wait for the broker's ack (`partition` overrides the key's)."""
+        return await self.publish_raw(topic, encode(msg), key, [(CONTENT_TYPE_HEADER, MSGPACK.encode())], partition)
 
     async def send(self, topic: str, msg: Message, key: bytes | None = None) -> "asyncio.Future[RecordMetadata]":
         """Queue `msg` without waiting; await the returned future for the ack (for streams)."""
         return await self._producer.send(topic, encode(msg), key=key, headers=[(CONTENT_TYPE_HEADER, MSGPACK.encode())])
 
     async def publish_raw(
-        self, topic: str, payload: bytes, key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None
+        self, topic: str, payload: bytes, key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None,
+        partition: int | None = None,
     ) -> RecordMetadata:
         """Send bytes as they are (for replays and outside formats) and wait for the ack."""
-        return await self._producer.send_and_wait(topic, payload, key=key, headers=headers or [])
+        return await self._producer.send_and_wait(topic, payload, key=key, headers=headers or [], partition=partition)
 
     async def publish_many(self, topic: str, items: list[tuple[Message, bytes | None]]) -> list[RecordMetadata]:
         """Send a batch concurrently and wait for every ack (order per key is kept by the producer)."""

@@ -12,16 +12,24 @@ effect: the second waits for the first and then skips. The claim of a worker tha
 died expires within `claim_ttl_s` and the redelivery proceeds. Output ids are derived
 from input ids, so the last window (killed between the ack and `mark`) is caught by
 the next stage's ledger.
+
+With `fail_open`, a Redis outage does not stop the stage: the body runs unclaimed
+(a redelivery during the outage may then take effect twice, under the same output
+ids) and `unavailable` counts how often.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
 
 _DONE = b"done"
 
@@ -43,8 +51,12 @@ return 0
 class Ledger:
     """Processed message ids of one stage."""
 
-    def __init__(self, redis: Redis, stage: str, ttl_s: int = 7 * 24 * 3600, claim_ttl_s: int = 15) -> None:
+    def __init__(
+        self, redis: Redis, stage: str, ttl_s: int = 7 * 24 * 3600, claim_ttl_s: int = 15, fail_open: bool = False
+    ) -> None:
         self._redis = redis
+        self._fail_open = fail_open
+        self.unavailable = 0
         self._prefix = f"primerl:ledger:{stage}:"
         self._ttl = ttl_s
         self._claim_ttl = claim_ttl_s
@@ -54,21 +66,28 @@ class Ledger:
 
     async def mark(self, msg_id: str) -> None:
         """Record `msg_id` as having taken effect."""
-        await self._redis.set(self._prefix + msg_id, _DONE, ex=self._ttl)
+        try:
+            await self._redis.set(self._prefix + msg_id, _DONE, ex=self._ttl)
+        except (RedisError, OSError):
+            if not self._fail_open:
+                raise
+            self.unavailable += 1
 
     @asynccontextmanager
     async def claim(self, msg_id: str, poll_s: float = 0.2) -> AsyncIterator[bool]:
         """Hold the claim on `msg_id` for the body; yields False when it already took effect."""
         key = self._prefix + msg_id
-        while True:
-            if await self._redis.set(key, self._token, nx=True, ex=self._claim_ttl):
-                break
-            value = await self._redis.get(key)
-            if value == _DONE:
-                yield False
-                return
-            if value is not None:
-                await asyncio.sleep(poll_s)  # another delivery is being handled: wait for it
+        try:
+            fresh = await self._take(key, poll_s)
+        except (RedisError, OSError) as err:
+            if not self._fail_open:
+                raise
+            self.unavailable += 1
+            log.warning("ledger unavailable (%s): handling %s unclaimed", type(err).__name__, msg_id)
+            fresh = None
+        if fresh is None or not fresh:
+            yield fresh is None
+            return
         renewer = asyncio.create_task(self._keep(key))
         try:
             yield True
@@ -76,9 +95,28 @@ class Ledger:
             renewer.cancel()
             with suppress(asyncio.CancelledError):
                 await renewer
-            await self._release(keys=[key], args=[self._token])  # no-op once marked done
+            try:
+                await self._release(keys=[key], args=[self._token])  # no-op once marked done
+            except (RedisError, OSError):
+                if not self._fail_open:
+                    raise
+
+    async def _take(self, key: str, poll_s: float) -> bool:
+        """True once we hold the claim, False when the message already took effect."""
+        while True:
+            if await self._redis.set(key, self._token, nx=True, ex=self._claim_ttl):
+                return True
+            value = await self._redis.get(key)
+            if value == _DONE:
+                return False
+            if value is not None:
+                await asyncio.sleep(poll_s)  # another delivery is being handled: wait for it
 
     async def _keep(self, key: str) -> None:
         while True:
             await asyncio.sleep(self._claim_ttl / 3)
-            await self._renew(keys=[key], args=[self._token, self._claim_ttl])
+            try:
+                await self._renew(keys=[key], args=[self._token, self._claim_ttl])
+            except (RedisError, OSError):
+                if not self._fail_open:
+                    raise

@@ -11,4 +11,4 @@ def connect_redis(cfg: Config) -> Redis:
     """An asyncio Redis client for `cfg.redis_url` (connects lazily)."""
     if not cfg.redis_url:
         raise RuntimeError("no Redis configured: set REDIS_URL or run `primerl infra up`")
-    return Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    return Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=1)

@@ -127,6 +127,7 @@ def engine(
     model: Annotated[Optional[str], typer.Option(help="HF model folder or id (default: bundled SmolLM2-135M)")] = None,
     max_in_flight: Annotated[Optional[int], typer.Option(help="requests in the engine at once")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="/metrics port (0: any free)")] = None,
+    router: Annotated[Optional[bool], typer.Option("--router/--no-router", help="also run a router in this process")] = None,
 ) -> None:
     """Run one engine worker in the `engine` consumer group until SIGTERM."""
     from engine_workers.service import serve_engine
@@ -139,11 +140,32 @@ def engine(
         cfg.engine.max_in_flight = max_in_flight
     if metrics_port is not None:
         cfg.metrics.port = metrics_port
+    if router is not None:
+        cfg.routing.embedded = router
     try:
         run(serve_engine(cfg))
     except FatalError as err:
         typer.echo(f"engine worker stopped: {err}", err=True)
         raise typer.Exit(3) from err
+
+
+@app.command("router")
+def router(
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+    policy: Annotated[Optional[str], typer.Option(help="cache_aware, round_robin or hash")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="/metrics port (0: any free)")] = None,
+) -> None:
+    """Run one router (rollout.prompts -> rollout.routed) in the `router` group until SIGTERM."""
+    from engine_workers.routing.router import POLICIES
+    from engine_workers.service import serve_router
+
+    if policy is not None and policy not in POLICIES:
+        raise typer.BadParameter(f"--policy must be one of {', '.join(POLICIES)}")
+    cfg = _cfg(config, state_dir)
+    if metrics_port is not None:
+        cfg.metrics.port = metrics_port
+    run(serve_router(cfg, policy or ""))
 
 
 @app.command("verifier")

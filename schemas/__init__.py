@@ -17,7 +17,7 @@ from schemas.codec import (
 from schemas.completions import Completion, CompletionChunk, Timings
 from schemas.dlq import DeadLetter
 from schemas.policy import PolicyUpdate
-from schemas.prompts import ChatMessage, Grammar, GrammarKind, PromptRequest, SamplingParams
+from schemas.prompts import ChatMessage, Grammar, GrammarKind, PromptRequest, Route, SamplingParams
 from schemas.rewards import Reward, RewardStatus
 from schemas.topics import TOPICS, Topic, topic_for
 
@@ -43,6 +43,7 @@ __all__ = [
     "Grammar",
     "GrammarKind",
     "PromptRequest",
+    "Route",
     "SamplingParams",
     "Reward",
     "RewardStatus",

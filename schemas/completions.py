@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 
 from schemas.base import Message
-from schemas.prompts import Grammar
+from schemas.prompts import Grammar, Route
 
 
 class CompletionChunk(Message, kw_only=True):
@@ -58,3 +58,4 @@ class Completion(Message, kw_only=True):
     reference: str | None = None
     grammar: Grammar | None = None
     grammar_completed: bool | None = None
+    route: Route | None = None

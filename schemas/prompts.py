@@ -63,6 +63,17 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: int = 0
 
 
+class Route(msgspec.Struct, frozen=True, kw_only=True):
+    """The router's decision, carried to the worker (which releases the load it added)
+    and echoed on the completions (so hit predictions can be checked against vLLM)."""
+
+    worker_id: str
+    policy: str  # cache_aware, round_robin or hash (degraded)
+    predicted_cached_tokens: int = 0
+    prefill_tokens: float = 0.0  # load added to the worker's prefill queue
+    decode_tokens: float = 0.0  # load added to its decode queue
+
+
 class PromptRequest(Message, kw_only=True):
     """A prompt to sample `group_size` completions for (one GRPO group).
 
@@ -82,6 +93,7 @@ class PromptRequest(Message, kw_only=True):
     reference: str | None = None
     metadata: dict[str, str] = {}
     min_policy_version: int = 0
+    route: Route | None = None  # set by the router on rollout.routed, never by producers
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.text is None):

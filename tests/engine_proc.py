@@ -50,7 +50,7 @@ class EngineProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"engine exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if "assigned [" in self.log_file.read_text(errors="replace"):
+            if "engine assigned [" in self.log_file.read_text(errors="replace"):
                 return
             time.sleep(0.5)
         raise TimeoutError(f"engine not serving after {timeout_s}s:\n{self.log_tail()}")
