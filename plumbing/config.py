@@ -67,6 +67,9 @@ class RoutingConfig(BaseModel):
     # Cost of one queued decode token in prefill-token units: decode slows a CPU step
     # but does not block a new prefill the way queued prefill does.
     decode_token_cost: float = 1.0
+    # Weight of the request's own time to first token against the work it adds (see
+    # engine_workers/routing/cost_model.py): 1 scatters bursts, 0 makes hot spots.
+    latency_weight: float = 0.5
     pending_ttl_s: float = 60.0  # routed-but-not-yet-stored blocks count as held this long
     heartbeat_s: float = 1.0
     ttl_s: float = 5.0  # a worker that stops heartbeating disappears within this

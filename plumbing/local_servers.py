@@ -104,9 +104,9 @@ def start_broker(log_dir: Path) -> tuple[subprocess.Popen[bytes], ServerProcess]
     return proc, rec
 
 
-def start_redis(log_dir: Path) -> tuple[subprocess.Popen[bytes], ServerProcess]:
-    """Start redis-server (no persistence) on a free port and wait until it listens."""
-    port = free_port()
+def start_redis(log_dir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], ServerProcess]:
+    """Start redis-server (no persistence) on `port` (default: a free one) and wait until it listens."""
+    port = port or free_port()
     cmd = [redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", "--daemonize", "no"]
     proc, rec = _spawn("redis", cmd, port, log_dir)
     _wait_port(port, proc, "redis-server")

@@ -1,14 +1,21 @@
-"""Which worker should serve a request: the lowest estimated time to first token.
+"""Which worker should serve a request: time to first token, weighed against work.
 
 All terms are in prefill-token units (the engines are alike, so one rate converts
 them to seconds for all):
 
-    cost(w) = queued prefill(w) + decode_token_cost * queued decode(w) + uncached prompt(w)
+    queued(w) = queued prefill(w) + decode_token_cost * queued decode(w)
+    ttft(w)   = queued(w) + uncached prompt(w)          (the request's own latency)
+    work(w)   = uncached prompt(w)                      (what it adds to the fleet)
+    cost(w)   = latency_weight * ttft(w) + (1 - latency_weight) * work(w)
+              = latency_weight * queued(w) + uncached(w)
 
-Queued prefill is what delays a new request's first token; queued decode slows each
-step but is interleaved with the new prefill, hence its smaller weight. A hot prefix
-whose home is overloaded goes elsewhere as soon as recomputing it there is cheaper
-than waiting, which replicates it; affinity never makes a hot spot.
+Queued prefill is what delays a first token; queued decode slows each step but is
+interleaved with a new prefill, hence its weight. Pure TTFT (latency_weight 1)
+scatters a burst of a group's samples: the second sample's fastest start is to
+recompute the prefix on an idle worker while the first still prefills it, so every
+worker ends up computing every prefix. Pure affinity (0) makes hot spots. In between,
+a hot prefix whose home is overloaded still moves as soon as the wait there outweighs
+recomputing it elsewhere, which replicates it.
 """
 
 from __future__ import annotations
@@ -29,7 +36,10 @@ class Choice(msgspec.Struct, frozen=True):
     decode_tokens: float
 
 
-def choose(probes: list[Probe], prompt_len: int, block_size: int, decode_tokens: float, decode_token_cost: float) -> Choice:
+def choose(
+    probes: list[Probe], prompt_len: int, block_size: int, decode_tokens: float, decode_token_cost: float,
+    latency_weight: float = 0.5,
+) -> Choice:
     """The cheapest worker for a request of `prompt_len` prompt tokens; ties go to the least loaded."""
     if not probes:
         raise ValueError("no worker to choose from")
@@ -39,7 +49,7 @@ def choose(probes: list[Probe], prompt_len: int, block_size: int, decode_tokens:
         cached = cacheable_tokens(p.matched_blocks, prompt_len, block_size)
         queued = p.prefill_load + decode_token_cost * p.decode_load
         uncached = prompt_len - cached
-        cost = queued + uncached
+        cost = latency_weight * queued + uncached
         key = (cost, queued)
         if best is None or key < best_key:
             best, best_key = Choice(p, cached, cost, float(uncached), decode_tokens), key

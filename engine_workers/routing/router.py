@@ -77,6 +77,10 @@ class Router:
     # Shared with an engine worker in the same process (one metric family per registry).
     dead_letters: DeadLetters | None = None
     consumer_metrics: ConsumerMetrics | None = None
+    source_topic: str = PROMPTS.name
+    routed_topic: str = ROUTED.name
+    routed_partitions: int = ROUTED.partitions
+    group_id: str = ROUTER_GROUP
     _workers: list[WorkerInfo] = field(default_factory=list)
     _workers_at: float = 0.0
     _redis_down_until: float = 0.0
@@ -88,10 +92,14 @@ class Router:
         self.index = PrefixIndex(self.redis, self.cfg.routing.ttl_s)
         self.metrics = RouterMetrics(self.registry)
         self._turn = itertools.count()
+        # One decision at a time: each must see the pending blocks and load the last one
+        # added (a burst of a group's samples would otherwise scatter). Routers in other
+        # processes can still race; the next decision corrects for it.
+        self._deciding = asyncio.Lock()
         self.runner = ConsumerRunner(
             self.cfg,
-            topics=[PROMPTS.name],
-            group_id=ROUTER_GROUP,
+            topics=[self.source_topic],
+            group_id=self.group_id,
             message_type=PromptRequest,
             handler=self.handle,
             dead_letters=self.dead_letters or DeadLetters(self.publisher, "router", self.cfg.run_id, self.registry),
@@ -114,7 +122,7 @@ class Router:
         route, partition = await self.decide(req)
         self.metrics.decision.observe(time.perf_counter() - t0)
         self.metrics.routed.labels(route.policy).inc()
-        await self.publisher.publish(ROUTED.name, msgspec.structs.replace(req, route=route), key=req.routing_key(), partition=partition)
+        await self.publisher.publish(self.routed_topic, msgspec.structs.replace(req, route=route), key=req.routing_key(), partition=partition)
 
     async def decide(self, req: PromptRequest) -> tuple[Route, int]:
         """The route of `req` and the rollout.routed partition to send it to."""
@@ -123,7 +131,8 @@ class Router:
         if time.monotonic() < self._redis_down_until:
             return self._hashed(req, "redis_unavailable")
         try:
-            return await asyncio.wait_for(self._decide(req), self.cfg.routing.redis_timeout_s)
+            async with self._deciding:
+                return await asyncio.wait_for(self._decide(req), self.cfg.routing.redis_timeout_s)
         except (RedisError, OSError, asyncio.TimeoutError) as err:
             log.warning("routing index unavailable (%s): hash-routing for %.1fs", type(err).__name__, self.cfg.routing.retry_after_s)
             self._redis_down_until = time.monotonic() + self.cfg.routing.retry_after_s
@@ -144,7 +153,8 @@ class Router:
         hashes = {v: chain_hashes(ids, block_size, policy_salt(v)) for v in {w.policy_version for w in workers}}
         probes = await self.index.probe(workers, hashes)
         decode = float(req.sampling.max_tokens * req.group_size)
-        c = choose(probes, len(ids), block_size, decode, self.cfg.routing.decode_token_cost)
+        r = self.cfg.routing
+        c = choose(probes, len(ids), block_size, decode, r.decode_token_cost, r.latency_weight)
         w = c.probe.worker
         await self.index.add_route(w.worker_id, hashes[w.policy_version], c.prefill_tokens, decode, self.cfg.routing.pending_ttl_s)
         self.metrics.predicted_cached.inc(c.predicted_cached_tokens)
@@ -163,7 +173,7 @@ class Router:
     def _hashed(self, req: PromptRequest, reason: str) -> tuple[Route, int]:
         if reason != "policy":
             self.metrics.fallbacks.labels(reason).inc()
-        return Route(worker_id="", policy="hash"), zlib.crc32(req.routing_key()) % ROUTED.partitions
+        return Route(worker_id="", policy="hash"), zlib.crc32(req.routing_key()) % self.routed_partitions
 
 
 def _pick(partitions: list[int], key: bytes) -> int:
