@@ -28,4 +28,4 @@ def write_csv(path: Path, rows: Sequence[msgspec.Struct]) -> None:
         writer = csv.writer(f)
         writer.writerow(fields)
         for row in rows:
-            writer.writerow([f"{v:.4g}" if isinstance(v, float) else v for v in (getattr(row, k) for k in fields)])
+            writer.writerow([f"{v:.4f}" if isinstance(v, float) else v for v in (getattr(row, k) for k in fields)])

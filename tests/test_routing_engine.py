@@ -120,3 +120,25 @@ async def test_a_new_policy_version_stops_old_hits(engine, cfg: Config, observed
     again = await _serve(cfg, obs, _ask(run_id, doc, "Count the stones.", min_version=version))
     assert again.cached_prompt_tokens > 0 and again.route is not None
     assert again.route.predicted_cached_tokens == again.cached_prompt_tokens
+
+
+async def test_a_redis_outage_degrades_routing_and_loses_nothing(engine, cfg: Config, observed, redis: Redis) -> None:
+    run_id, obs = observed
+    doc = _document(3)
+    await _serve(cfg, obs, _ask(run_id, doc, "Warm the cache."))
+    during = [_ask(run_id, doc, f"Question {i} while Redis is paused?") for i in range(3)]
+    # Every command blocks for 4 s: longer than the router's timeout, so it hash-routes.
+    await redis.execute_command("CLIENT", "PAUSE", "4000", "ALL")
+    async with Publisher(cfg) as pub:
+        for req in during:
+            await pub.publish(PROMPTS.name, req, key=req.routing_key())
+    await obs.wait_finals(4, timeout_s=300)
+    await asyncio.sleep(cfg.routing.retry_after_s + cfg.routing.heartbeat_s)
+    after = await _serve(cfg, obs, _ask(run_id, doc, "And now?"))
+    finals = {c.request_id: c for c in obs.finals()}
+    assert all(r.id in finals for r in during), "a request routed during the outage was lost"
+    assert {finals[r.id].route.policy for r in during} == {"hash"}  # type: ignore[union-attr]
+    assert after.route is not None and after.route.policy == "cache_aware", "routing did not recover"
+    assert obs.duplicates == 0
+    metrics = engine.metrics()
+    assert 'primerl_router_fallbacks_total{reason="redis_unavailable"}' in metrics
