@@ -7,6 +7,7 @@ and on `vllm` (GPU); the package is picked by the install extra.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import tempfile
@@ -56,6 +57,7 @@ class Engine:
     block_size: int = 0
     kv_events_endpoint: str = ""  # where vLLM publishes its KV-cache events (ZMQ)
     kv_events_topic: str = "kv"
+    spec_stats_path: str = ""
     policy_version: int = 0
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -67,6 +69,7 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(self.cfg.kv_cache_gib))
+        spec = self._speculation_args()
         # ipc: vLLM binds it (a tcp host address would make it connect) and it stays local.
         self.kv_events_endpoint = f"ipc://{tempfile.gettempdir()}/primerl-kv-{uuid.uuid4().hex[:12]}"
         args = AsyncEngineArgs(
@@ -78,6 +81,9 @@ class Engine:
             dtype=self.cfg.dtype,
             disable_log_stats=False,
             max_num_seqs=max(self.cfg.max_in_flight * 8, 32),
+            # Compact JSON: no free whitespace, so more of each record is forced by the grammar.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+            **spec,
             kv_events_config=KVEventsConfig(
                 enable_kv_cache_events=self.cfg.enable_prefix_caching,
                 publisher="zmq" if self.cfg.enable_prefix_caching else "null",
@@ -90,6 +96,34 @@ class Engine:
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.block_size = int(self.llm.vllm_config.cache_config.block_size)
         log.info("engine ready in %.1fs: %s, max_model_len %d", time.perf_counter() - t0, self.model_path, self.max_model_len)
+
+    def _speculation_args(self) -> dict[str, Any]:
+        """Engine arguments (and engine-core environment) for grammar-aware speculation."""
+        if not self.cfg.speculation:
+            return {}
+        self.spec_stats_path = f"{tempfile.gettempdir()}/primerl-spec-{uuid.uuid4().hex[:12]}.json"
+        # The engine-core process is spawned after this and inherits the environment.
+        os.environ.update({
+            "PRIMERL_SPEC_STATS": self.spec_stats_path,
+            "PRIMERL_SPEC_MIN_ACCEPTANCE": str(self.cfg.spec_min_acceptance),
+            "PRIMERL_SPEC_MAX_BATCH": str(self.cfg.spec_max_batch),
+            "PRIMERL_SPEC_PROBE_EVERY": str(self.cfg.spec_probe_every),
+        })
+        return {
+            "scheduler_cls": "engine_workers.speculation.scheduler.GrammarSpecScheduler",
+            "speculative_config": {"method": "custom_class", "model": "engine_workers.speculation.null_proposer.NullProposer",
+                                   "num_speculative_tokens": self.cfg.num_speculative_tokens},
+        }
+
+    def speculation_stats(self) -> dict[str, float]:
+        """The engine core's draft counters (empty without speculation or before the first step)."""
+        if not self.spec_stats_path:
+            return {}
+        try:
+            with open(self.spec_stats_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
 
     def shutdown(self) -> None:
         """Stop the engine process."""

@@ -53,6 +53,14 @@ class EngineConfig(BaseModel):
     dtype: str = "float32"
     # Only load policy updates of this run ("" = of any run: one engine per broker).
     policy_run: str = ""
+    # Grammar-aware speculation (engine_workers/speculation): forced-token and n-gram
+    # drafts verified k at a time; n-gram drafts fall back off below the acceptance or
+    # above the batch size given here.
+    speculation: bool = False
+    num_speculative_tokens: int = 4
+    spec_min_acceptance: float = 0.3
+    spec_max_batch: int = 16
+    spec_probe_every: int = 50
 
 
 class RoutingConfig(BaseModel):
