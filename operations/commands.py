@@ -1,0 +1,110 @@
+"""The operations subcommands of `primerl`: publish, archive, replay, scale, status.
+
+`register(app)` adds them to the main typer app (primerl/cli.py), so the operations
+code stays in this folder and the main CLI module changes by two lines.
+"""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from plumbing.config import Config, load_config
+from plumbing.runtime import run, setup_logging
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file")]
+StateOpt = Annotated[Optional[Path], typer.Option("--state-dir", help="where infra state, worker records and logs live")]
+
+
+def _cfg(config: Path | None, state_dir: Path | None = None, **overrides: object) -> Config:
+    cfg = load_config(config, state_dir=state_dir, **overrides)
+    setup_logging(cfg.log_level)
+    return cfg
+
+
+def publish(
+    file: Annotated[Path, typer.Argument(help="prompt file: .jsonl, .parquet or .csv", exists=True, dir_okay=False)],
+    run_id: Annotated[Optional[str], typer.Option(help="run id of every request (default: run-<random>)")] = None,
+    group_size: Annotated[int, typer.Option(help="GRPO fan-out: samples per prompt (rows may override)")] = 1,
+    task: Annotated[str, typer.Option(help="reward function for rows that name none")] = "none",
+    temperature: Annotated[float, typer.Option(help="sampling temperature")] = 1.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling")] = 1.0,
+    top_k: Annotated[int, typer.Option(help="top-k sampling (-1: off)")] = -1,
+    max_tokens: Annotated[int, typer.Option(help="tokens per sample at most")] = 128,
+    stop: Annotated[Optional[list[str]], typer.Option(help="stop string (repeatable)")] = None,
+    grammar_kind: Annotated[Optional[str], typer.Option(help="default output grammar kind (regex, json_schema, choice, ...)")] = None,
+    grammar_spec: Annotated[str, typer.Option(help="the default grammar's spec")] = "",
+    system_prompt: Annotated[Optional[str], typer.Option(help="system turn prepended to chat rows that have none")] = None,
+    rate: Annotated[float, typer.Option(help="requests per second at most (0: as fast as the broker acks)")] = 0.0,
+    strict: Annotated[bool, typer.Option(help="stop at the first bad row instead of reporting it and going on")] = False,
+    dry_run: Annotated[bool, typer.Option(help="validate and report, publish nothing")] = False,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Publish a prompt batch to rollout.prompts; bad rows are reported with their line number.
+
+    Exit status 0: every row published; 2: some rows were bad (the good ones were published);
+    1: nothing could be published.
+    """
+    from operations.prompt_files import BadRow, FileDefaults, read_prompt_file
+    from operations.publish import publish_requests
+    from schemas import Grammar, GrammarKind, SamplingParams
+
+    cfg = _cfg(config, state_dir)
+    try:
+        grammar = Grammar(GrammarKind(grammar_kind), grammar_spec) if grammar_kind else None
+    except ValueError as err:
+        raise typer.BadParameter(f"--grammar-kind: {err}") from err
+    defaults = FileDefaults(
+        run_id=run_id or f"run-{uuid.uuid4().hex[:8]}", task=task, group_size=group_size,
+        sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop or []),
+        grammar=grammar, system_prompt=system_prompt,
+    )
+    try:
+        requests, errors = read_prompt_file(file, defaults, strict=strict)
+    except BadRow as err:
+        typer.echo(f"error: {err} (--strict: nothing published)", err=True)
+        raise typer.Exit(1) from err
+    for e in errors:
+        typer.echo(f"{file}:{e.line}: skipped: {e.reason}", err=True)
+    if not requests:
+        typer.echo(f"no valid rows in {file} ({len(errors)} bad)", err=True)
+        raise typer.Exit(1)
+    if dry_run:
+        typer.echo(f"dry run: {len(requests)} valid rows ({sum(r.group_size for r in requests)} samples), {len(errors)} bad; run {defaults.run_id}")
+        raise typer.Exit(2 if errors else 0)
+    report = run(publish_requests(cfg, requests, rate=rate, progress=progress and sys.stderr.isatty()))
+    typer.echo(
+        f"published {report.requests} requests ({report.samples} samples) of run {report.run_id} to {report.topic} "
+        f"in {report.seconds:.2f}s ({report.rate:.0f} req/s); {len(errors)} bad rows skipped"
+    )
+    typer.echo(f"  tasks: {report.per_task}  partitions: {report.partitions}  first ids: {report.first_ids}")
+    raise typer.Exit(2 if errors else 0)
+
+
+def archive(
+    root: Annotated[Optional[Path], typer.Option(help="run-log folder (default: artifacts/runs)")] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="/metrics port (0: any free)")] = None,
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Run the archiver (consumer group `archiver`) until SIGTERM: every record -> <root>/<run_id>/<topic>/*.parquet."""
+    from operations.archiver import serve_archiver
+
+    cfg = _cfg(config, state_dir)
+    if root is not None:
+        cfg.archive.root = root
+    if metrics_port is not None:
+        cfg.metrics.port = metrics_port
+    run(serve_archiver(cfg))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the operations subcommands to `app`."""
+    app.command("publish")(publish)
+    app.command("archive")(archive)
