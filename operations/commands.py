@@ -104,7 +104,94 @@ def archive(
     run(serve_archiver(cfg))
 
 
+def replay(
+    run_id: Annotated[str, typer.Argument(help="the archived run to replay")],
+    stage: Annotated[str, typer.Option(help="prompts | verifier | learner")] = "verifier",
+    new_run_id: Annotated[Optional[str], typer.Option(help="run id of the replay (default: <run>-replay-<random>)")] = None,
+    root: Annotated[Optional[Path], typer.Option(help="run-log folder (default: artifacts/runs)")] = None,
+    task: Annotated[Optional[str], typer.Option(help="verifier: score with this task's reward function instead of each completion's own")] = None,
+    verifier_version: Annotated[Optional[str], typer.Option(help="use only the recorded rewards of this verifier version")] = None,
+    rescored: Annotated[bool, typer.Option(help="learner: train on a verifier replay's scores (run it first, same --new-run-id)")] = False,
+    rate: Annotated[float, typer.Option(help="prompts: requests per second at most (0: no limit)")] = 0.0,
+    seed: Annotated[Optional[int], typer.Option(help="learner: seed (default: the learner config's)")] = None,
+    groups_per_step: Annotated[Optional[int], typer.Option(help="learner: groups per update (default: the learner config's)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="learner: starting weights (default: the engine config's model)")] = None,
+    save_policies: Annotated[bool, typer.Option(help="learner: write each step's safetensors folder and its file checksum")] = False,
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Re-drive one stage of an archived run into a new run id and report the difference."""
+    from operations.replay import (
+        RunLog,
+        replay_learner,
+        replay_prompts,
+        rescore,
+        save_learner_replay,
+        save_rescored,
+        verifier_diff,
+    )
+
+    if stage not in ("prompts", "verifier", "learner"):
+        raise typer.BadParameter("--stage must be prompts, verifier or learner")
+    cfg = _cfg(config, state_dir)
+    root = root or cfg.archive.root
+    new_run = new_run_id or f"{run_id}-replay-{uuid.uuid4().hex[:6]}"
+    try:
+        log_ = RunLog(root, run_id)
+    except FileNotFoundError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from err
+    if stage == "prompts":
+        report = run(replay_prompts(cfg, log_, new_run, rate=rate, progress=sys.stderr.isatty()))
+        typer.echo(f"replayed {report.requests} prompt requests ({report.samples} samples) of {run_id} as run {new_run} "
+                   f"in {report.seconds:.2f}s; ids derived from ({new_run}, original id)")
+        return
+    if stage == "verifier":
+        rows = run(rescore(log_, task=task, verifier_version=verifier_version))
+        diff = verifier_diff(rows)
+        out = save_rescored(root, new_run, rows, diff, run_id)
+        typer.echo(f"re-scored {len(rows)} completions of {run_id} (run {new_run}; per completion: {out}/replay_verifier.parquet)")
+        typer.echo(f"{'original verifier':40s} {'replay verifier':28s} {'n':>5s} {'orig mean':>9s} {'new mean':>9s} {'changed':>7s} {'status chg':>10s} {'max |d|':>7s}")
+        for d in diff:
+            typer.echo(f"{d.original_verifier[:40]:40s} {d.replay_verifier[:28]:28s} {d.completions:5d} {d.original_mean:9.4f} "
+                       f"{d.replay_mean:9.4f} {d.changed:7d} {d.status_changed:10d} {d.max_abs_diff:7.4f}")
+        return
+    from operations.run_log import run_dir_name
+    from schemas import RewardStatus
+
+    if seed is not None:
+        cfg.learner.seed = seed
+    if groups_per_step is not None:
+        cfg.learner.groups_per_step = groups_per_step
+    if model is not None:
+        cfg.engine.model = model
+    scores = None
+    if rescored:
+        import pyarrow.parquet as pq
+
+        path = root / run_dir_name(new_run) / "replay_verifier.parquet"
+        if not path.exists():
+            raise typer.BadParameter(f"--rescored: {path} missing; run --stage verifier --new-run-id {new_run} first")
+        scores = {r["completion_id"]: (r["replay_scalar"], RewardStatus(r["replay_status"]))
+                  for r in pq.read_table(path).to_pylist() if r["replay_scalar"] is not None}
+    save_dir = (root / run_dir_name(new_run) / "policies") if save_policies else None
+    result = replay_learner(cfg, log_, new_run, rewards=scores, verifier_version=verifier_version, save_dir=save_dir)
+    path = save_learner_replay(root, result)
+    typer.echo(f"learner replay of {run_id} as {new_run}: {result.groups_total} complete groups ({result.groups_incomplete} incomplete, "
+               f"{result.samples_without_reward} completions without reward, {result.stale_dropped} stale samples dropped), "
+               f"seed {result.seed}, {result.groups_per_step} groups/step, {result.wall_s:.1f}s")
+    for s in result.steps:
+        typer.echo(f"  step {s.step}: {s.groups} groups {s.samples} samples reward {s.reward_mean:.3f} loss {s.loss:.6f} weights sha256 {s.weights_sha256}")
+    typer.echo(f"final weights sha256 (tensors): {result.final_sha256}")
+    for version, checksum in sorted(result.original_checksums.items()):
+        mine = result.replay_file_checksums.get(version)
+        verdict = "" if mine is None else ("  SAME" if mine == checksum else f"  replay {mine[:16]}: DIFFERENT")
+        typer.echo(f"  original policy v{version} file sha256 {checksum[:16]}{verdict}")
+    typer.echo(f"report: {path}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the operations subcommands to `app`."""
     app.command("publish")(publish)
     app.command("archive")(archive)
+    app.command("replay")(replay)
