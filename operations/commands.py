@@ -190,8 +190,75 @@ def replay(
     typer.echo(f"report: {path}")
 
 
+def scale(
+    kind: Annotated[str, typer.Argument(help="engine | verifier | learner")],
+    count: Annotated[int, typer.Argument(help="how many should run (0 stops them all)")],
+    run_id: Annotated[Optional[str], typer.Option(help="learner: the run it learns from")] = None,
+    wait: Annotated[bool, typer.Option(help="wait until new workers have joined their group")] = True,
+    start_timeout: Annotated[float, typer.Option(help="seconds a new worker may take to serve")] = 240.0,
+    stop_timeout: Annotated[float, typer.Option(help="seconds a stopped worker may take to finish its in-flight work")] = 120.0,
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Start or stop local `primerl KIND` workers (own process groups, recorded in <state-dir>/workers.json)."""
+    from operations.scale import read_workers
+    from operations.scale import scale as do_scale
+
+    cfg = _cfg(config, state_dir)
+    if not cfg.bootstrap or not cfg.redis_url:
+        typer.echo("no broker/Redis configured: run `primerl infra up` or set KAFKA_BOOTSTRAP_SERVERS and REDIS_URL", err=True)
+        raise typer.Exit(1)
+    try:
+        result = do_scale(cfg, kind, count, run_id=run_id or "", wait=wait, start_timeout_s=start_timeout, stop_timeout_s=stop_timeout)
+    except (ValueError, RuntimeError, TimeoutError) as err:
+        typer.echo(f"scale {kind} {count}: {err}", err=True)
+        raise typer.Exit(1) from err
+    for w in result.started:
+        typer.echo(f"started {w.role} pid {w.pid} (metrics :{w.metrics_port}, log {w.log_file})")
+    for w, code in result.stopped:
+        typer.echo(f"stopped {w.role} pid {w.pid} (exit {code if code is not None else '?'})")
+    typer.echo(f"{kind}: {len(result.running)} running; all local workers:")
+    for w in read_workers(cfg.state_dir):
+        typer.echo(f"  {w.role:8s} pid {w.pid:<7d} metrics :{w.metrics_port:<5d} {w.run_id}")
+
+
+def status(
+    all_groups: Annotated[bool, typer.Option("--all", help="every consumer group, not only the workers' and the archiver's")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Consumer groups (members, partitions, lag), live workers, dead letters, cache hit rate, policy versions."""
+    from operations.scale import read_workers
+    from operations.status import collect_status, render, to_json
+    from plumbing.redis_client import connect_redis
+
+    cfg = _cfg(config, state_dir)
+    if not cfg.bootstrap or not cfg.redis_url:
+        typer.echo("no broker/Redis configured: run `primerl infra up` or set KAFKA_BOOTSTRAP_SERVERS and REDIS_URL", err=True)
+        raise typer.Exit(1)
+
+    async def main():
+        redis = connect_redis(cfg)
+        try:
+            return await collect_status(cfg, redis, all_groups)
+        finally:
+            await redis.aclose()
+
+    report = run(main())
+    if as_json:
+        typer.echo(to_json(report))
+        return
+    typer.echo(render(report), nl=False)
+    local = read_workers(cfg.state_dir)
+    if local:
+        typer.echo("local worker processes (primerl scale): " + ", ".join(f"{w.role} pid {w.pid}" for w in local))
+
+
 def register(app: typer.Typer) -> None:
     """Add the operations subcommands to `app`."""
     app.command("publish")(publish)
     app.command("archive")(archive)
     app.command("replay")(replay)
+    app.command("scale")(scale)
+    app.command("status")(status)
