@@ -79,14 +79,17 @@ async def test_engines_scaled_1_2_1_during_a_run_serve_every_request_once(engine
         verifier = VerifierWorker(cfg, fns, Signer.from_file(priv), pub, redis, CollectorRegistry())
         tasks = [asyncio.create_task(verifier.run()), asyncio.create_task(archiver.run())]
         try:
-            # The whole batch goes out at 0.5 req/s (~48 s) while the second engine starts and stops.
-            publishing = asyncio.create_task(publish_requests(cfg, prompts, rate=0.5, progress=False))
-            up = await asyncio.to_thread(scale, cfg, "engine", 1, start_timeout_s=300)
+            # One batch in three parts: before the second engine, while both serve, while it stops.
+            first, second, third = prompts[:8], prompts[8:16], prompts[16:]
+            await publish_requests(cfg, first, progress=False)
+            up = await asyncio.to_thread(scale, cfg, "engine", 1, start_timeout_s=300)  # returns once it was assigned partitions
             added = up.started[0]
-            await wait_until(lambda: len({c.worker_id for c in obs.finals()}) >= 2, 180, "finals from both engines")
-            down = await asyncio.to_thread(scale, cfg, "engine", 0, stop_timeout_s=180)
+            await publish_requests(cfg, second, rate=2.0, progress=False)
+            await wait_until(lambda: len({c.worker_id for c in obs.finals()}) >= 2, 300, "finals from both engines")
+            stopping = asyncio.create_task(asyncio.to_thread(scale, cfg, "engine", 0, stop_timeout_s=240))
+            await publish_requests(cfg, third, rate=2.0, progress=False)
+            down = await stopping
             assert [w.pid for w, _ in down.stopped] == [added.pid] and [code for _, code in down.stopped] == [0]
-            await publishing
             await obs.wait_finals(len(prompts) * 2, timeout_s=400)
             await rewards.wait_for(len(prompts) * 2, timeout_s=120)
             await asyncio.sleep(2)  # a duplicate would show up by now
