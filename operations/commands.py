@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from prometheus_client import CollectorRegistry
 
 from plumbing.config import Config, load_config
 from plumbing.runtime import run, setup_logging
@@ -24,6 +25,15 @@ def _cfg(config: Path | None, state_dir: Path | None = None, **overrides: object
     cfg = load_config(config, state_dir=state_dir, **overrides)
     setup_logging(cfg.log_level)
     return cfg
+
+
+def _metrics(cfg: Config) -> CollectorRegistry:
+    """A registry served on /metrics for this command's lifetime (every process serves one)."""
+    from plumbing.metrics import serve_metrics
+
+    registry = CollectorRegistry()
+    serve_metrics(cfg.metrics, registry)
+    return registry
 
 
 def publish(
@@ -78,7 +88,7 @@ def publish(
     if dry_run:
         typer.echo(f"dry run: {len(requests)} valid rows ({sum(r.group_size for r in requests)} samples), {len(errors)} bad; run {defaults.run_id}")
         raise typer.Exit(2 if errors else 0)
-    report = run(publish_requests(cfg, requests, rate=rate, progress=progress and sys.stderr.isatty()))
+    report = run(publish_requests(cfg, requests, rate=rate, progress=progress and sys.stderr.isatty(), registry=_metrics(cfg)))
     typer.echo(
         f"published {report.requests} requests ({report.samples} samples) of run {report.run_id} to {report.topic} "
         f"in {report.seconds:.2f}s ({report.rate:.0f} req/s); {len(errors)} bad rows skipped"
@@ -142,7 +152,7 @@ def replay(
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from err
     if stage == "prompts":
-        report = run(replay_prompts(cfg, log_, new_run, rate=rate, progress=sys.stderr.isatty()))
+        report = run(replay_prompts(cfg, log_, new_run, rate=rate, progress=sys.stderr.isatty(), registry=_metrics(cfg)))
         typer.echo(f"replayed {report.requests} prompt requests ({report.samples} samples) of {run_id} as run {new_run} "
                    f"in {report.seconds:.2f}s; ids derived from ({new_run}, original id)")
         return
@@ -175,7 +185,8 @@ def replay(
         scores = {r["completion_id"]: (r["replay_scalar"], RewardStatus(r["replay_status"]))
                   for r in pq.read_table(path).to_pylist() if r["replay_scalar"] is not None}
     save_dir = (root / run_dir_name(new_run) / "policies") if save_policies else None
-    result = replay_learner(cfg, log_, new_run, rewards=scores, verifier_version=verifier_version, save_dir=save_dir)
+    result = replay_learner(cfg, log_, new_run, rewards=scores, verifier_version=verifier_version, save_dir=save_dir,
+                            registry=_metrics(cfg), progress=sys.stderr.isatty())
     path = save_learner_replay(root, result)
     typer.echo(f"learner replay of {run_id} as {new_run}: {result.groups_total} complete groups ({result.groups_incomplete} incomplete, "
                f"{result.samples_without_reward} completions without reward, {result.stale_dropped} stale samples dropped), "

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
+from collections import Counter as TallyCounter
 
 import msgspec
+from prometheus_client import CollectorRegistry, Counter
 from tqdm import tqdm
 
 from plumbing.config import Config
@@ -37,11 +38,13 @@ class PublishReport(msgspec.Struct, kw_only=True):
 
 
 async def publish_requests(
-    cfg: Config, requests: list[PromptRequest], *, rate: float = 0.0, progress: bool = True, topic: str = PROMPTS.name
+    cfg: Config, requests: list[PromptRequest], *, rate: float = 0.0, progress: bool = True, topic: str = PROMPTS.name,
+    registry: CollectorRegistry | None = None,
 ) -> PublishReport:
     """Publish `requests` keyed by their routing key, at most `rate` per second (0: no limit);
-    returns once every one is acknowledged."""
-    partitions: Counter[int] = Counter()
+    returns once every one is acknowledged. `registry` gets a counter of acknowledged requests."""
+    acked = Counter("primerl_publish_requests", "Prompt requests acknowledged by the broker", registry=registry) if registry else None
+    partitions: TallyCounter[int] = TallyCounter()
     bar = tqdm(total=len(requests), unit="req", desc="publish", disable=not progress)
     t0 = time.monotonic()
     async with Publisher(cfg) as pub:
@@ -51,6 +54,8 @@ async def publish_requests(
             for meta in await asyncio.gather(*pending):
                 partitions[meta.partition] += 1
             bar.update(len(pending))
+            if acked is not None:
+                acked.inc(len(pending))
             pending.clear()
 
         for i, req in enumerate(requests):
@@ -72,7 +77,7 @@ async def publish_requests(
         requests=len(requests),
         samples=sum(r.group_size for r in requests),
         seconds=time.monotonic() - t0,
-        per_task=dict(Counter(r.task for r in requests)),
+        per_task=dict(TallyCounter(r.task for r in requests)),
         partitions=dict(sorted(partitions.items())),
         first_ids=[r.id for r in requests[:3]],
     )

@@ -28,6 +28,8 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 import pyarrow.parquet as pq
+from prometheus_client import CollectorRegistry, Gauge
+from tqdm import tqdm
 
 from operations.publish import PublishReport, publish_requests
 from operations.run_log import read_messages, run_dir_name, write_json_atomically
@@ -97,12 +99,13 @@ def replayed_prompts(log_: RunLog, new_run: str) -> list[PromptRequest]:
     return out
 
 
-async def replay_prompts(cfg: Config, log_: RunLog, new_run: str, *, rate: float = 0.0, progress: bool = True) -> PublishReport:
+async def replay_prompts(cfg: Config, log_: RunLog, new_run: str, *, rate: float = 0.0, progress: bool = True,
+                         registry: CollectorRegistry | None = None) -> PublishReport:
     """Publish the run's prompts again under `new_run`."""
     reqs = replayed_prompts(log_, new_run)
     if not reqs:
         raise ValueError(f"run {log_.run_id} has no archived prompt requests")
-    return await publish_requests(cfg, reqs, rate=rate, progress=progress)
+    return await publish_requests(cfg, reqs, rate=rate, progress=progress, registry=registry)
 
 
 # ---- verifier --------------------------------------------------------------------------------
@@ -293,7 +296,8 @@ def training_groups(log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]]
 
 
 def replay_learner(cfg: Config, log_: RunLog, new_run: str, *, rewards: dict[str, tuple[float, RewardStatus]] | None = None,
-                   verifier_version: str | None = None, save_dir: Path | None = None) -> LearnerReplay:
+                   verifier_version: str | None = None, save_dir: Path | None = None,
+                   registry: CollectorRegistry | None = None, progress: bool = False) -> LearnerReplay:
     """Train a fresh policy on the run's recorded samples (see the module doc); `cfg.learner`
     gives seed, algorithm and step size, `cfg.engine.model` the starting weights."""
     import torch
@@ -306,13 +310,16 @@ def replay_learner(cfg: Config, log_: RunLog, new_run: str, *, rewards: dict[str
     groups, incomplete, without = training_groups(log_, rewards, verifier_version)
     trainer = build_trainer(cfg)  # seeds torch with cfg.learner.seed
     initial = tensors_sha256(trainer.model.lm)
+    m_steps = Gauge("primerl_replay_learner_steps", "Replayed update steps done", registry=registry) if registry else None
     lc = cfg.learner
     version = 0
     stale = 0
     steps: list[StepRecord] = []
     file_checksums: dict[int, str] = {}
+    bar = tqdm(total=len(groups), unit="group", desc="replay learner", disable=not progress)
     for i in range(0, len(groups), lc.groups_per_step):
         batch = groups[i : i + lc.groups_per_step]
+        bar.update(len(batch))
         fresh = [g for g in batch if all(version - s.policy_version <= lc.max_policy_lag for s in g)]
         stale += sum(len(g) for g in batch) - sum(len(g) for g in fresh)
         stats = trainer.step(len(steps), version + 1, fresh, version)
@@ -321,10 +328,13 @@ def replay_learner(cfg: Config, log_: RunLog, new_run: str, *, rewards: dict[str
         version += 1
         steps.append(StepRecord(step=len(steps), groups=len(fresh), samples=stats.samples, reward_mean=stats.reward_mean,
                                 loss=stats.loss, weights_sha256=tensors_sha256(trainer.model.lm)))
+        if m_steps is not None:
+            m_steps.set(len(steps))
         if save_dir is not None:
             file_checksums[version] = trainer.model.save_policy(save_dir / f"v{version}")
         log.info("replay step %d: %d groups, %d samples, loss %.5f, weights %s", steps[-1].step, len(fresh), stats.samples,
                  stats.loss, steps[-1].weights_sha256[:16])
+    bar.close()
     updates = log_.policy_updates()
     return LearnerReplay(
         source_run=log_.run_id, new_run=new_run, seed=lc.seed, groups_per_step=lc.groups_per_step,
