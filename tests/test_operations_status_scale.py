@@ -124,3 +124,26 @@ async def test_scaling_verifiers_during_a_run_loses_and_duplicates_nothing(cfg: 
         by_completion[r.completion_id] = by_completion.get(r.completion_id, 0) + 1
     assert sorted(by_completion) == sorted(c.id for c in completions)
     assert set(by_completion.values()) == {1}, {k: v for k, v in by_completion.items() if v > 1}
+
+
+def test_member_assignments_are_decoded_when_the_broker_sends_them() -> None:
+    """Apache Kafka sends each member's assignment (Tansu sends none): it becomes topic:partition."""
+    from aiokafka.protocol.group import MemberAssignment
+
+    from operations.status import _members
+
+    raw = MemberAssignment(0, [("rollout.prompts", [3, 1])], b"").encode()
+    members = _members([("m-1", "engine-ab", "/10.0.0.2", b"", raw), ("m-2", "c", "h", b"", b""), ("m-3", "c", "h", b"", b"\x00junk")])
+    assert [m.partitions for m in members] == [["rollout.prompts:1", "rollout.prompts:3"], [], []]
+    assert members[0].client_id == "engine-ab" and members[0].host == "/10.0.0.2"
+
+
+def test_scale_refuses_what_it_cannot_do(cfg: Config, tmp_path: Path) -> None:
+    cfg.state_dir = tmp_path
+    with pytest.raises(ValueError, match="unknown kind"):
+        scale(cfg, "router", 1)
+    with pytest.raises(ValueError, match="run id"):
+        scale(cfg, "learner", 1)
+    with pytest.raises(ValueError, match="one learner per run"):
+        scale(cfg, "learner", 2, run_id="r")
+    assert read_workers(tmp_path) == []
