@@ -50,23 +50,28 @@ async def publish_requests(
     async with Publisher(cfg) as pub:
         pending: list[asyncio.Future] = []
 
+        def acked_one(fut: asyncio.Future) -> None:
+            # Progress and tallies as acks arrive, so a slow rate still shows movement.
+            if not fut.cancelled() and fut.exception() is None:
+                partitions[fut.result().partition] += 1
+                bar.update(1)
+                if acked is not None:
+                    acked.inc()
+
         async def drain() -> None:
-            for meta in await asyncio.gather(*pending):
-                partitions[meta.partition] += 1
-            bar.update(len(pending))
-            if acked is not None:
-                acked.inc(len(pending))
+            await asyncio.gather(*pending)  # raises the first failed send
             pending.clear()
 
         for i, req in enumerate(requests):
             if rate > 0:
                 # A schedule, not a sleep per message: the long-run rate is exact even when
-                # single sends are slow.
+                # single sends or sleeps overrun.
                 delay = t0 + i / rate - time.monotonic()
                 if delay > 0:
-                    await drain()
                     await asyncio.sleep(delay)
-            pending.append(await pub.send(topic, req, req.routing_key()))
+            fut = await pub.send(topic, req, req.routing_key())
+            fut.add_done_callback(acked_one)
+            pending.append(fut)
             if len(pending) >= _ACK_WINDOW:
                 await drain()
         await drain()
