@@ -10,7 +10,7 @@
   would need new ids to be scored again, and the comparison would wait on a round
   trip; scoring directly is the same code, deterministic, and gives the diff at once.
 - learner: the recorded completions joined with their recorded (or re-scored) rewards
-  are trained on with the learner's Trainer, in the order the rewards were archived,
+  are trained on with the learner's Trainer, in the order the broker appended the rewards,
   `groups_per_step` groups a step, the staleness rule of the learner, a fixed seed
   and one torch thread; the weights' sha256 after every step is reported, so the
   same seed and data can be shown to give the same weights byte for byte.
@@ -46,7 +46,7 @@ def derived_id(new_run: str, old_id: str) -> str:
 
 
 class RunLog:
-    """The decoded records of one archived run (first occurrence of each id, in archive order)."""
+    """The decoded records of one archived run (first occurrence of each id, in broker append order)."""
 
     def __init__(self, root: Path, run_id: str) -> None:
         self.run_id = run_id
@@ -254,7 +254,7 @@ def tensors_sha256(model: Any) -> str:
 
 def training_groups(log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]] | None = None,
                     verifier_version: str | None = None) -> tuple[list[list[Any]], int, int]:
-    """(complete groups in the order their last reward was archived, incomplete groups, completions without reward).
+    """(complete groups in the order their last reward was appended, incomplete groups, completions without reward).
 
     `rewards` replaces the recorded ones (completion id -> (scalar, status)), e.g. with a
     verifier replay's scores.
@@ -263,7 +263,7 @@ def training_groups(log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]]
 
     completions = {c.id: c for c in log_.completions()}
     recorded = log_.rewards()
-    order: list[str] = []  # completion ids in reward-archive order
+    order: list[str] = []  # completion ids in reward append order
     scores: dict[str, tuple[float, RewardStatus]] = {}
     for r in recorded:
         if verifier_version and r.verifier_version != verifier_version:

@@ -169,15 +169,19 @@ def read_topic(run_path: Path, topic: str, columns: list[str] | None = None) -> 
 
 
 def read_messages(run_path: Path, topic: str) -> Iterator[tuple[dict[str, Any], Message]]:
-    """(row position fields, decoded message) of every decodable archived record of a topic,
-    in (partition, offset) order; decoded from the archived raw bytes."""
-    table = read_topic(run_path, topic, ["partition", "offset", "headers", "value", "error"])
+    """(position fields, decoded message) of every decodable archived record of a topic,
+    decoded from the archived raw bytes, in the order the broker appended them across
+    partitions (record timestamp, then partition and offset): the order a consumer of
+    the whole topic saw them, as near as the log can tell."""
+    table = read_topic(run_path, topic, ["partition", "offset", "timestamp_ms", "headers", "value", "error"])
     msg_type = TOPICS[topic].message_type
-    for row in table.to_pylist():
+    rows = sorted(table.to_pylist(), key=lambda r: (r["timestamp_ms"] or 0, r["partition"], r["offset"]))
+    for row in rows:
         if row["error"] is not None:
             continue
         headers = [(h["name"], h["value"]) for h in row["headers"] or ()]
-        yield {"partition": row["partition"], "offset": row["offset"]}, decode(row["value"], msg_type, headers)
+        position = {"partition": row["partition"], "offset": row["offset"], "timestamp_ms": row["timestamp_ms"]}
+        yield position, decode(row["value"], msg_type, headers)
 
 
 def file_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
