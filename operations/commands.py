@@ -127,6 +127,7 @@ def replay(
     groups_per_step: Annotated[Optional[int], typer.Option(help="learner: groups per update (default: the learner config's)")] = None,
     model: Annotated[Optional[str], typer.Option(help="learner: starting weights (default: the engine config's model)")] = None,
     save_policies: Annotated[bool, typer.Option(help="learner: write each step's safetensors folder and its file checksum")] = False,
+    threads: Annotated[int, typer.Option(help="learner: torch threads (1: the same bytes on any machine)")] = 1,
     config: ConfigOpt = None,
     state_dir: StateOpt = None,
 ) -> None:
@@ -186,11 +187,11 @@ def replay(
                   for r in pq.read_table(path).to_pylist() if r["replay_scalar"] is not None}
     save_dir = (root / run_dir_name(new_run) / "policies") if save_policies else None
     result = replay_learner(cfg, log_, new_run, rewards=scores, verifier_version=verifier_version, save_dir=save_dir,
-                            registry=_metrics(cfg), progress=sys.stderr.isatty())
+                            registry=_metrics(cfg), progress=sys.stderr.isatty(), threads=threads)
     path = save_learner_replay(root, result)
     typer.echo(f"learner replay of {run_id} as {new_run}: {result.groups_total} complete groups ({result.groups_incomplete} incomplete, "
                f"{result.samples_without_reward} completions without reward, {result.stale_dropped} stale samples dropped), "
-               f"seed {result.seed}, {result.groups_per_step} groups/step, {result.wall_s:.1f}s")
+               f"seed {result.seed}, {result.threads} torch thread(s), {result.groups_per_step} groups/step, {result.wall_s:.1f}s")
     for s in result.steps:
         typer.echo(f"  step {s.step}: {s.groups} groups {s.samples} samples reward {s.reward_mean:.3f} loss {s.loss:.6f} weights sha256 {s.weights_sha256}")
     typer.echo(f"final weights sha256 (tensors): {result.final_sha256}")

@@ -229,6 +229,7 @@ class LearnerReplay(msgspec.Struct, kw_only=True):
     source_run: str
     new_run: str
     seed: int
+    threads: int
     groups_per_step: int
     groups_total: int
     groups_incomplete: int
@@ -297,7 +298,7 @@ def training_groups(log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]]
 
 def replay_learner(cfg: Config, log_: RunLog, new_run: str, *, rewards: dict[str, tuple[float, RewardStatus]] | None = None,
                    verifier_version: str | None = None, save_dir: Path | None = None,
-                   registry: CollectorRegistry | None = None, progress: bool = False) -> LearnerReplay:
+                   registry: CollectorRegistry | None = None, progress: bool = False, threads: int = 1) -> LearnerReplay:
     """Train a fresh policy on the run's recorded samples (see the module doc); `cfg.learner`
     gives seed, algorithm and step size, `cfg.engine.model` the starting weights."""
     import torch
@@ -305,7 +306,9 @@ def replay_learner(cfg: Config, log_: RunLog, new_run: str, *, rewards: dict[str
     from learners.service import build_trainer
 
     t0 = time.perf_counter()
-    torch.set_num_threads(1)  # one thread: reductions in a fixed order, the same bytes every time
+    # One thread by default: reductions in a fixed order, the same bytes on any machine. The
+    # live learner uses torch's default (all cores), so matching its bytes needs its count.
+    torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     groups, incomplete, without = training_groups(log_, rewards, verifier_version)
     trainer = build_trainer(cfg)  # seeds torch with cfg.learner.seed
@@ -337,7 +340,7 @@ def replay_learner(cfg: Config, log_: RunLog, new_run: str, *, rewards: dict[str
     bar.close()
     updates = log_.policy_updates()
     return LearnerReplay(
-        source_run=log_.run_id, new_run=new_run, seed=lc.seed, groups_per_step=lc.groups_per_step,
+        source_run=log_.run_id, new_run=new_run, seed=lc.seed, threads=threads, groups_per_step=lc.groups_per_step,
         groups_total=len(groups), groups_incomplete=incomplete, samples_without_reward=without, stale_dropped=stale,
         steps=steps, initial_sha256=initial, final_sha256=tensors_sha256(trainer.model.lm),
         original_policy_versions=sorted(u.version for u in updates),
