@@ -109,3 +109,41 @@ def test_cli_reports_bad_lines_and_publishes_the_rest(cfg: Config, tmp_path: Pat
     assert len(seen) == 3
     strict = subprocess.run([*cmd, "--strict"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert strict.returncode == 1 and f"{path}:2:" in strict.stderr and "nothing published" in strict.stderr
+
+
+async def test_a_json_completion_from_an_outside_client_is_scored(cfg: Config, tmp_path: Path) -> None:
+    """The verifier takes JSON (kcat with a content-type header, no `kind` tag) like msgpack."""
+    import asyncio
+
+    import msgspec
+    from prometheus_client import CollectorRegistry
+
+    from plumbing.kafka import Publisher
+    from plumbing.redis_client import connect_redis
+    from primerl.rewards_reader import RewardsReader
+    from schemas import CONTENT_TYPE_HEADER, JSON
+    from schemas.topics import COMPLETIONS
+    from tests.reward_helpers import make_completion
+    from verifier_workers.rewards import build_registry, close_registry
+    from verifier_workers.signing import Signer, generate_keypair
+    from verifier_workers.worker import VerifierWorker
+
+    run_id = f"json-{uuid.uuid4().hex[:8]}"
+    c = msgspec.structs.replace(make_completion("<answer>4</answer>", reference="4"), run_id=run_id, id=f"{run_id}/0")
+    body = msgspec.to_builtins(c)
+    body.pop("kind")
+    priv, _ = generate_keypair(tmp_path / "keys", "json-key")
+    fns = build_registry()
+    redis = connect_redis(cfg)
+    async with Publisher(cfg) as pub, RewardsReader(cfg, run_id) as reader:
+        worker = VerifierWorker(cfg, fns, Signer.from_file(priv), pub, redis, CollectorRegistry())
+        task = asyncio.create_task(worker.run())
+        try:
+            await pub.publish_raw(COMPLETIONS.name, json.dumps(body).encode(), key=b"g", headers=[(CONTENT_TYPE_HEADER, JSON.encode())])
+            rewards = await reader.wait_for(1, timeout_s=60)
+        finally:
+            worker.stop()
+            await task
+    await close_registry(fns)
+    await redis.aclose()
+    assert rewards[0].completion_id == c.id and rewards[0].scalar == 1.0
