@@ -116,8 +116,13 @@ def _members(raw: list[Any]) -> list[Member]:
     return out
 
 
-async def consumer_groups(cfg: Config, include_all: bool = False) -> list[GroupStatus]:
-    """Every group this system runs (all groups with `include_all`), described with lag."""
+async def consumer_groups(cfg: Config, include_all: bool = False, candidates: list[str] | None = None) -> list[GroupStatus]:
+    """Every group this system runs (all groups with `include_all`), described with lag.
+
+    `candidates` are groups to look for even when the broker does not list them: Tansu
+    lists only groups that have committed an offset, and a learner never commits (it
+    keeps its offsets in its checkpoint). They are shown when they have members.
+    """
     admin = AIOKafkaAdminClient(**common_kwargs(cfg))
     await admin.start()
     consumer = AIOKafkaConsumer(**common_kwargs(cfg), enable_auto_commit=False)
@@ -125,11 +130,13 @@ async def consumer_groups(cfg: Config, include_all: bool = False) -> list[GroupS
     try:
         listed = sorted(g[0] for g in await admin.list_consumer_groups())
         wanted = [g for g in listed if include_all or group_topics(g, cfg) is not None]
+        extra = [g for g in dict.fromkeys(candidates or []) if g not in listed]
         described: dict[str, tuple[str, list[Member]]] = {}
-        for g in wanted:
+        for g in wanted + extra:
             for resp in await admin.describe_consumer_groups([g]):
                 for _err, gid, state, _ptype, _proto, members in resp.groups:
                     described[gid] = (state, _members(members))
+        wanted += [g for g in extra if described.get(g, ("", []))[1]]
         all_tps = [TopicPartition(t.name, p) for t in TOPICS.values() for p in range(t.partitions)]
         ends = await consumer.end_offsets(all_tps)
         out = []
@@ -146,8 +153,10 @@ async def consumer_groups(cfg: Config, include_all: bool = False) -> list[GroupS
                     continue  # an outside group: only the topics it committed on
                 lag[tp.topic] = lag.get(tp.topic, 0) + max(0, ends.get(tp, 0) - max(offset, 0))
                 sums[tp.topic] = sums.get(tp.topic, 0) + max(offset, 0)
+            if g.startswith("learner-"):
+                lag = {}  # a learner keeps its offsets in its checkpoint, not in the group: no lag to compute
             state, members = described.get(g, ("Unknown", []))
-            out.append(GroupStatus(group_id=g, state=state, members=members, topics=sorted(lag), lag=lag, committed=sums))
+            out.append(GroupStatus(group_id=g, state=state, members=members, topics=sorted(sums), lag=lag, committed=sums))
         return out
     finally:
         await consumer.stop()
@@ -203,16 +212,22 @@ async def policy_versions(redis: Redis) -> dict[str, int]:
 
 async def collect_status(cfg: Config, redis: Redis, include_all: bool = False) -> StatusReport:
     """The whole status report."""
+    versions = await policy_versions(redis)
+    candidates = ["engine", "verifier", "archiver", *(f"learner-{run}" for run in versions)]
     (groups, dlq), (workers, bad) = await asyncio.gather(
-        asyncio.gather(consumer_groups(cfg, include_all), dead_letter_count(cfg)), registry_workers(redis)
+        asyncio.gather(consumer_groups(cfg, include_all, candidates), dead_letter_count(cfg)), registry_workers(redis)
     )
     notes = []
     if any(m.partitions == [] for g in groups for m in g.members):
         notes.append("the broker did not report member assignments (Tansu does not): partitions below come from the worker registry")
     notes.append("lag and the dead-letter count come from end offsets, which the local Tansu broker reports approximately "
                  "for multi-record batches; exact on Apache Kafka")
+    notes.append("Tansu may go on describing members of consumers that have exited (it was seen keeping a finished learner's "
+                 "member as Stable): the registry's heartbeats say which workers are alive")
+    if any(g.group_id.startswith("learner-") for g in groups):
+        notes.append("learner groups show no lag: a learner keeps its offsets in its checkpoint, not in the group")
     return StatusReport(groups=groups, workers=workers, bad_registry_entries=bad, dead_letters=dlq,
-                        cache_hit_rate=cache_hit_rate(workers), policy_versions=await policy_versions(redis),
+                        cache_hit_rate=cache_hit_rate(workers), policy_versions=versions,
                         notes=notes, taken_at=time.time())
 
 
@@ -230,7 +245,8 @@ def render(report: StatusReport) -> str:
         groups.add_column(col)
     for g in report.groups:
         parts = ", ".join(p for m in g.members for p in m.partitions) or "-"
-        groups.add_row(g.group_id, g.state, str(len(g.members)), parts[:60], ", ".join(g.topics), str(g.total_lag))
+        lag = "n/a" if g.group_id.startswith("learner-") else str(g.total_lag)
+        groups.add_row(g.group_id, g.state, str(len(g.members)), parts[:60], ", ".join(g.topics) or "-", lag)
     console.print(groups)
     workers = Table(title="live workers (Redis registry)")
     for col in ("role", "worker", "host", "pid", "partitions", "policy", "heartbeat age", "prompt tok", "cached tok", "load tok"):

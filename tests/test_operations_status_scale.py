@@ -83,7 +83,7 @@ async def _wait_members(cfg: Config, group: str, count: int, timeout_s: float = 
     deadline = time.monotonic() + timeout_s
     seen = -1
     while time.monotonic() < deadline:
-        groups = {g.group_id: g for g in await consumer_groups(cfg)}
+        groups = {g.group_id: g for g in await consumer_groups(cfg, candidates=[group])}
         seen = len(groups[group].members) if group in groups else 0
         if seen == count:
             return
@@ -147,3 +147,33 @@ def test_scale_refuses_what_it_cannot_do(cfg: Config, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="one learner per run"):
         scale(cfg, "learner", 2, run_id="r")
     assert read_workers(tmp_path) == []
+
+
+async def test_a_learner_is_scaled_up_and_down_for_its_run(cfg: Config, tmp_path: Path) -> None:
+    """`scale learner 1 --run-id R` starts the run's learner (group learner-R); 0 stops it cleanly."""
+    from verifier_workers.signing import generate_keypair
+
+    cfg.state_dir = tmp_path / "state"
+    generate_keypair(cfg.keys_dir, "learner-test-key")  # the learner refuses to start without a keyring
+    run_id = f"ls-{uuid.uuid4().hex[:6]}"
+    try:
+        up = await asyncio.to_thread(scale, cfg, "learner", 1, run_id=run_id, start_timeout_s=180)
+        assert len(up.started) == 1 and up.started[0].run_id == run_id
+        await _wait_members(cfg, f"learner-{run_id}", 1, timeout_s=60)
+        redis = connect_redis(cfg)
+        try:  # status finds the learner's group through the policy key it writes, though Tansu does not list it
+            for _ in range(100):
+                if await redis.get(f"primerl:policy:{run_id}:version") is not None:
+                    break
+                await asyncio.sleep(0.2)
+            report = await collect_status(cfg, redis)
+        finally:
+            await redis.aclose()
+        assert report.policy_versions[run_id] == 0
+        assert [len(g.members) for g in report.groups if g.group_id == f"learner-{run_id}"] == [1]
+        again = await asyncio.to_thread(scale, cfg, "learner", 1, run_id=run_id)
+        assert again.started == [] and again.stopped == []  # already there
+    finally:
+        down = await asyncio.to_thread(scale, cfg, "learner", 0, run_id=run_id)
+    assert [code for _, code in down.stopped] == [0] and read_workers(cfg.state_dir) == []
+    assert (cfg.state_dir / "learner" / run_id / "learner.ckpt").exists()  # it checkpointed on SIGTERM
