@@ -115,6 +115,16 @@ class LearnerConfig(BaseModel):
     seed: int = 0
 
 
+class ArchiveConfig(BaseModel):
+    """The run-log archiver (`primerl archive`) and replays (`primerl replay`)."""
+
+    root: Path = Path("artifacts/runs")
+    # Chunks are left out by default: they repeat the finals' tokens piece by piece.
+    topics: list[str] = ["rollout.prompts", "rollout.completions", "rollout.rewards", "rollout.policy", "rollout.dlq"]
+    flush_records: int = 500
+    flush_interval_s: float = 2.0
+
+
 class Config(BaseSettings):
     """Everything a process needs to know; one instance per process, passed down."""
 
@@ -133,6 +143,7 @@ class Config(BaseSettings):
     verifier: VerifierConfig = VerifierConfig()
     learner: LearnerConfig = LearnerConfig()
     log_level: str = "INFO"
+    archive: ArchiveConfig = ArchiveConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from plumbing.config import Config, load_config
+from operations.commands import register as register_operations
 from plumbing.runtime import run, setup_logging
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="PrimeRL-ServeKit++: event-driven RL rollouts on Kafka, Redis and vLLM.")
@@ -202,6 +203,10 @@ def keys_generate(
     cfg = _cfg(config, state_dir)
     priv, pub = generate_keypair(out_dir or cfg.keys_dir, key_id)
     typer.echo(f"private key: {priv} (0600)\npublic key:  {pub} (add it to the learners' keyring folder)")
+
+
+# publish, archive, replay, scale, status: the operations folder's commands.
+register_operations(app)
 
 
 def main() -> None:

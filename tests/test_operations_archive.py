@@ -1,0 +1,113 @@
+"""The archiver on the real broker: run logs per run and topic, idempotent restarts, garbage kept raw."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from prometheus_client import CollectorRegistry, generate_latest
+
+from operations.archiver import Archiver
+from operations.run_log import UNDECODABLE, read_messages, read_topic, run_files
+from plumbing.config import Config
+from plumbing.kafka import Publisher
+from producers.arithmetic import arithmetic_requests
+from schemas import CONTENT_TYPE_HEADER, JSON, PolicyUpdate, PromptRequest
+from schemas.topics import POLICY, PROMPTS
+from tests.kafka_helpers import wait_until
+
+
+def _manifest(root: Path, run_id: str) -> dict:
+    path = root / run_id / "manifest.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+async def _archive_until(cfg: Config, root: Path, group: str, done, what: str, timeout_s: float = 60) -> Archiver:
+    """Run an archiver until `done(archiver)` holds after a flush; stop it (flush + commit) and return it."""
+    registry = CollectorRegistry()
+    archiver = Archiver(cfg, registry, group_id=group, root=root)
+    task = asyncio.create_task(archiver.run())
+    try:
+        await wait_until(lambda: archiver.flushes > 0 and done(archiver), timeout_s, what)
+    finally:
+        archiver.stop()
+        await task
+    archiver.metrics_text = generate_latest(registry).decode()  # type: ignore[attr-defined]
+    return archiver
+
+
+async def test_archives_a_run_per_topic_and_restarts_write_nothing_twice(cfg: Config, tmp_path: Path) -> None:
+    cfg.archive.flush_interval_s = 0.5
+    root = tmp_path / "runs"
+    run_id = f"arch-{uuid.uuid4().hex[:8]}"
+    reqs = arithmetic_requests(run_id, 12, 2)
+    async with Publisher(cfg) as pub:
+        await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in reqs[:8]])
+        await pub.publish(POLICY.name, PolicyUpdate(run_id=run_id, version=3, weights_path="/nowhere", checksum="abc"))
+    group = f"archiver-test-{uuid.uuid4().hex[:6]}"
+    first = await _archive_until(cfg, root, group, lambda _: _manifest(root, run_id).get("messages_per_topic", {}).get(PROMPTS.name) == 8,
+                                 "8 prompts archived")
+    assert "primerl_archiver_records_total" in first.metrics_text  # type: ignore[attr-defined]
+    files_before = {p: p.stat().st_mtime_ns for p in (root / run_id).rglob("*.parquet")}
+    # More records, then the same group again: only the new ones are written.
+    async with Publisher(cfg) as pub:
+        await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in reqs[8:]])
+    await _archive_until(cfg, root, group, lambda _: _manifest(root, run_id).get("messages_per_topic", {}).get(PROMPTS.name) == 12,
+                         "12 prompts archived")
+    # A group with no commits at all (as if every commit had been lost) re-reads everything: all skipped.
+    # 13 of this run's records (12 prompts, 1 policy update) at least are read again and skipped.
+    await _archive_until(cfg, root, f"{group}-lost-commits", lambda a: a.metrics.skipped._value.get() >= 13, "13 skips")
+    for path, mtime in files_before.items():
+        assert path.stat().st_mtime_ns == mtime, f"{path} rewritten"
+    table = read_topic(root / run_id, PROMPTS.name)
+    assert table.num_rows == 12 and len(set(table.column("id").to_pylist())) == 12
+    decoded = [m for _, m in read_messages(root / run_id, PROMPTS.name)]
+    assert sorted(m.id for m in decoded) == sorted(r.id for r in reqs)
+    assert all(isinstance(m, PromptRequest) for m in decoded)
+    manifest = _manifest(root, run_id)
+    assert manifest["messages_per_topic"] == {PROMPTS.name: 12, POLICY.name: 1}
+    assert manifest["policy_versions"] == [3] and manifest["tasks"] == ["math_format"]
+    assert manifest["config"]["archive"]["root"] and manifest["model"]
+    # Positions are kept: (partition, offset) unique, the key is the routing key.
+    rows = table.select(["partition", "offset", "key", "group_id"]).to_pylist()
+    assert len({(r["partition"], r["offset"]) for r in rows}) == 12
+    assert all(r["key"] == r["group_id"].encode() for r in rows)
+
+
+async def test_garbage_is_archived_raw_with_the_error_and_the_archiver_goes_on(cfg: Config, tmp_path: Path) -> None:
+    cfg.archive.flush_interval_s = 0.5
+    root = tmp_path / "runs"
+    run_id = f"garb-{uuid.uuid4().hex[:8]}"
+    marker = run_id.encode()
+    good = arithmetic_requests(run_id, 1, 1)[0]
+    garbage = [
+        b"\xde\xad\xbe\xef " + marker,
+        b'{"run_id": "' + marker + b'", "text": 3}',  # JSON of the wrong shape
+        b'{"run_id": "' + marker + b'", "text": "hi", "schema_version": 99}',  # from the future
+        b"",
+    ]
+    async with Publisher(cfg) as pub:
+        for g in garbage:
+            await pub.publish_raw(PROMPTS.name, g, key=marker, headers=[(CONTENT_TYPE_HEADER, JSON.encode())] if g[:1] == b"{" else None)
+        await pub.publish_raw(PROMPTS.name, b"\x00", key=marker, headers=[(CONTENT_TYPE_HEADER, b"text/plain")])
+        await pub.publish(PROMPTS.name, good, key=good.routing_key())
+
+    def garbage_archived() -> bool:
+        files = run_files(root / UNDECODABLE, PROMPTS.name)
+        if not files or not (root / run_id).exists():
+            return False
+        keys = [k for f in files for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()]
+        return keys.count(marker) == len(garbage) + 1
+
+    await _archive_until(cfg, root, f"archiver-garbage-{uuid.uuid4().hex[:6]}", lambda _: garbage_archived(), "garbage + the good record")
+    rows = [r for r in read_topic(root / UNDECODABLE, PROMPTS.name).to_pylist() if r["key"] == marker]
+    assert sorted(r["value"] for r in rows) == sorted([*garbage, b"\x00"])
+    assert all(r["error"] and r["run_id"] is None for r in rows)
+    errors = " | ".join(r["error"] for r in rows)
+    assert "schema_version" in errors and "unsupported content type" in errors
+    # The good record after the garbage was archived under its run.
+    assert [m.id for _, m in read_messages(root / run_id, PROMPTS.name)] == [good.id]
+    assert _manifest(root, UNDECODABLE)["undecodable"] >= len(garbage) + 1
