@@ -28,7 +28,7 @@ from redis.asyncio import Redis
 
 from plumbing.config import Config
 from plumbing.kafka import common_kwargs
-from schemas.topics import COMPLETIONS, DLQ, PROMPTS, REWARDS, TOPICS
+from schemas.topics import COMPLETIONS, DLQ, PROMPTS, REWARDS, ROUTED, TOPICS
 
 REGISTRY_PREFIX = "primerl:registry:"
 POLICY_PATTERN = "primerl:policy:*:version"
@@ -88,10 +88,13 @@ class StatusReport(msgspec.Struct, kw_only=True):
 
 
 # What each known group consumes (the workers' code: engine_workers/worker.py ENGINE_GROUP,
+# engine_workers/routing/router.py ROUTER_GROUP,
 # verifier_workers/worker.py VERIFIER_GROUP, learners/worker.py `learner-<run_id>`, the archiver).
 def group_topics(group_id: str, cfg: Config) -> list[str] | None:
     """The topics a known group consumes; None for a group this code does not run."""
     if group_id == "engine":
+        return [ROUTED.name]
+    if group_id == "router":
         return [PROMPTS.name]
     if group_id == "verifier":
         return [COMPLETIONS.name]

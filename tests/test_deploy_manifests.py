@@ -29,7 +29,7 @@ def _engine_group() -> str:
 
 # Which topic each scaled group consumes, as the workers subscribe (engine_workers/worker.py,
 # verifier_workers/worker.py).
-GROUP_TOPIC = {_engine_group(): "rollout.prompts", VERIFIER_GROUP: "rollout.completions"}
+GROUP_TOPIC = {_engine_group(): "rollout.routed", VERIFIER_GROUP: "rollout.completions"}
 
 
 def _docs() -> list[tuple[Path, dict]]:
