@@ -71,7 +71,7 @@ class Worker(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
     heartbeat_at: float = 0.0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
-    load_tokens: int = 0
+    load_tokens: float = 0.0  # the engines write a float (engine_workers/prefix_cache/index.py WorkerInfo)
 
 
 class StatusReport(msgspec.Struct, kw_only=True):
@@ -257,7 +257,7 @@ def render(report: StatusReport) -> str:
     now = time.time()
     for w in report.workers:
         workers.add_row(w.role, w.worker_id, w.host, str(w.pid), ",".join(map(str, w.partitions)) or "-", str(w.policy_version),
-                        f"{now - w.heartbeat_at:.1f}s", str(w.prompt_tokens), str(w.cached_prompt_tokens), str(w.load_tokens))
+                        f"{now - w.heartbeat_at:.1f}s", str(w.prompt_tokens), str(w.cached_prompt_tokens), f"{w.load_tokens:g}")
     console.print(workers)
     rate = "n/a (no prompt tokens yet)" if report.cache_hit_rate is None else f"{report.cache_hit_rate:.3f}"
     console.print(f"dead letters: {report.dead_letters}    prefix-cache hit rate (live engines): {rate}")

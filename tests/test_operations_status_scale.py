@@ -37,7 +37,7 @@ async def test_status_reads_registry_groups_dlq_and_policy(cfg: Config, tmp_path
     redis = connect_redis(cfg)
     tag = uuid.uuid4().hex[:6]
     keys = {
-        f"primerl:registry:engine:e1-{tag}": _entry("engine", f"e1-{tag}", prompt_tokens=1000, cached_prompt_tokens=600, load_tokens=50),
+        f"primerl:registry:engine:e1-{tag}": _entry("engine", f"e1-{tag}", prompt_tokens=1000, cached_prompt_tokens=600, load_tokens=50.5, in_flight=2, block_size=16),
         f"primerl:registry:engine:e2-{tag}": _entry("engine", f"e2-{tag}", prompt_tokens=1000, cached_prompt_tokens=200, load_tokens=0,
                                                     extra_field="kept by the writer"),
         f"primerl:registry:verifier:v1-{tag}": _entry("verifier", f"v1-{tag}"),
