@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from plumbing.config import EngineConfig
@@ -158,7 +159,14 @@ class Engine:
             raise EngineDead(str(err)) from err
 
     async def reload(self, weights_path: str, version: int) -> float:
-        """Load new weights into the running engine and drop all cached KV; returns seconds."""
+        """Load new weights into the running engine and drop all cached KV; returns seconds.
+
+        Raises ValueError (before touching the engine) for a path with no safetensors:
+        a failed in-place reload leaves vLLM's model half-loaded and kills the engine.
+        """
+        folder = Path(weights_path)
+        if not folder.is_dir() or not any(folder.glob("*.safetensors")):
+            raise ValueError(f"no safetensors weights at {weights_path!r}")
         async with self._reload_lock:
             t0 = time.perf_counter()
             await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_path})

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 from engine_workers.engine import Engine
 from engine_workers.model_store import resolve_model
 from engine_workers.routing.router import Router
+from engine_workers.speculation.metrics import SpeculationCollector
 from engine_workers.worker import EngineWorker
 from plumbing.config import Config
 from plumbing.kafka import Publisher
@@ -29,6 +30,8 @@ async def serve_engine(cfg: Config, started: asyncio.Future[EngineWorker] | None
     port = serve_metrics(cfg.metrics, registry)
     engine = Engine(cfg.engine, resolve_model(cfg.engine.model))
     await engine.start()
+    if cfg.engine.speculation:
+        registry.register(SpeculationCollector(engine.speculation_stats))
     redis = connect_redis(cfg)
     try:
         async with Publisher(cfg) as publisher:

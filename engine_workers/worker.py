@@ -175,6 +175,9 @@ class EngineWorker:
                                 first_token_at=s.first_token_at or finished_at, finished_at=finished_at),
                 prompt_tokens=len(prompt_ids), cached_prompt_tokens=cached, task=req.task, reference=req.reference,
                 grammar=req.grammar, route=req.route,
+                # The grammar mask allows end-of-sequence only where the grammar is complete,
+                # so a stop (not a length cut, not a stop string) means the output completed it.
+                grammar_completed=None if req.grammar is None else (s.finish_reason == "stop" and not req.sampling.stop),
             )
             for i, s in enumerate(samples)
         ]

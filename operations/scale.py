@@ -27,7 +27,7 @@ from pathlib import Path
 import msgspec
 
 from plumbing.config import Config
-from plumbing.local_servers import _start_ticks as start_ticks  # the pid-recycling guard infra records use too
+from plumbing.local_servers import start_ticks  # the pid-recycling guard infra records use too
 from plumbing.local_servers import free_port
 
 ROLES = ("engine", "verifier", "learner")

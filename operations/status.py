@@ -216,7 +216,7 @@ async def policy_versions(redis: Redis) -> dict[str, int]:
 async def collect_status(cfg: Config, redis: Redis, include_all: bool = False) -> StatusReport:
     """The whole status report."""
     versions = await policy_versions(redis)
-    candidates = ["engine", "verifier", "archiver", *(f"learner-{run}" for run in versions)]
+    candidates = ["router", "engine", "verifier", "archiver", *(f"learner-{run}" for run in versions)]
     (groups, dlq), (workers, bad) = await asyncio.gather(
         asyncio.gather(consumer_groups(cfg, include_all, candidates), dead_letter_count(cfg)), registry_workers(redis)
     )

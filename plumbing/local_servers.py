@@ -90,7 +90,7 @@ def _spawn(name: str, cmd: list[str], port: int, log_dir: Path) -> tuple[subproc
     with open(log_file, "ab") as out:
         # A session of its own: Ctrl-C in the shell that ran `infra up` does not kill it.
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    ticks = _start_ticks(proc.pid) or 0
+    ticks = start_ticks(proc.pid) or 0
     return proc, ServerProcess(name=name, pid=proc.pid, port=port, cmdline=cmd, log_file=str(log_file), start_ticks=ticks)
 
 
@@ -113,7 +113,7 @@ def start_redis(log_dir: Path, port: int | None = None) -> tuple[subprocess.Pope
     return proc, rec
 
 
-def _start_ticks(pid: int) -> int | None:
+def start_ticks(pid: int) -> int | None:
     """Start time of `pid` in clock ticks since boot (field 22 of /proc/PID/stat)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -131,7 +131,7 @@ def _alive(rec: ServerProcess) -> bool:
 
     Compared by start time, not command line: redis-server rewrites its own title.
     """
-    return _start_ticks(rec.pid) == rec.start_ticks
+    return start_ticks(rec.pid) == rec.start_ticks
 
 
 def stop_process(rec: ServerProcess, timeout_s: float = 10) -> bool:

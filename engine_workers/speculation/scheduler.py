@@ -158,7 +158,7 @@ class GrammarSpecScheduler(Scheduler):
         out = super().update_from_output(scheduler_output, model_runner_output)
         self._steps += 1
         self._step_started = time.perf_counter()
-        self._write_stats()
+        self._write_stats(force=not self.running)  # idle: make the final counts visible now
         return out
 
     def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
@@ -207,9 +207,9 @@ class GrammarSpecScheduler(Scheduler):
             "step_ms_with_drafts": mean["drafts"] * 1000, "step_ms_plain": mean["plain"] * 1000,
         }
 
-    def _write_stats(self) -> None:
+    def _write_stats(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not self._stats_path or now - self._stats_at < 0.5:
+        if not self._stats_path or (now - self._stats_at < 0.5 and not force):
             return
         self._stats_at = now
         tmp = f"{self._stats_path}.tmp"

@@ -1,0 +1,43 @@
+"""Prometheus view of the engine core's speculation counters (read at scrape time)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class SpeculationCollector(Collector):
+    """Exports the counters `stats()` returns (see scheduler.GrammarSpecScheduler.stats)."""
+
+    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        """One family per counter; nothing before the engine's first step."""
+        s = self._stats()
+        if not s:
+            return
+        drafted = CounterMetricFamily("primerl_spec_drafted_tokens", "Draft tokens proposed, by source", labels=["source"])
+        accepted = CounterMetricFamily("primerl_spec_accepted_tokens", "Draft tokens accepted, by source", labels=["source"])
+        for source in ("forced", "ngram"):
+            drafted.add_metric([source], s[f"{source}_drafted"])
+            accepted.add_metric([source], s[f"{source}_accepted"])
+        yield drafted
+        yield accepted
+        yield CounterMetricFamily("primerl_spec_forced_tokens_emitted", "Tokens emitted without a forward pass of their own "
+                                  "(grammar-forced drafts accepted)", value=s["forced_emitted"])
+        yield CounterMetricFamily("primerl_spec_generated_tokens", "Tokens emitted by the engine core", value=s["generated"])
+        yield CounterMetricFamily("primerl_spec_fallbacks", "Times a draft source was switched off", value=s["fallbacks"])
+        total_d = s["forced_drafted"] + s["ngram_drafted"]
+        yield GaugeMetricFamily("primerl_spec_acceptance_rate", "Accepted over drafted tokens since start",
+                                value=(s["forced_accepted"] + s["ngram_accepted"]) / total_d if total_d else 0.0)
+        on = GaugeMetricFamily("primerl_spec_source_on", "1 while a draft source is on (0: fallen back)", labels=["source"])
+        on.add_metric(["forced"], s["forced_on"])
+        on.add_metric(["ngram"], s["ngram_on"])
+        yield on
+        step = GaugeMetricFamily("primerl_spec_step_ms", "Mean engine step time over the recent window", labels=["drafts"])
+        step.add_metric(["yes"], s["step_ms_with_drafts"])
+        step.add_metric(["no"], s["step_ms_plain"])
+        yield step
