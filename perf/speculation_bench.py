@@ -65,7 +65,7 @@ def violates(grammar: Grammar | None, text: str, finished: bool) -> bool:
         return False
     if grammar.kind is GrammarKind.JSON_SCHEMA:
         try:
-            jsonschema.validate(json.loads(text), json.loads(grammar.spec))
+            jsonschema.validate(json.loads(text, strict=False), json.loads(grammar.spec))  # xgrammar admits raw control chars
         except (ValueError, jsonschema.ValidationError):
             return True
         return False

@@ -57,6 +57,6 @@ def test_a_free_choice_is_never_forced(compiler) -> None:
     # `{` of a JSON object can be spelled by several tokens ("{", '{"', ...): nothing is forced.
     comp, tok = compiler
     schema = '{"type":"object","properties":{"age":{"type":"integer"}},"required":["age"],"additionalProperties":false}'
-    matcher = xgrammar.GrammarMatcher(comp.compile_json_schema(schema, any_whitespace=False))
+    matcher = xgrammar.GrammarMatcher(comp.compile_json_schema(schema, any_whitespace=False, separators=(",", ":")))
     bitmask = xgrammar.allocate_token_bitmask(1, len(tok.get_vocab()))
     assert forced_tokens(matcher, bitmask, k=16) == []

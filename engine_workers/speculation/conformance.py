@@ -27,7 +27,7 @@ class GrammarReplay:
 
     def _compile_uncached(self, grammar: Grammar) -> xgrammar.CompiledGrammar:
         if grammar.kind is GrammarKind.JSON_SCHEMA:
-            return self._compiler.compile_json_schema(json.loads(grammar.spec), any_whitespace=False)
+            return self._compiler.compile_json_schema(grammar.spec, any_whitespace=False, separators=(",", ":"))
         if grammar.kind in (GrammarKind.REGEX, GrammarKind.ANSWER_FORMAT):
             return self._compiler.compile_regex(grammar.spec or ANSWER_FORMAT_REGEX)
         if grammar.kind is GrammarKind.GBNF:
