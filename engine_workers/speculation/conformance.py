@@ -7,7 +7,6 @@ one the mask allows at its position.
 
 from __future__ import annotations
 
-import json
 from functools import lru_cache
 from typing import Any
 
