@@ -59,7 +59,9 @@ class EngineConfig(BaseModel):
     speculation: bool = False
     num_speculative_tokens: int = 4
     spec_min_acceptance: float = 0.3
-    spec_max_batch: int = 16
+    # Measured on 2 CPU cores (artifacts/speculation_bench.csv, first run): drafts won at
+    # batch 1 (1.09-1.12x) and lost at 8 and 32 (0.80-0.88x on structured outputs).
+    spec_max_batch: int = 4
     spec_probe_every: int = 50
 
 
