@@ -43,7 +43,9 @@ async def test_archives_a_run_per_topic_and_restarts_write_nothing_twice(cfg: Co
     cfg.archive.flush_interval_s = 0.5
     root = tmp_path / "runs"
     run_id = f"arch-{uuid.uuid4().hex[:8]}"
-    reqs = arithmetic_requests(run_id, 12, 2)
+    # More tokens than the context: a live engine of the session dead-letters them at once
+    # instead of serving them (this test is about the archive, not the completions).
+    reqs = arithmetic_requests(run_id, 12, 2, max_tokens=100_000)
     async with Publisher(cfg) as pub:
         await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in reqs[:8]])
         await pub.publish(POLICY.name, PolicyUpdate(run_id=run_id, version=3, weights_path="/nowhere", checksum="abc"))

@@ -86,7 +86,9 @@ async def archived_run(cfg: Config, tmp_path: Path, tiny_model: str) -> AsyncIte
     cfg.archive.flush_interval_s = 0.5
     cfg.archive.root = tmp_path / "runs"
     run_id = f"rp-{uuid.uuid4().hex[:8]}"
-    prompts = arithmetic_requests(run_id, GROUPS, G, seed=7)
+    # More tokens than the context: a live engine of the session dead-letters them instead
+    # of generating completions under the ids this fixture publishes itself.
+    prompts = arithmetic_requests(run_id, GROUPS, G, seed=7, max_tokens=100_000)
     priv, _ = generate_keypair(tmp_path / "keys", "replay-key")
     fns = build_registry()
     redis = connect_redis(cfg)

@@ -249,7 +249,9 @@ async def test_cache_aware_routing_keeps_a_shared_prefix_on_one_worker_and_balan
         assert len(homes) == 1, f"requests sharing a {len(shared)}-char prefix were split over {homes}"
         for p, req in s.routed:
             assert req.route is not None and req.route.worker_id == s.owner(p) and req.route.policy == "cache_aware"
-        assert [r.route.predicted_cached_tokens > 0 for _, r in s.routed] == [False, True, True]
+        # The first decision found nothing cached, the next two found its blocks (pending).
+        # (Which request was decided first depends on the partitions they arrived on.)
+        assert sorted(r.route.predicted_cached_tokens > 0 for _, r in s.routed) == [False, True, True]
         # An unrelated prompt goes to the idle worker.
         await s.send([_request(run_id, "Another system prompt entirely. " * 40, "Hello?")])
         assert s.owner(s.routed[-1][0]) not in homes
