@@ -14,17 +14,11 @@ from typing import Annotated, Optional
 import typer
 from prometheus_client import CollectorRegistry
 
-from plumbing.config import Config, load_config
-from plumbing.runtime import run, setup_logging
-
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file")]
-StateOpt = Annotated[Optional[Path], typer.Option("--state-dir", help="where infra state, worker records and logs live")]
+from plumbing.config import Config
+from plumbing.runtime import run
+from primerl.cli_options import ConfigOpt, StateOpt, command_config, require_servers
 
 
-def _cfg(config: Path | None, state_dir: Path | None = None, **overrides: object) -> Config:
-    cfg = load_config(config, state_dir=state_dir, **overrides)
-    setup_logging(cfg.log_level)
-    return cfg
 
 
 def _metrics(cfg: Config) -> CollectorRegistry:
@@ -65,7 +59,7 @@ def publish(
     from operations.publish import publish_requests
     from schemas import Grammar, GrammarKind, SamplingParams
 
-    cfg = _cfg(config, state_dir)
+    cfg = command_config(config, state_dir)
     try:
         grammar = Grammar(GrammarKind(grammar_kind), grammar_spec) if grammar_kind else None
     except ValueError as err:
@@ -106,7 +100,7 @@ def archive(
     """Run the archiver (consumer group `archiver`) until SIGTERM: every record -> <root>/<run_id>/<topic>/*.parquet."""
     from operations.archiver import serve_archiver
 
-    cfg = _cfg(config, state_dir)
+    cfg = command_config(config, state_dir)
     if root is not None:
         cfg.archive.root = root
     if metrics_port is not None:
@@ -144,7 +138,7 @@ def replay(
 
     if stage not in ("prompts", "verifier", "learner"):
         raise typer.BadParameter("--stage must be prompts, verifier or learner")
-    cfg = _cfg(config, state_dir)
+    cfg = command_config(config, state_dir)
     root = root or cfg.archive.root
     new_run = new_run_id or f"{run_id}-replay-{uuid.uuid4().hex[:6]}"
     try:
@@ -216,10 +210,8 @@ def scale(
     from operations.scale import read_workers
     from operations.scale import scale as do_scale
 
-    cfg = _cfg(config, state_dir)
-    if not cfg.bootstrap or not cfg.redis_url:
-        typer.echo("no broker/Redis configured: run `primerl infra up` or set KAFKA_BOOTSTRAP_SERVERS and REDIS_URL", err=True)
-        raise typer.Exit(1)
+    cfg = command_config(config, state_dir)
+    require_servers(cfg)
     try:
         result = do_scale(cfg, kind, count, run_id=run_id or "", wait=wait, start_timeout_s=start_timeout, stop_timeout_s=stop_timeout)
     except (ValueError, RuntimeError, TimeoutError) as err:
@@ -245,10 +237,8 @@ def status(
     from operations.status import collect_status, render, to_json
     from plumbing.redis_client import connect_redis
 
-    cfg = _cfg(config, state_dir)
-    if not cfg.bootstrap or not cfg.redis_url:
-        typer.echo("no broker/Redis configured: run `primerl infra up` or set KAFKA_BOOTSTRAP_SERVERS and REDIS_URL", err=True)
-        raise typer.Exit(1)
+    cfg = command_config(config, state_dir)
+    require_servers(cfg)
 
     async def main():
         redis = connect_redis(cfg)

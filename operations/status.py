@@ -26,11 +26,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.protocol.group import MemberAssignment
 from redis.asyncio import Redis
 
+from engine_workers.prefix_cache.index import REGISTRY_PREFIX, WorkerInfo
 from plumbing.config import Config
 from plumbing.kafka import common_kwargs
 from schemas.topics import COMPLETIONS, DLQ, PROMPTS, REWARDS, ROUTED, TOPICS
 
-REGISTRY_PREFIX = "primerl:registry:"
 POLICY_PATTERN = "primerl:policy:*:version"
 
 
@@ -59,26 +59,11 @@ class GroupStatus(msgspec.Struct, kw_only=True):
         return sum(self.lag.values())
 
 
-class Worker(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
-    """A registry entry (fields beyond these are kept by the writer, ignored here)."""
-
-    worker_id: str
-    role: str
-    host: str = ""
-    pid: int = 0
-    partitions: list[int] = []
-    policy_version: int = 0
-    heartbeat_at: float = 0.0
-    prompt_tokens: int = 0
-    cached_prompt_tokens: int = 0
-    load_tokens: float = 0.0  # the engines write a float (engine_workers/prefix_cache/index.py WorkerInfo)
-
-
 class StatusReport(msgspec.Struct, kw_only=True):
     """Everything `primerl status` shows."""
 
     groups: list[GroupStatus]
-    workers: list[Worker]
+    workers: list[WorkerInfo]
     bad_registry_entries: list[str]
     dead_letters: int
     cache_hit_rate: float | None  # None: no engine has served a prompt token yet
@@ -179,7 +164,7 @@ async def dead_letter_count(cfg: Config) -> int:
         await consumer.stop()
 
 
-async def registry_workers(redis: Redis) -> tuple[list[Worker], list[str]]:
+async def registry_workers(redis: Redis) -> tuple[list[WorkerInfo], list[str]]:
     """Live workers from the registry (SCAN), and the keys whose value is not a valid entry."""
     workers, bad = [], []
     async for key in redis.scan_iter(match=REGISTRY_PREFIX + "*", count=500):
@@ -188,14 +173,14 @@ async def registry_workers(redis: Redis) -> tuple[list[Worker], list[str]]:
             continue  # expired between SCAN and GET
         name = key.decode() if isinstance(key, bytes) else key
         try:
-            workers.append(msgspec.json.decode(raw, type=Worker))
+            workers.append(msgspec.json.decode(raw, type=WorkerInfo))
         except msgspec.DecodeError:
             bad.append(name)
     workers.sort(key=lambda w: (w.role, w.worker_id))
     return workers, bad
 
 
-def cache_hit_rate(workers: list[Worker]) -> float | None:
+def cache_hit_rate(workers: list[WorkerInfo]) -> float | None:
     """sum(cached_prompt_tokens) / sum(prompt_tokens) over live engines; None before any prompt token."""
     engines = [w for w in workers if w.role == "engine"]
     total = sum(w.prompt_tokens for w in engines)

@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from plumbing.config import Config, load_config
 from operations.commands import register as register_operations
-from plumbing.runtime import run, setup_logging
+from plumbing.runtime import run
+from primerl.cli_options import ConfigOpt, StateOpt, command_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="PrimeRL-ServeKit++: event-driven RL rollouts on Kafka, Redis and vLLM.")
 infra_app = typer.Typer(no_args_is_help=True, help="Local broker and Redis.")
@@ -17,14 +17,7 @@ app.add_typer(infra_app, name="infra")
 keys_app = typer.Typer(no_args_is_help=True, help="Verifier signing keys.")
 app.add_typer(keys_app, name="keys")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file")]
-StateOpt = Annotated[Optional[Path], typer.Option("--state-dir", help="where infra state and logs live")]
 
-
-def _cfg(config: Path | None, state_dir: Path | None = None, **overrides: object) -> Config:
-    cfg = load_config(config, state_dir=state_dir, **overrides)
-    setup_logging(cfg.log_level)
-    return cfg
 
 
 @infra_app.command("up")
@@ -32,7 +25,7 @@ def infra_up(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
     """Start a local broker and Redis where none is configured; create topics; print the env."""
     from plumbing.infra import ensure_infra
 
-    cfg = _cfg(config, state_dir)
+    cfg = command_config(config, state_dir)
     state = run(ensure_infra(cfg))
     typer.echo(f"# servers ready; written to {cfg.state_dir / 'infra.env'} (other primerl commands read it)")
     for key, value in sorted(state.env.items()):
@@ -44,7 +37,7 @@ def infra_down(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
     """Stop exactly the processes `infra up` started."""
     from plumbing.infra import teardown_infra
 
-    stopped = teardown_infra(_cfg(config, state_dir))
+    stopped = teardown_infra(command_config(config, state_dir))
     typer.echo("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 
@@ -53,7 +46,7 @@ def infra_status(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
     """Say what runs where."""
     from plumbing.local_servers import describe, read_state
 
-    cfg = _cfg(config, state_dir)
+    cfg = command_config(config, state_dir)
     state = read_state(cfg.state_dir)
     if state is None:
         typer.echo(f"no local servers recorded in {cfg.state_dir}; configured: kafka={cfg.bootstrap or '-'} redis={cfg.redis_url or '-'}")
@@ -82,7 +75,7 @@ def up(
 
     if algo not in ("grpo", "ppo"):
         raise typer.BadParameter("--algo must be grpo or ppo")
-    cfg = _cfg(config, state_dir)
+    cfg = command_config(config, state_dir)
     cfg.learner.seed = seed
     cfg.learner.algo = algo
     if steps == 0:
@@ -112,7 +105,7 @@ def learner(
 
     if algo not in ("grpo", "ppo"):
         raise typer.BadParameter("--algo must be grpo or ppo")
-    cfg = _cfg(config, state_dir)
+    cfg = command_config(config, state_dir)
     cfg.learner.algo = algo
     if run_id is not None:
         cfg.run_id = run_id
@@ -134,7 +127,7 @@ def engine(
     from engine_workers.service import serve_engine
     from plumbing.consumer import FatalError
 
-    cfg = _cfg(config, state_dir)
+    cfg = command_config(config, state_dir)
     if model is not None:
         cfg.engine.model = model
     if max_in_flight is not None:
@@ -163,7 +156,7 @@ def router(
 
     if policy is not None and policy not in POLICIES:
         raise typer.BadParameter(f"--policy must be one of {', '.join(POLICIES)}")
-    cfg = _cfg(config, state_dir)
+    cfg = command_config(config, state_dir)
     if metrics_port is not None:
         cfg.metrics.port = metrics_port
     run(serve_router(cfg, policy or ""))
@@ -180,7 +173,7 @@ def verifier(
     """Run one verifier worker in the `verifier` consumer group until SIGTERM."""
     from verifier_workers.service import serve_verifier
 
-    cfg = _cfg(config, state_dir)
+    cfg = command_config(config, state_dir)
     if key_file is not None:
         cfg.verifier.key_file = key_file
     if remote_url is not None:
@@ -200,7 +193,7 @@ def keys_generate(
     """Write an Ed25519 key pair: <key-id>.key (mode 0600) and <key-id>.pub."""
     from verifier_workers.signing import generate_keypair
 
-    cfg = _cfg(config, state_dir)
+    cfg = command_config(config, state_dir)
     priv, pub = generate_keypair(out_dir or cfg.keys_dir, key_id)
     typer.echo(f"private key: {priv} (0600)\npublic key:  {pub} (add it to the learners' keyring folder)")
 

@@ -9,13 +9,15 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+import uuid
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING
 from pathlib import Path
 
 import pytest
 
 from plumbing.config import Config, load_config
+from primerl.observe import RunObserver
 
 if TYPE_CHECKING:
     from tests.engine_proc import EngineProcess
@@ -128,3 +130,13 @@ def engine(servers: _Servers, tmp_path_factory: pytest.TempPathFactory) -> Itera
     proc.start()
     yield proc
     proc.stop()
+
+
+@pytest.fixture
+async def observed(cfg: Config) -> AsyncIterator[tuple[str, RunObserver]]:
+    """A fresh run id and an observer of its chunks and completions."""
+    run_id = f"t-{uuid.uuid4().hex[:8]}"
+    obs = RunObserver(cfg, run_id)
+    await obs.start()
+    yield run_id, obs
+    await obs.stop()

@@ -8,30 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from plumbing.config import Config
 from plumbing.kafka import Publisher
-from primerl.observe import RunObserver
 from producers.arithmetic import arithmetic_requests
 from schemas import ChatMessage, Grammar, GrammarKind, PolicyUpdate, PromptRequest, SamplingParams
 from schemas.topics import POLICY, PROMPTS
 from tests.kafka_helpers import dead_letters_matching
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture
-async def observed(cfg: Config) -> AsyncIterator[tuple[str, RunObserver]]:
-    run_id = f"t-{uuid.uuid4().hex[:8]}"
-    obs = RunObserver(cfg, run_id)
-    await obs.start()
-    yield run_id, obs
-    await obs.stop()
 
 
 async def _publish(cfg: Config, reqs: list[PromptRequest]) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,6 @@ from operations.scale import read_workers, scale
 from plumbing.config import Config
 from plumbing.kafka import Publisher
 from plumbing.redis_client import connect_redis
-from primerl.observe import RunObserver
 from primerl.rewards_reader import RewardsReader
 from producers.arithmetic import arithmetic_requests
 from schemas import CONTENT_TYPE_HEADER, JSON
@@ -34,15 +31,6 @@ from verifier_workers.signing import Signer, generate_keypair
 from verifier_workers.worker import VerifierWorker
 
 pytestmark = pytest.mark.engine
-
-
-@pytest.fixture
-async def observed(cfg: Config) -> AsyncIterator[tuple[str, RunObserver]]:
-    run_id = f"op-{uuid.uuid4().hex[:8]}"
-    obs = RunObserver(cfg, run_id)
-    await obs.start()
-    yield run_id, obs
-    await obs.stop()
 
 
 async def test_json_prompts_from_outside_clients_are_served(engine, cfg: Config, observed) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
@@ -22,15 +21,6 @@ from schemas.topics import POLICY, PROMPTS
 pytestmark = pytest.mark.engine
 
 WORDS = "alpha beta gamma delta kappa lambda sigma omega river stone cloud field light north south green".split()
-
-
-@pytest.fixture
-async def observed(cfg: Config) -> AsyncIterator[tuple[str, RunObserver]]:
-    run_id = f"t-{uuid.uuid4().hex[:8]}"
-    obs = RunObserver(cfg, run_id)
-    await obs.start()
-    yield run_id, obs
-    await obs.stop()
 
 
 @pytest.fixture
