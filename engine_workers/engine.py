@@ -99,21 +99,19 @@ class Engine:
         log.info("engine ready in %.1fs: %s, max_model_len %d", time.perf_counter() - t0, self.model_path, self.max_model_len)
 
     def _speculation_args(self) -> dict[str, Any]:
-        """Engine arguments (and engine-core environment) for grammar-aware speculation."""
+        """Engine arguments for grammar-aware speculation (its settings travel in `additional_config`)."""
         if not self.cfg.speculation:
             return {}
         self.spec_stats_path = f"{tempfile.gettempdir()}/primerl-spec-{uuid.uuid4().hex[:12]}.json"
-        # The engine-core process is spawned after this and inherits the environment.
-        os.environ.update({
-            "PRIMERL_SPEC_STATS": self.spec_stats_path,
-            "PRIMERL_SPEC_MIN_ACCEPTANCE": str(self.cfg.spec_min_acceptance),
-            "PRIMERL_SPEC_MAX_BATCH": str(self.cfg.spec_max_batch),
-            "PRIMERL_SPEC_PROBE_EVERY": str(self.cfg.spec_probe_every),
-        })
+        settings = {"stats_path": self.spec_stats_path, "min_acceptance": self.cfg.spec_min_acceptance,
+                    "probe_every": self.cfg.spec_probe_every, "fixed_ms": self.cfg.spec_step_fixed_ms,
+                    "per_token_ms": self.cfg.spec_step_per_token_ms}
         return {
             "scheduler_cls": "engine_workers.speculation.scheduler.GrammarSpecScheduler",
             "speculative_config": {"method": "custom_class", "model": "engine_workers.speculation.null_proposer.NullProposer",
                                    "num_speculative_tokens": self.cfg.num_speculative_tokens},
+            # vLLM hands this to the scheduler in the engine-core process.
+            "additional_config": {"primerl_speculation": settings},
         }
 
     def speculation_stats(self) -> dict[str, float]:

@@ -127,8 +127,7 @@ async def bench(args: argparse.Namespace) -> None:
     model = resolve_model(None)
     engines = {}
     for mode in ("off", "on"):
-        e = Engine(EngineConfig(kv_cache_gib=2, speculation=mode == "on", num_speculative_tokens=args.k,
-                                spec_max_batch=args.spec_max_batch), model)
+        e = Engine(EngineConfig(kv_cache_gib=2, speculation=mode == "on", num_speculative_tokens=args.k), model)
         await e.start()
         engines[mode] = e
     replay = GrammarReplay(engines["off"].tokenizer)
@@ -190,8 +189,6 @@ def main() -> None:
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--k", type=int, default=4, help="draft tokens per step at most")
-    p.add_argument("--spec-max-batch", type=int, default=EngineConfig().spec_max_batch,
-                   help="drafting stops above this many running samples (the fallback)")
     p.add_argument("--repeats", type=int, default=1)
     args = p.parse_args()
     setup_logging("WARNING")

@@ -54,14 +54,16 @@ class EngineConfig(BaseModel):
     # Only load policy updates of this run ("" = of any run: one engine per broker).
     policy_run: str = ""
     # Grammar-aware speculation (engine_workers/speculation): forced-token and n-gram
-    # drafts verified k at a time; n-gram drafts fall back off below the acceptance or
-    # above the batch size given here.
+    # drafts verified k at a time. A draft token is proposed only while its chance of
+    # acceptance beats the break-even of verifying it, from the step cost fitted live
+    # (fixed + per-token ms); the two values here are the starting point, measured on
+    # 2 CPU cores with SmolLM2-135M fp32 eager. A source whose acceptance falls below
+    # the break-even or spec_min_acceptance is switched off, probed again later.
     speculation: bool = False
     num_speculative_tokens: int = 4
     spec_min_acceptance: float = 0.3
-    # Measured on 2 CPU cores (artifacts/speculation_bench.csv, first run): drafts won at
-    # batch 1 (1.09-1.12x) and lost at 8 and 32 (0.80-0.88x on structured outputs).
-    spec_max_batch: int = 4
+    spec_step_fixed_ms: float = 90.0
+    spec_step_per_token_ms: float = 8.0
     spec_probe_every: int = 50
 
 

@@ -1,4 +1,5 @@
-"""Draft sources of grammar-aware speculation: n-grams from related text, grammar-forced tokens."""
+"""Draft sources of grammar-aware speculation: n-gram votes over related text, grammar-forced
+tokens, and the step-cost fit that decides how much drafting pays."""
 
 from __future__ import annotations
 
@@ -7,30 +8,61 @@ import xgrammar
 from transformers import AutoTokenizer
 
 from engine_workers.model_store import resolve_model
-from engine_workers.speculation.drafts import RoundsCache, forced_tokens, ngram_draft
+from engine_workers.speculation.drafts import FORCED, NGRAM, OutputsCache, continuations, propose
+from engine_workers.speculation.step_cost import StepCost
 
 
-def test_ngram_drafts_continue_the_longest_match_in_the_first_source_that_has_it() -> None:
+def test_continuations_use_the_longest_ngram_found_anywhere() -> None:
     sibling = [5, 6, 7, 8, 9, 10]
     prompt = [1, 2, 7, 8, 42]
-    assert ngram_draft([3, 6, 7, 8], [sibling, prompt], k=2) == [9, 10]  # 3-gram 6,7,8 in the sibling
-    assert ngram_draft([0, 2, 7, 8], [sibling, prompt], k=3) == [42]  # 3-gram 2,7,8 only in the prompt
-    assert ngram_draft([0, 1, 99], [sibling, prompt], k=3) == []
-    assert ngram_draft([7, 8], [sibling], k=0) == []
+    assert continuations([3, 6, 7, 8], [sibling, prompt]) == [(sibling, 4)]  # 3-gram 6,7,8 only in the sibling
+    assert continuations([0, 2, 7, 8], [sibling, prompt]) == [(prompt, 4)]  # 3-gram 2,7,8 only in the prompt
+    assert continuations([0, 9, 7, 8], [sibling, prompt]) == [(sibling, 4), (prompt, 4)]  # 2-gram 7,8 in both
+    assert continuations([0, 1, 99], [sibling, prompt]) == []
 
 
-def test_ngram_matches_are_token_aligned() -> None:
+def test_continuations_are_token_aligned_and_find_every_occurrence() -> None:
     # 256 = bytes 00 01 00 00: a byte-level search could match across token boundaries.
-    assert ngram_draft([1, 0], [[256, 0, 0, 7], [1, 0, 5]], k=1) == [5]
+    assert continuations([1, 0], [[256, 0, 0, 7], [1, 0, 5]]) == [([1, 0, 5], 2)]
+    src = [1, 2, 3, 1, 2, 4, 1, 2]
+    assert continuations([1, 2], [src]) == [(src, 5), (src, 2)]  # newest first; the match at the end has no continuation
 
 
-def test_rounds_cache_keeps_recent_outputs_per_prompt() -> None:
-    cache = RoundsCache(prompts=2, per_prompt=2)
+def test_ngram_drafts_follow_the_majority_and_stop_where_it_becomes_a_guess() -> None:
+    agree = [[9, 1, 2, 3, 4, 5], [8, 1, 2, 3, 4, 6], [7, 1, 2, 3, 4, 7]]
+    drafts = propose([0, 1, 2], agree, k=4, min_prob=0.5)
+    # Three matches agree on 3, 4 (p = 3/4 each, running 0.75 then 0.56); the next token
+    # splits three ways (p = 1/4), so the draft stops before it.
+    assert [d.token for d in drafts] == [3, 4] and {d.source for d in drafts} == {NGRAM}
+    assert drafts[0].prob == pytest.approx(0.75) and drafts[1].prob == pytest.approx(0.5625)
+    assert [d.token for d in propose([0, 1, 2], agree, k=4, min_prob=0.6)] == [3]
+    assert propose([0, 1, 2], [[1, 2, 3]], k=4, min_prob=0.6) == [], "one lone match is a coin flip"
+    assert [d.token for d in propose([0, 1, 2], [[1, 2, 3, 4]], k=4, min_prob=0.05)] == [3, 4]
+    assert propose([0, 1, 2], agree, k=4, min_prob=0.0, ngram=False) == []
+
+
+def test_outputs_cache_keeps_recent_outputs_per_key() -> None:
+    cache = OutputsCache(keys=2, per_key=2)
     for out in ([1], [2], [3]):
         cache.add(10, out)
+    assert cache.get(10) == [[3], [2]]
     cache.add(11, [4])
-    cache.add(12, [5])  # evicts the least recent prompt (10)
+    cache.add(12, [5])  # evicts the least recent key (10)
     assert cache.get(10) == [] and cache.get(11) == [[4]] and cache.get(12) == [[5]]
+
+
+def test_step_cost_fit_and_break_even() -> None:
+    cost = StepCost(fixed_ms=90.0, per_token_ms=8.0, min_points=8)
+    assert cost.break_even(1) == pytest.approx(8 / 98) and cost.break_even(32) == pytest.approx(256 / 346)
+    for _ in range(4):
+        for tokens in (1, 8, 16, 32):
+            cost.observe(tokens, 20.0 + 0.5 * tokens)  # a GPU-like step: verification nearly free
+    assert cost.fixed_ms == pytest.approx(20.0) and cost.per_token_ms == pytest.approx(0.5)
+    assert cost.break_even(8) == pytest.approx(4 / 24)
+    same = StepCost(fixed_ms=90.0, per_token_ms=8.0, min_points=4)
+    for _ in range(8):
+        same.observe(8, 150.0)  # one batch size only: the slope is unknown, keep the prior
+    assert same.per_token_ms == 8.0
 
 
 @pytest.fixture(scope="module")
@@ -44,13 +76,33 @@ def test_forced_tokens_are_the_masks_only_choices_and_leave_the_matcher_as_found
     comp, tok = compiler
     matcher = xgrammar.GrammarMatcher(comp.compile_regex(r"<answer>[0-9]{1,3}</answer>"))
     bitmask = xgrammar.allocate_token_bitmask(1, len(tok.get_vocab()))
-    forced = forced_tokens(matcher, bitmask, k=16)
-    assert forced and "<answer>".startswith(tok.decode(forced))
-    assert forced_tokens(matcher, bitmask, k=16) == forced, "the matcher was not rolled back"
+    drafts = propose([], [], k=16, min_prob=0.5, matcher=matcher, bitmask=bitmask)
+    forced = [d.token for d in drafts]
+    assert forced and "<answer>".startswith(tok.decode(forced)) and {d.source for d in drafts} == {FORCED}
+    assert all(d.prob == 1.0 for d in drafts)
+    assert [d.token for d in propose([], [], k=16, min_prob=0.5, matcher=matcher, bitmask=bitmask)] == forced, \
+        "the matcher was not rolled back"
     for t in forced:
         assert matcher.accept_token(t)
-    assert forced_tokens(matcher, bitmask, k=16) == [], "digits are a free choice"
+    assert propose(forced, [], k=16, min_prob=0.5, matcher=matcher, bitmask=bitmask) == [], "digits are a free choice"
 
+
+def test_the_grammar_vetoes_ngram_votes_and_forced_tokens_follow(compiler) -> None:
+    # Earlier outputs mostly continue "<answer>" with letters; the grammar allows only
+    # digits, so the one digit continuation wins the vote among valid tokens.
+    comp, tok = compiler
+    matcher = xgrammar.GrammarMatcher(comp.compile_regex(r"<answer>[0-9]</answer>"))
+    bitmask = xgrammar.allocate_token_bitmask(1, len(tok.get_vocab()))
+    tag = tok.encode("<answer>", add_special_tokens=False)
+    for t in tag:
+        assert matcher.accept_token(t)
+    seven, letters = tok.encode("7", add_special_tokens=False), tok.encode("xyz", add_special_tokens=False)
+    others = [[5] + tag + letters] * 3
+    drafts = propose([1] + tag, others + [[6] + tag + seven], k=8, min_prob=0.05, matcher=matcher, bitmask=bitmask)
+    assert drafts[0].token == seven[0] and drafts[0].source == NGRAM and drafts[0].prob == pytest.approx(0.5)
+    rest = tok.decode([d.token for d in drafts[1:]])
+    assert "</answer>".startswith(rest), rest  # only the closing tag can follow (forced where one token is the only choice)
+    assert not matcher.is_terminated() and matcher.accept_token(seven[0]), "the matcher was not rolled back"
 
 
 def test_a_free_choice_is_never_forced(compiler) -> None:
@@ -59,4 +111,4 @@ def test_a_free_choice_is_never_forced(compiler) -> None:
     schema = '{"type":"object","properties":{"age":{"type":"integer"}},"required":["age"],"additionalProperties":false}'
     matcher = xgrammar.GrammarMatcher(comp.compile_json_schema(schema, any_whitespace=False, separators=(",", ":")))
     bitmask = xgrammar.allocate_token_bitmask(1, len(tok.get_vocab()))
-    assert forced_tokens(matcher, bitmask, k=16) == []
+    assert propose([], [], k=16, min_prob=0.5, matcher=matcher, bitmask=bitmask) == []

@@ -52,7 +52,7 @@ async def _generate(engine: Engine, prompt: str, n: int, max_tokens: int, gramma
 @pytest.fixture
 async def spec_engine():
     engine = Engine(EngineConfig(kv_cache_gib=1, speculation=True, num_speculative_tokens=4,
-                                 spec_max_batch=1000, spec_min_acceptance=0.3, spec_probe_every=20),
+                                 spec_min_acceptance=0.3, spec_probe_every=20),
                     str(resolve_model(None)))
     await engine.start()
     yield engine

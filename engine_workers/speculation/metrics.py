@@ -37,7 +37,9 @@ class SpeculationCollector(Collector):
         on.add_metric(["forced"], s["forced_on"])
         on.add_metric(["ngram"], s["ngram_on"])
         yield on
-        step = GaugeMetricFamily("primerl_spec_step_ms", "Mean engine step time over the recent window", labels=["drafts"])
-        step.add_metric(["yes"], s["step_ms_with_drafts"])
-        step.add_metric(["no"], s["step_ms_plain"])
-        yield step
+        yield GaugeMetricFamily("primerl_spec_break_even_acceptance", "Acceptance a draft token needs to pay for its "
+                                "verification at the current batch", value=s["break_even"])
+        cost = GaugeMetricFamily("primerl_spec_step_cost_ms", "Fitted step time: fixed + per_token x tokens", labels=["part"])
+        cost.add_metric(["fixed"], s["step_fixed_ms"])
+        cost.add_metric(["per_token"], s["step_per_token_ms"])
+        yield cost

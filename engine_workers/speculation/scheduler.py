@@ -1,22 +1,23 @@
-"""vLLM's scheduler with grammar-aware drafts and a fallback that switches drafting off where it loses.
+"""vLLM's scheduler with grammar-aware drafts that are proposed only where they pay.
 
-Runs in vLLM's engine-core process (`AsyncEngineArgs(scheduler_cls=...)`); settings come
-from PRIMERL_SPEC_* environment variables set by engine.py before the process spawns,
-and counters go to the JSON file PRIMERL_SPEC_STATS (read by the worker for /metrics).
+Runs in vLLM's engine-core process (`AsyncEngineArgs(scheduler_cls=...)`). Settings
+come from `additional_config["primerl_speculation"]` (set by engine.py); counters go
+to the JSON file named there (read by the worker for /metrics).
 
-Per request and step, after the grammar has accepted the step's tokens:
-1. forced: tokens that are the grammar mask's only choice (keys and punctuation of a
-   JSON schema, the answer tag): always accepted, verified k at a time in one forward
-   pass instead of one pass per token;
-2. n-gram: continuations of the request's last tokens found in its siblings' outputs
-   (running samples of the same prompt), earlier finished rounds of the prompt, and
-   the prompt itself;
-then vLLM's `validate_tokens` cuts the draft at the first token the grammar rejects.
+After each step, for each running request (drafts.py):
+1. forced: a token that is the grammar mask's only choice is drafted with probability 1;
+2. n-gram: otherwise, the continuation that most matches of the request's last tokens
+   agree on, in its running siblings (samples of the same prompt), earlier finished
+   outputs of the same grammar (or, without one, of the same prompt) and its prompt,
+   among the tokens the grammar accepts.
+A draft grows while the probability that all of it is accepted stays above the
+break-even acceptance of the current batch, fitted from measured step times
+(step_cost.py): drafts are long at batch 1 and only near-certain at batch 32.
 
-Fallback: a draft costs a verification slot and wins only when accepted. All drafts
-stop while the batch exceeds PRIMERL_SPEC_MAX_BATCH; a source whose acceptance over
-the last window falls below PRIMERL_SPEC_MIN_ACCEPTANCE stops and is probed again
-after PRIMERL_SPEC_PROBE_EVERY steps.
+Fallback: a source whose acceptance over its recent drafts falls below the break-even
+(or the configured minimum) is switched off and logged; it comes back on when the
+batch shrinks enough for its last acceptance to pay again, or after `probe_every`
+steps to be measured afresh.
 """
 
 from __future__ import annotations
@@ -26,13 +27,17 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Hashable
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from engine_workers.speculation.drafts import RoundsCache, forced_tokens, ngram_draft
+from engine_workers.speculation.drafts import FORCED, NGRAM, OutputsCache, propose
+from engine_workers.speculation.step_cost import StepCost
 
 log = logging.getLogger("primerl.speculation")
+
+CONFIG_KEY = "primerl_speculation"
 
 
 def _common_prefix(a: Any, b: Any) -> int:
@@ -47,12 +52,14 @@ def _common_prefix(a: Any, b: Any) -> int:
 class _Source:
     """Drafted/accepted counts of one draft source, with a sliding window for decisions."""
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, name: str, window: int) -> None:
+        self.name = name
         self.drafted = 0
         self.accepted = 0
         self.recent: deque[tuple[int, int]] = deque(maxlen=window)
         self.on = True
         self.off_at = 0  # step it was switched off
+        self.off_acceptance = 0.0  # its recent acceptance then
 
     def observe(self, drafted: int, accepted: int) -> None:
         self.drafted += drafted
@@ -66,149 +73,147 @@ class _Source:
 
 
 class GrammarSpecScheduler(Scheduler):
-    """vLLM's Scheduler; drafts for every running request come from `_draft`."""
+    """vLLM's Scheduler; drafts for every running request come from `drafts.propose`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        env = os.environ
-        self._min_acceptance = float(env.get("PRIMERL_SPEC_MIN_ACCEPTANCE", "0.3"))
-        self._max_batch = int(env.get("PRIMERL_SPEC_MAX_BATCH", "16"))
-        self._probe_every = int(env.get("PRIMERL_SPEC_PROBE_EVERY", "50"))
-        self._stats_path = env.get("PRIMERL_SPEC_STATS", "")
-        window = int(env.get("PRIMERL_SPEC_WINDOW", "64"))
-        self._forced = _Source(window)
-        self._ngram = _Source(window)
-        self._rounds = RoundsCache()
-        self._pending: dict[str, tuple[int, int]] = {}  # req id -> (forced, ngram) drafted for this step
+        cfg = dict(self.vllm_config.additional_config or {}).get(CONFIG_KEY, {})
+        self._min_acceptance = float(cfg.get("min_acceptance", 0.3))
+        self._probe_every = int(cfg.get("probe_every", 50))
+        self._stats_path = str(cfg.get("stats_path", ""))
+        self._cost = StepCost(float(cfg.get("fixed_ms", 90.0)), float(cfg.get("per_token_ms", 8.0)))
+        window = int(cfg.get("window", 64))
+        self._sources = {FORCED: _Source(FORCED, window), NGRAM: _Source(NGRAM, window)}
+        self._by_prompt = OutputsCache()
+        self._by_grammar = OutputsCache(keys=64, per_key=32)
+        self._keys: dict[str, tuple[int, Hashable | None]] = {}  # req id -> (prompt key, grammar key)
+        self._pending: dict[str, list[str]] = {}  # req id -> source of each draft token of this step
         self._forced_emitted = 0
         self._generated = 0
         self._steps = 0
         self._fallbacks = 0
         self._resumes = 0
-        self._batch_off = False
+        self._break_even = 0.0
         self._stats_at = 0.0
-        self._step_s = {"drafts": deque(maxlen=window), "plain": deque(maxlen=window)}
         self._step_started = 0.0
         self._bitmask: Any = None
 
     # --- drafts ---------------------------------------------------------------------------
 
     def update_draft_token_ids(self, draft_token_ids: Any) -> None:
-        """Replace the (empty) worker drafts with ours, grammar-validated."""
+        """Replace the (empty) worker drafts with ours."""
         self._decide()
+        forced_on, ngram_on = self._sources[FORCED].on, self._sources[NGRAM].on
+        siblings: dict[int, list[Any]] = {}
+        for r in self.running:
+            siblings.setdefault(self._key(r)[0], []).append(r)
         for req_id in draft_token_ids.req_ids:
             request = self.requests.get(req_id)
             if request is None or request.is_finished() or request.is_prefill_chunk:
                 continue
-            if self._batch_off:
-                request.spec_token_ids = []
-                continue
-            forced, ngram = self._draft(request)
-            drafts = self.structured_output_manager.validate_tokens(request, forced + ngram)
-            n_forced = min(len(forced), len(drafts))
-            request.spec_token_ids = drafts
-            self._pending[req_id] = (n_forced, len(drafts) - n_forced)
-
-    def _draft(self, request: Any) -> tuple[list[int], list[int]]:
-        k = self.num_spec_tokens
-        forced: list[int] = []
-        if self._forced.on and request.structured_output_request is not None:
-            grammar = request.structured_output_request.grammar
-            matcher = getattr(grammar, "matcher", None)
-            if matcher is not None:
-                if self._bitmask is None:
+            prompt_key, grammar_key = self._key(request)
+            sources = [r.output_token_ids for r in siblings.get(prompt_key, ()) if r is not request]
+            sources += self._by_grammar.get(grammar_key) if grammar_key is not None else self._by_prompt.get(prompt_key)
+            sources.append(request.prompt_token_ids or [])
+            matcher = None
+            if request.structured_output_request is not None:
+                matcher = getattr(request.structured_output_request.grammar, "matcher", None)
+                if matcher is not None and self._bitmask is None:
                     import xgrammar
 
-                    self._bitmask = xgrammar.allocate_token_bitmask(1, grammar.vocab_size)
-                forced = forced_tokens(matcher, self._bitmask, k)
-        ngram: list[int] = []
-        if self._ngram.on and len(forced) < k:
-            context = list(request.all_token_ids) + forced
-            key = hash(tuple(request.prompt_token_ids or ()))
-            siblings = [list(r.output_token_ids) for r in self.running
-                        if r.request_id != request.request_id and r.prompt_token_ids == request.prompt_token_ids]
-            sources = siblings + self._rounds.get(key) + [list(request.prompt_token_ids or ())]
-            ngram = ngram_draft(context, sources, k - len(forced))
-        return forced, ngram
+                    self._bitmask = xgrammar.allocate_token_bitmask(1, request.structured_output_request.grammar.vocab_size)
+            drafts = propose(request.all_token_ids, sources, self.num_spec_tokens, self._break_even,
+                             matcher=matcher, bitmask=self._bitmask, forced=forced_on, ngram=ngram_on)
+            request.spec_token_ids = [d.token for d in drafts]
+            self._pending[req_id] = [d.source for d in drafts]
+
+    def _key(self, request: Any) -> tuple[int, Hashable | None]:
+        key = self._keys.get(request.request_id)
+        if key is None:
+            so = request.structured_output_request
+            key = (hash(tuple(request.prompt_token_ids or ())), so.structured_output_key if so is not None else None)
+            self._keys[request.request_id] = key
+        return key
 
     # --- outcomes and fallback ------------------------------------------------------------
 
+    def schedule(self, *args: Any, **kwargs: Any) -> Any:
+        """Time the step from here to the end of `update_from_output`."""
+        self._step_started = time.perf_counter()
+        return super().schedule(*args, **kwargs)
+
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
-        """Count accepted drafts per source before vLLM applies the step."""
-        now = time.perf_counter()
-        drafted_any = bool(scheduler_output.scheduled_spec_decode_tokens)
-        if self._step_started:
-            self._step_s["drafts" if drafted_any else "plain"].append(now - self._step_started)
+        """Count accepted drafts per source and feed the step-cost fit, before vLLM applies the step."""
         sampled = model_runner_output.sampled_token_ids
         index = model_runner_output.req_id_to_index
         for req_id, spec in scheduler_output.scheduled_spec_decode_tokens.items():
-            n_forced, n_ngram = self._pending.pop(req_id, (0, len(spec)))
-            n_forced = min(n_forced, len(spec))
-            n_ngram = min(n_ngram, len(spec) - n_forced)
+            labels = self._pending.pop(req_id, [NGRAM] * len(spec))[: len(spec)]
             if req_id not in index or not sampled:
                 continue
             # Accepted drafts are the leading sampled tokens equal to them (a rejected
             # draft is replaced by a different, recovered token; a finished request
             # has no bonus token, so the count cannot come from the length alone).
             accepted = _common_prefix(spec, sampled[index[req_id]])
-            self._forced.observe(n_forced, min(accepted, n_forced))
-            self._ngram.observe(n_ngram, max(0, accepted - n_forced))
-            self._forced_emitted += min(accepted, n_forced)
+            for name, source in self._sources.items():
+                source.observe(labels.count(name), labels[:accepted].count(name))
+            self._forced_emitted += labels[:accepted].count(FORCED)
         if sampled:
             self._generated += sum(len(t) for t in sampled)
         out = super().update_from_output(scheduler_output, model_runner_output)
+        self._observe_cost(scheduler_output)
         self._steps += 1
-        self._step_started = time.perf_counter()
         self._write_stats(force=not self.running)  # idle: make the final counts visible now
         return out
 
+    def _observe_cost(self, scheduler_output: Any) -> None:
+        """Decode-only steps feed the fit (a prompt chunk would mix in prefill cost)."""
+        n_reqs = len(scheduler_output.num_scheduled_tokens)
+        tokens = scheduler_output.total_num_scheduled_tokens
+        drafts = sum(len(s) for s in scheduler_output.scheduled_spec_decode_tokens.values())
+        if self._step_started and n_reqs and tokens == n_reqs + drafts:
+            self._cost.observe(tokens, (time.perf_counter() - self._step_started) * 1000)
+
     def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
-        """Keep a finished sample's output as a draft source for later rounds of its prompt."""
+        """Keep a finished sample's output as a draft source for later samples of its prompt and grammar."""
+        prompt_key, grammar_key = self._key(request)
         if request.output_token_ids:
-            self._rounds.add(hash(tuple(request.prompt_token_ids or ())), list(request.output_token_ids))
+            output = list(request.output_token_ids)
+            self._by_prompt.add(prompt_key, output)
+            if grammar_key is not None:
+                self._by_grammar.add(grammar_key, output)
         self._pending.pop(request.request_id, None)
+        self._keys.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)
 
     def _decide(self) -> None:
-        """Switch drafting off where it loses, back on to probe.
-
-        A batch above PRIMERL_SPEC_MAX_BATCH stops all drafts (each verified position
-        is real compute on a CPU; measured: batch 32 lost with drafts accepted 86 %);
-        low windowed acceptance stops a source, which is probed again later.
-        """
+        """Switch a source off where its acceptance no longer pays, back on where it does."""
         batch = len(self.running)
-        too_big = batch > self._max_batch
-        if too_big != self._batch_off:
-            self._batch_off = too_big
-            if too_big:
-                self._fallbacks += 1
-                log.warning("speculation fallback: all drafts off (batch %d > %d)", batch, self._max_batch)
-            else:
-                self._resumes += 1
-                log.info("speculation resumed: batch %d <= %d", batch, self._max_batch)
-        for name, source in (("n-gram", self._ngram), ("forced", self._forced)):
+        self._break_even = self._cost.break_even(batch)
+        floor = max(self._min_acceptance, self._break_even)
+        for source in self._sources.values():
             acc = source.recent_acceptance()
-            if source.on and acc is not None and acc < self._min_acceptance:
-                source.on = False
-                source.off_at = self._steps
+            if source.on and acc is not None and acc < floor:
+                source.on, source.off_at, source.off_acceptance = False, self._steps, acc
                 self._fallbacks += 1
-                log.warning("speculation fallback: %s drafts off (acceptance %.2f < %.2f)", name, acc, self._min_acceptance)
-            elif not source.on and self._steps - source.off_at >= self._probe_every:
+                log.warning("speculation fallback: %s drafts off at batch %d (acceptance %.2f < %.2f: break-even %.2f "
+                            "at %.0f ms + %.1f ms/token, minimum %.2f)", source.name, batch, acc, floor,
+                            self._break_even, self._cost.fixed_ms, self._cost.per_token_ms, self._min_acceptance)
+            elif not source.on and (source.off_acceptance >= floor or self._steps - source.off_at >= self._probe_every):
                 source.on = True
-                source.recent.clear()  # judge the probe on fresh evidence
+                source.recent.clear()  # judge it on fresh evidence
                 self._resumes += 1
-                log.info("speculation resumed: %s drafts on to probe", name)
+                log.info("speculation resumed: %s drafts on at batch %d (break-even %.2f)", source.name, batch, self._break_even)
 
     def stats(self) -> dict[str, float]:
-        """Counters since start (also written to PRIMERL_SPEC_STATS)."""
-        mean = {k: (sum(v) / len(v) if v else 0.0) for k, v in self._step_s.items()}
+        """Counters since start (also written to the stats file)."""
+        f, g = self._sources[FORCED], self._sources[NGRAM]
         return {
-            "forced_drafted": self._forced.drafted, "forced_accepted": self._forced.accepted,
-            "ngram_drafted": self._ngram.drafted, "ngram_accepted": self._ngram.accepted,
+            "forced_drafted": f.drafted, "forced_accepted": f.accepted,
+            "ngram_drafted": g.drafted, "ngram_accepted": g.accepted,
             "forced_emitted": self._forced_emitted, "generated": self._generated, "steps": self._steps,
             "fallbacks": self._fallbacks, "resumes": self._resumes,
-            "ngram_on": int(self._ngram.on and not self._batch_off), "forced_on": int(self._forced.on and not self._batch_off),
-            "step_ms_with_drafts": mean["drafts"] * 1000, "step_ms_plain": mean["plain"] * 1000,
+            "ngram_on": int(g.on), "forced_on": int(f.on),
+            "break_even": self._break_even, "step_fixed_ms": self._cost.fixed_ms, "step_per_token_ms": self._cost.per_token_ms,
         }
 
     def _write_stats(self, force: bool = False) -> None:
