@@ -2,9 +2,10 @@
 
 Two engines in this process (same model and settings, one with
 `engine.speculation`), used in turn per (workload, batch): JSON-schema records, math
-answers in the answer format, free text; batch = requests in flight (groups of up to
-4 samples of one prompt, as GRPO sends them). Every structured output is replayed
-through the grammar's token mask (engine_workers/speculation/conformance.py).
+answers in the answer format, free text; batch = samples kept in flight (groups of up
+to 4 samples of one prompt, as GRPO sends them, a new group starting as one ends).
+Every structured output is replayed through the grammar's token mask
+(engine_workers/speculation/conformance.py).
 
     python -m perf.speculation_bench --batches 1,8,32 --max-tokens 48
 
@@ -79,6 +80,10 @@ async def phase(engine: Engine, replay: GrammarReplay, workload: str, batch: int
 
     grammar, template = WORKLOADS[workload]
     group = min(4, batch)
+    # Sustained concurrency, as an engine worker serves a topic: `batch` samples in
+    # flight, a new group starting as one ends, max(8, 2 x batch) samples in all (a
+    # closed batch would time mostly its longest sample).
+    in_flight = asyncio.Semaphore(batch // group)
     tok = engine.tokenizer
     params = SamplingParams(n=group, temperature=1.0, max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA,
                             structured_outputs=structured_outputs(grammar) if grammar else None)
@@ -86,6 +91,10 @@ async def phase(engine: Engine, replay: GrammarReplay, workload: str, batch: int
     samples: dict[tuple[int, int], dict] = {}
 
     async def one(p: int) -> None:
+        async with in_flight:
+            await sample(p)
+
+    async def sample(p: int) -> None:
         text = template.format(i=seed * 100 + p, j=(seed * 7 + p) % 20)
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False),
                          add_special_tokens=False)
@@ -101,7 +110,7 @@ async def phase(engine: Engine, replay: GrammarReplay, workload: str, batch: int
                 s["finish"] = d.finish_reason or s["finish"]
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(p) for p in range(batch // group)))
+    await asyncio.gather(*(one(p) for p in range(max(8, 2 * batch) // group)))
     wall = time.perf_counter() - t0
     await asyncio.sleep(0.2)
     after = engine.speculation_stats()
@@ -189,7 +198,7 @@ def main() -> None:
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--k", type=int, default=4, help="draft tokens per step at most")
-    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     setup_logging("WARNING")
     run(bench(args))
