@@ -105,7 +105,7 @@ class Engine:
         self.spec_stats_path = f"{tempfile.gettempdir()}/primerl-spec-{uuid.uuid4().hex[:12]}.json"
         settings = {"stats_path": self.spec_stats_path, "min_acceptance": self.cfg.spec_min_acceptance,
                     "probe_every": self.cfg.spec_probe_every, "fixed_ms": self.cfg.spec_step_fixed_ms,
-                    "per_token_ms": self.cfg.spec_step_per_token_ms, "draft_step_ms": self.cfg.spec_step_draft_ms}
+                    "per_token_ms": self.cfg.spec_step_per_token_ms}
         return {
             "scheduler_cls": "engine_workers.speculation.scheduler.GrammarSpecScheduler",
             "speculative_config": {"method": "custom_class", "model": "engine_workers.speculation.null_proposer.NullProposer",

@@ -56,7 +56,7 @@ class EngineConfig(BaseModel):
     # Grammar-aware speculation (engine_workers/speculation): forced-token and n-gram
     # drafts verified k at a time. A draft token is proposed only while its chance of
     # acceptance beats the break-even of verifying it, from the step cost fitted live
-    # (fixed + per-token + per-drafting-step ms); the values here are the starting point, measured on
+    # (fixed + per-token ms); the two values here are the starting point, measured on
     # 2 CPU cores with SmolLM2-135M fp32 eager. A source whose acceptance falls below
     # the break-even or spec_min_acceptance is switched off, probed again later.
     speculation: bool = False
@@ -64,7 +64,6 @@ class EngineConfig(BaseModel):
     spec_min_acceptance: float = 0.3
     spec_step_fixed_ms: float = 90.0
     spec_step_per_token_ms: float = 8.0
-    spec_step_draft_ms: float = 10.0
     spec_probe_every: int = 50
 
 

@@ -51,20 +51,17 @@ def test_outputs_cache_keeps_recent_outputs_per_key() -> None:
     assert cache.get(10) == [] and cache.get(11) == [[4]] and cache.get(12) == [[5]]
 
 
-def test_step_cost_fit_break_even_and_whether_a_step_pays() -> None:
-    cost = StepCost(fixed_ms=90.0, per_token_ms=8.0, draft_step_ms=10.0, min_points=8)
+def test_step_cost_fit_and_break_even() -> None:
+    cost = StepCost(fixed_ms=90.0, per_token_ms=8.0, min_points=8)
     assert cost.break_even(1) == pytest.approx(8 / 98) and cost.break_even(32) == pytest.approx(256 / 346)
-    # Batch 8: a slot costs (90 + 64) / 8 = 19.25 ms; 4 drafts cost 10 + 32 ms.
-    assert cost.step_pays(8, drafted=4, expected_accepted=2.5) and not cost.step_pays(8, drafted=4, expected_accepted=2.0)
     for _ in range(4):
         for tokens in (1, 8, 16, 32):
-            cost.observe(tokens, False, 20.0 + 0.5 * tokens)  # a GPU-like step: verification nearly free
-            cost.observe(tokens + 4, True, 23.0 + 0.5 * (tokens + 4))
-    assert (cost.fixed_ms, cost.per_token_ms, cost.draft_step_ms) == pytest.approx((20.0, 0.5, 3.0))
+            cost.observe(tokens, 20.0 + 0.5 * tokens)  # a GPU-like step: verification nearly free
+    assert cost.fixed_ms == pytest.approx(20.0) and cost.per_token_ms == pytest.approx(0.5)
     assert cost.break_even(8) == pytest.approx(4 / 24)
-    same = StepCost(fixed_ms=90.0, per_token_ms=8.0, draft_step_ms=10.0, min_points=4)
+    same = StepCost(fixed_ms=90.0, per_token_ms=8.0, min_points=4)
     for _ in range(8):
-        same.observe(8, False, 150.0)  # one batch size only: the slope is unknown, keep the prior
+        same.observe(8, 150.0)  # one batch size only: the slope is unknown, keep the prior
     assert same.per_token_ms == 8.0
 
 

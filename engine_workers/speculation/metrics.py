@@ -30,8 +30,6 @@ class SpeculationCollector(Collector):
                                   "(grammar-forced drafts accepted)", value=s["forced_emitted"])
         yield CounterMetricFamily("primerl_spec_generated_tokens", "Tokens emitted by the engine core", value=s["generated"])
         yield CounterMetricFamily("primerl_spec_fallbacks", "Times a draft source was switched off", value=s["fallbacks"])
-        yield CounterMetricFamily("primerl_spec_unpaid_steps", "Steps run without their drafts: expected to save less "
-                                  "than verifying them costs", value=s["unpaid_steps"])
         total_d = s["forced_drafted"] + s["ngram_drafted"]
         yield GaugeMetricFamily("primerl_spec_acceptance_rate", "Accepted over drafted tokens since start",
                                 value=(s["forced_accepted"] + s["ngram_accepted"]) / total_d if total_d else 0.0)
@@ -41,8 +39,7 @@ class SpeculationCollector(Collector):
         yield on
         yield GaugeMetricFamily("primerl_spec_break_even_acceptance", "Acceptance a draft token needs to pay for its "
                                 "verification at the current batch", value=s["break_even"])
-        cost = GaugeMetricFamily("primerl_spec_step_cost_ms", "Fitted step time: fixed + per_token x tokens + draft_step if drafted", labels=["part"])
+        cost = GaugeMetricFamily("primerl_spec_step_cost_ms", "Fitted step time: fixed + per_token x tokens", labels=["part"])
         cost.add_metric(["fixed"], s["step_fixed_ms"])
         cost.add_metric(["per_token"], s["step_per_token_ms"])
-        cost.add_metric(["draft_step"], s["step_draft_ms"])
         yield cost

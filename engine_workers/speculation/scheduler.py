@@ -12,8 +12,7 @@ After each step, for each running request (drafts.py):
    among the tokens the grammar accepts.
 A draft grows while the probability that all of it is accepted stays above the
 break-even acceptance of the current batch, fitted from measured step times
-(step_cost.py): drafts are long at batch 1 and only near-certain at batch 32. A step
-whose drafts are expected to save less than verifying them costs runs without any.
+(step_cost.py): drafts are long at batch 1 and only near-certain at batch 32.
 
 Fallback: a source whose acceptance over its recent drafts falls below the break-even
 (or the configured minimum) is switched off and logged; it comes back on when the
@@ -33,7 +32,7 @@ from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from engine_workers.speculation.drafts import FORCED, NGRAM, DraftToken, OutputsCache, propose
+from engine_workers.speculation.drafts import FORCED, NGRAM, OutputsCache, propose
 from engine_workers.speculation.step_cost import StepCost
 
 log = logging.getLogger("primerl.speculation")
@@ -82,8 +81,7 @@ class GrammarSpecScheduler(Scheduler):
         self._min_acceptance = float(cfg.get("min_acceptance", 0.3))
         self._probe_every = int(cfg.get("probe_every", 50))
         self._stats_path = str(cfg.get("stats_path", ""))
-        self._cost = StepCost(float(cfg.get("fixed_ms", 90.0)), float(cfg.get("per_token_ms", 8.0)),
-                              float(cfg.get("draft_step_ms", 10.0)))
+        self._cost = StepCost(float(cfg.get("fixed_ms", 90.0)), float(cfg.get("per_token_ms", 8.0)))
         window = int(cfg.get("window", 64))
         self._sources = {FORCED: _Source(FORCED, window), NGRAM: _Source(NGRAM, window)}
         self._by_prompt = OutputsCache()
@@ -95,12 +93,9 @@ class GrammarSpecScheduler(Scheduler):
         self._steps = 0
         self._fallbacks = 0
         self._resumes = 0
-        self._unpaid_steps = 0
         self._break_even = 0.0
         self._stats_at = 0.0
         self._step_started = 0.0
-        self._last_tokens = 0  # tokens of the last step, 0 if it does not feed the fit
-        self._last_drafted = False
         self._bitmask: Any = None
 
     # --- drafts ---------------------------------------------------------------------------
@@ -109,7 +104,6 @@ class GrammarSpecScheduler(Scheduler):
         """Replace the (empty) worker drafts with ours."""
         self._decide()
         forced_on, ngram_on = self._sources[FORCED].on, self._sources[NGRAM].on
-        proposals: dict[str, tuple[Any, list[DraftToken]]] = {}
         siblings: dict[int, list[Any]] = {}
         for r in self.running:
             siblings.setdefault(self._key(r)[0], []).append(r)
@@ -128,14 +122,8 @@ class GrammarSpecScheduler(Scheduler):
                     import xgrammar
 
                     self._bitmask = xgrammar.allocate_token_bitmask(1, request.structured_output_request.grammar.vocab_size)
-            proposals[req_id] = (request, propose(request.all_token_ids, sources, self.num_spec_tokens, self._break_even,
-                                                  matcher=matcher, bitmask=self._bitmask, forced=forced_on, ngram=ngram_on))
-        drafted = sum(len(d) for _, d in proposals.values())
-        expected = sum(t.prob for _, d in proposals.values() for t in d)
-        if drafted and not self._cost.step_pays(len(self.running), drafted, expected):
-            self._unpaid_steps += 1  # too little to verify: the step runs without drafts
-            return
-        for req_id, (request, drafts) in proposals.items():
+            drafts = propose(request.all_token_ids, sources, self.num_spec_tokens, self._break_even,
+                             matcher=matcher, bitmask=self._bitmask, forced=forced_on, ngram=ngram_on)
             request.spec_token_ids = [d.token for d in drafts]
             self._pending[req_id] = [d.source for d in drafts]
 
@@ -150,12 +138,8 @@ class GrammarSpecScheduler(Scheduler):
     # --- outcomes and fallback ------------------------------------------------------------
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        """Time the last step from one schedule to the next: the forward pass, sampling,
-        output handling and our drafting all count."""
-        now = time.perf_counter()
-        if self._last_tokens:
-            self._cost.observe(self._last_tokens, self._last_drafted, (now - self._step_started) * 1000)
-        self._step_started, self._last_tokens = now, 0
+        """Time the step from here to the end of `update_from_output`."""
+        self._step_started = time.perf_counter()
         return super().schedule(*args, **kwargs)
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
@@ -182,14 +166,12 @@ class GrammarSpecScheduler(Scheduler):
         return out
 
     def _observe_cost(self, scheduler_output: Any) -> None:
-        """Decode-only steps feed the fit (a prompt chunk would mix in prefill cost), and
-        only when the next step follows at once (no idle wait in the interval)."""
+        """Decode-only steps feed the fit (a prompt chunk would mix in prefill cost)."""
         n_reqs = len(scheduler_output.num_scheduled_tokens)
         tokens = scheduler_output.total_num_scheduled_tokens
         drafts = sum(len(s) for s in scheduler_output.scheduled_spec_decode_tokens.values())
-        decode_only = n_reqs and tokens == n_reqs + drafts
-        self._last_tokens = tokens if decode_only and self.running else 0
-        self._last_drafted = drafts > 0
+        if self._step_started and n_reqs and tokens == n_reqs + drafts:
+            self._cost.observe(tokens, (time.perf_counter() - self._step_started) * 1000)
 
     def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         """Keep a finished sample's output as a draft source for later samples of its prompt and grammar."""
@@ -231,8 +213,7 @@ class GrammarSpecScheduler(Scheduler):
             "forced_emitted": self._forced_emitted, "generated": self._generated, "steps": self._steps,
             "fallbacks": self._fallbacks, "resumes": self._resumes,
             "ngram_on": int(g.on), "forced_on": int(f.on),
-            "unpaid_steps": self._unpaid_steps, "break_even": self._break_even, "step_fixed_ms": self._cost.fixed_ms,
-            "step_per_token_ms": self._cost.per_token_ms, "step_draft_ms": self._cost.draft_step_ms,
+            "break_even": self._break_even, "step_fixed_ms": self._cost.fixed_ms, "step_per_token_ms": self._cost.per_token_ms,
         }
 
     def _write_stats(self, force: bool = False) -> None:
