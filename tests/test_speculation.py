@@ -8,6 +8,7 @@ import xgrammar
 from transformers import AutoTokenizer
 
 from engine_workers.model_store import resolve_model
+from engine_workers.speculation.draft_switch import DraftSwitch
 from engine_workers.speculation.drafts import FORCED, NGRAM, OutputsCache, continuations, propose
 from engine_workers.speculation.step_cost import StepCost
 
@@ -112,3 +113,22 @@ def test_a_free_choice_is_never_forced(compiler) -> None:
     matcher = xgrammar.GrammarMatcher(comp.compile_json_schema(schema, any_whitespace=False, separators=(",", ":")))
     bitmask = xgrammar.allocate_token_bitmask(1, len(tok.get_vocab()))
     assert propose([], [], k=16, min_prob=0.5, matcher=matcher, bitmask=bitmask) == []
+
+
+def test_draft_switch_keeps_the_faster_policy_per_batch_size_and_probes_the_other() -> None:
+    switch = DraftSwitch(window=8, min_steps=4, probe_every=20)
+    # Batch 1: drafting emits tokens faster (2 tokens in 110 ms vs 1 in 100 ms).
+    # Batch 32: slower (32 tokens in 420 ms with drafts vs 32 in 320 ms without).
+    for _ in range(40):
+        for batch, (ms_on, tok_on, ms_off, tok_off) in {1: (110, 2, 100, 1), 32: (420, 32, 320, 32)}.items():
+            arm = switch.choose(batch)
+            switch.observe(batch, arm, ms_on if arm else ms_off, tok_on if arm else tok_off)
+    assert switch.drafting() == {"1": 1, "17-32": 0}
+    assert switch.fallbacks == 1 and switch.resumes == 0
+    # After probe_every steps the losing policy is measured again, briefly.
+    seen = []
+    for _ in range(30):
+        arm = switch.choose(32)
+        seen.append(arm)
+        switch.observe(32, arm, 420 if arm else 320, 32)
+    assert 0 < sum(seen) <= 8 and switch.drafting()["17-32"] == 0, seen

@@ -87,6 +87,10 @@ async def test_speculation_keeps_outputs_valid_emits_forced_tokens_and_falls_bac
     registry.register(SpeculationCollector(engine.speculation_stats))
     page = generate_latest(registry).decode()
     assert "primerl_spec_forced_tokens_emitted_total" in page and 'primerl_spec_drafted_tokens_total{source="forced"}' in page
+    # The live accepted-mask ratio counts the same tokens the replay above checked.
+    replayed = sum(len(tokens) for _, (tokens, _, _) in outputs)
+    assert stats["grammar_tokens"] >= replayed and stats["grammar_tokens_accepted"] == stats["grammar_tokens"], stats
+    assert "primerl_spec_accepted_mask_ratio 1.0" in page
 
     # 3. A workload built to defeat drafts: the prompt pairs common bigrams ("of the",
     # "in the") with junk, so the essay's bigrams draft junk that is rejected; n-gram

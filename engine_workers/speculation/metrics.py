@@ -30,6 +30,11 @@ class SpeculationCollector(Collector):
                                   "(grammar-forced drafts accepted)", value=s["forced_emitted"])
         yield CounterMetricFamily("primerl_spec_generated_tokens", "Tokens emitted by the engine core", value=s["generated"])
         yield CounterMetricFamily("primerl_spec_fallbacks", "Times a draft source was switched off", value=s["fallbacks"])
+        yield CounterMetricFamily("primerl_spec_grammar_tokens", "Emitted tokens of requests with a grammar",
+                                  value=s["grammar_tokens"])
+        yield GaugeMetricFamily("primerl_spec_accepted_mask_ratio", "Share of emitted grammar tokens the grammar mask "
+                                "accepts (must be 1.00)", value=s["grammar_tokens_accepted"] / s["grammar_tokens"]
+                                if s["grammar_tokens"] else 1.0)
         total_d = s["forced_drafted"] + s["ngram_drafted"]
         yield GaugeMetricFamily("primerl_spec_acceptance_rate", "Accepted over drafted tokens since start",
                                 value=(s["forced_accepted"] + s["ngram_accepted"]) / total_d if total_d else 0.0)
@@ -37,6 +42,11 @@ class SpeculationCollector(Collector):
         on.add_metric(["forced"], s["forced_on"])
         on.add_metric(["ngram"], s["ngram_on"])
         yield on
+        by_batch = GaugeMetricFamily("primerl_spec_drafting", "1 while drafting is on for a batch-size bucket (0: steps "
+                                     "without drafts measured faster)", labels=["batch"])
+        for bucket, value in s.get("drafting_by_batch", {}).items():
+            by_batch.add_metric([bucket], value)
+        yield by_batch
         yield GaugeMetricFamily("primerl_spec_break_even_acceptance", "Acceptance a draft token needs to pay for its "
                                 "verification at the current batch", value=s["break_even"])
         cost = GaugeMetricFamily("primerl_spec_step_cost_ms", "Fitted step time: fixed + per_token x tokens", labels=["part"])

@@ -14,10 +14,12 @@ A draft grows while the probability that all of it is accepted stays above the
 break-even acceptance of the current batch, fitted from measured step times
 (step_cost.py): drafts are long at batch 1 and only near-certain at batch 32.
 
-Fallback: a source whose acceptance over its recent drafts falls below the break-even
-(or the configured minimum) is switched off and logged; it comes back on when the
-batch shrinks enough for its last acceptance to pay again, or after `probe_every`
-steps to be measured afresh.
+Fallback, logged as "speculation fallback": a source whose acceptance over its recent
+drafts falls below the break-even (or the configured minimum) is switched off; it
+comes back on when the batch shrinks enough for its last acceptance to pay again, or
+after `probe_every` steps to be measured afresh. And per batch size, drafting as a
+whole stays on only while steps with drafts emit tokens faster than steps without
+(draft_switch.py), which also prices what the linear fit misses.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from engine_workers.speculation.draft_switch import DraftSwitch
 from engine_workers.speculation.drafts import FORCED, NGRAM, OutputsCache, propose
 from engine_workers.speculation.step_cost import StepCost
 
@@ -90,12 +93,18 @@ class GrammarSpecScheduler(Scheduler):
         self._pending: dict[str, list[str]] = {}  # req id -> source of each draft token of this step
         self._forced_emitted = 0
         self._generated = 0
+        self._mask_checked = 0  # emitted tokens of structured requests, checked against their grammar
+        self._mask_accepted = 0
         self._steps = 0
         self._fallbacks = 0
         self._resumes = 0
         self._break_even = 0.0
         self._stats_at = 0.0
         self._step_started = 0.0
+        self._switch = DraftSwitch(probe_every=self._probe_every * 4)
+        self._drafting = True  # decided after a step, for the next one
+        self._step_drafting = True  # what the step being run got
+        self._timed: tuple[int, bool, int] | None = None  # last decode step: batch, drafting, tokens emitted
         self._bitmask: Any = None
 
     # --- drafts ---------------------------------------------------------------------------
@@ -103,6 +112,9 @@ class GrammarSpecScheduler(Scheduler):
     def update_draft_token_ids(self, draft_token_ids: Any) -> None:
         """Replace the (empty) worker drafts with ours."""
         self._decide()
+        self._drafting = self._switch.choose(len(self.running))
+        if not self._drafting:
+            return
         forced_on, ngram_on = self._sources[FORCED].on, self._sources[NGRAM].on
         siblings: dict[int, list[Any]] = {}
         for r in self.running:
@@ -138,8 +150,13 @@ class GrammarSpecScheduler(Scheduler):
     # --- outcomes and fallback ------------------------------------------------------------
 
     def schedule(self, *args: Any, **kwargs: Any) -> Any:
-        """Time the step from here to the end of `update_from_output`."""
-        self._step_started = time.perf_counter()
+        """Time steps: the cost fit from here to the end of `update_from_output`, the draft
+        switch from one schedule to the next (drafting and output handling count too)."""
+        now = time.perf_counter()
+        if self._timed is not None:
+            batch, drafting, tokens = self._timed
+            self._switch.observe(batch, drafting, (now - self._step_started) * 1000, tokens)
+        self._step_started, self._timed, self._step_drafting = now, None, self._drafting
         return super().schedule(*args, **kwargs)
 
     def update_from_output(self, scheduler_output: Any, model_runner_output: Any) -> Any:
@@ -159,19 +176,44 @@ class GrammarSpecScheduler(Scheduler):
             self._forced_emitted += labels[:accepted].count(FORCED)
         if sampled:
             self._generated += sum(len(t) for t in sampled)
+            self._check_mask(sampled, index)
         out = super().update_from_output(scheduler_output, model_runner_output)
-        self._observe_cost(scheduler_output)
+        if self._observe_cost(scheduler_output) and self.running:  # a decode step the next one follows at once
+            self._timed = (len(scheduler_output.num_scheduled_tokens), self._step_drafting, sum(len(t) for t in sampled))
         self._steps += 1
         self._write_stats(force=not self.running)  # idle: make the final counts visible now
         return out
 
-    def _observe_cost(self, scheduler_output: Any) -> None:
-        """Decode-only steps feed the fit (a prompt chunk would mix in prefill cost)."""
+    def _observe_cost(self, scheduler_output: Any) -> bool:
+        """Decode-only steps feed the fit (a prompt chunk would mix in prefill cost); True for one."""
         n_reqs = len(scheduler_output.num_scheduled_tokens)
         tokens = scheduler_output.total_num_scheduled_tokens
         drafts = sum(len(s) for s in scheduler_output.scheduled_spec_decode_tokens.values())
-        if self._step_started and n_reqs and tokens == n_reqs + drafts:
-            self._cost.observe(tokens, (time.perf_counter() - self._step_started) * 1000)
+        if not (self._step_started and n_reqs and tokens == n_reqs + drafts):
+            return False
+        self._cost.observe(tokens, (time.perf_counter() - self._step_started) * 1000)
+        return True
+
+    def _check_mask(self, sampled: list[list[int]], index: dict[str, int]) -> None:
+        """Count the step's tokens of structured requests that their grammar accepts (the
+        accepted-mask ratio, which must stay 1.00), before vLLM advances the matchers."""
+        for req_id, i in index.items():
+            request = self.requests.get(req_id)
+            so = request.structured_output_request if request is not None else None
+            matcher = getattr(so.grammar, "matcher", None) if so is not None else None
+            if matcher is None or not sampled[i]:
+                continue
+            ok = 0
+            for token in sampled[i]:
+                if matcher.is_terminated():
+                    break  # tokens after the grammar's end are not emitted
+                self._mask_checked += 1
+                if not matcher.accept_token(token):
+                    break
+                ok += 1
+            self._mask_accepted += ok
+            if ok:
+                matcher.rollback(ok)
 
     def _free_request(self, request: Any, *args: Any, **kwargs: Any) -> Any:
         """Keep a finished sample's output as a draft source for later samples of its prompt and grammar."""
@@ -211,7 +253,9 @@ class GrammarSpecScheduler(Scheduler):
             "forced_drafted": f.drafted, "forced_accepted": f.accepted,
             "ngram_drafted": g.drafted, "ngram_accepted": g.accepted,
             "forced_emitted": self._forced_emitted, "generated": self._generated, "steps": self._steps,
-            "fallbacks": self._fallbacks, "resumes": self._resumes,
+            "grammar_tokens": self._mask_checked, "grammar_tokens_accepted": self._mask_accepted,
+            "fallbacks": self._fallbacks + self._switch.fallbacks, "resumes": self._resumes + self._switch.resumes,
+            "drafting_by_batch": self._switch.drafting(),
             "ngram_on": int(g.on), "forced_on": int(f.on),
             "break_even": self._break_even, "step_fixed_ms": self._cost.fixed_ms, "step_per_token_ms": self._cost.per_token_ms,
         }

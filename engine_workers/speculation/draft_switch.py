@@ -1,0 +1,109 @@
+"""Whether to draft at all, per batch size: whichever measured faster.
+
+The break-even gate (step_cost.py) prices a draft token from a linear fit, which misses
+costs that come with drafting as such (vLLM's rejection sampler draws batch x vocab
+random numbers, grammar masks are filled per draft position, serially). So per batch
+bucket the engine also times both policies, drafts on and off, as milliseconds per
+emitted token over recent decode steps, keeps the faster, and re-measures the other
+now and then.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+log = logging.getLogger("primerl.speculation")
+
+BUCKET_TOPS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def bucket_of(batch: int) -> int:
+    """Index of the batch-size bucket (1, 2, 3-4, 5-8, ...)."""
+    for i, top in enumerate(BUCKET_TOPS):
+        if batch <= top:
+            return i
+    return len(BUCKET_TOPS)
+
+
+def bucket_name(i: int) -> str:
+    """Human-readable range of bucket `i`."""
+    lo = BUCKET_TOPS[i - 1] + 1 if i else 1
+    hi = BUCKET_TOPS[i] if i < len(BUCKET_TOPS) else None
+    return f"{lo}" if lo == hi else f"{lo}-{hi if hi else ''}"
+
+
+@dataclass
+class _Bucket:
+    window: int
+    history: dict[bool, deque[tuple[float, int]]] = field(default_factory=dict)  # drafting -> (ms, tokens)
+    best: bool = True
+    probe_arm: bool = False
+    probe_left: int = 0
+    since_probe: int = 0
+
+    def __post_init__(self) -> None:
+        self.history = {True: deque(maxlen=self.window), False: deque(maxlen=self.window)}
+
+    def ms_per_token(self, arm: bool) -> float:
+        h = self.history[arm]
+        return sum(ms for ms, _ in h) / max(1, sum(t for _, t in h))
+
+
+class DraftSwitch:
+    """Per batch bucket, drafts on or off, by measured ms per emitted token."""
+
+    def __init__(self, window: int = 16, min_steps: int = 8, probe_every: int = 200) -> None:
+        self._buckets: dict[int, _Bucket] = {}
+        self._window = window
+        self._min_steps = min_steps
+        self._probe_every = probe_every
+        self.fallbacks = 0
+        self.resumes = 0
+
+    def _bucket(self, batch: int) -> _Bucket:
+        return self._buckets.setdefault(bucket_of(batch), _Bucket(self._window))
+
+    def choose(self, batch: int) -> bool:
+        """Whether the next step of `batch` running requests drafts."""
+        b = self._bucket(batch)
+        if b.probe_left > 0:
+            return b.probe_arm
+        for arm in (True, False):  # measure both before trusting either
+            if len(b.history[arm]) < self._min_steps:
+                return arm
+        if b.since_probe >= self._probe_every:
+            b.probe_arm, b.probe_left, b.since_probe = not b.best, self._min_steps, 0
+            b.history[b.probe_arm].clear()
+            return b.probe_arm
+        return b.best
+
+    def observe(self, batch: int, drafted: bool, ms: float, tokens: int) -> None:
+        """A decode step of `batch` requests, run with drafting on or off, took `ms` for `tokens`."""
+        if tokens <= 0:
+            return
+        i = bucket_of(batch)
+        b = self._bucket(batch)
+        b.history[drafted].append((ms, tokens))
+        b.since_probe += 1
+        if b.probe_left and drafted == b.probe_arm:
+            b.probe_left -= 1
+        if min(len(h) for h in b.history.values()) < self._min_steps or b.probe_left:
+            return
+        on, off = b.ms_per_token(True), b.ms_per_token(False)
+        best = on <= off
+        if best != b.best:
+            b.best = best
+            if best:
+                self.resumes += 1
+                log.info("speculation resumed: drafts on at batch %s (%.1f ms/token with drafts, %.1f without)",
+                         bucket_name(i), on, off)
+            else:
+                self.fallbacks += 1
+                log.warning("speculation fallback: drafts off at batch %s (%.1f ms/token with drafts, %.1f without)",
+                            bucket_name(i), on, off)
+
+    def drafting(self) -> dict[str, int]:
+        """Per bucket measured so far: 1 if drafts are on."""
+        return {bucket_name(i): int(b.best) for i, b in sorted(self._buckets.items())}
