@@ -116,7 +116,7 @@ async def phase(engine: Engine, replay: GrammarReplay, workload: str, batch: int
     after = engine.speculation_stats()
     tokens = sum(len(s["tokens"]) for s in samples.values())
     tpots = [(s["last"] - s["first"]) / (len(s["tokens"]) - 1) for s in samples.values() if len(s["tokens"]) > 1]
-    delta = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    delta = {k: v - before.get(k, 0) for k, v in after.items() if isinstance(v, (int, float))}
     drafted = delta.get("forced_drafted", 0) + delta.get("ngram_drafted", 0)
     accepted = delta.get("forced_accepted", 0) + delta.get("ngram_accepted", 0)
     if grammar is not None:

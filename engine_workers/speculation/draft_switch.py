@@ -54,6 +54,8 @@ class _Bucket:
 class DraftSwitch:
     """Per batch bucket, drafts on or off, by measured ms per emitted token."""
 
+    MARGIN = 1.03
+
     def __init__(self, window: int = 16, min_steps: int = 8, probe_every: int = 200) -> None:
         self._buckets: dict[int, _Bucket] = {}
         self._window = window
@@ -92,7 +94,8 @@ class DraftSwitch:
         if min(len(h) for h in b.history.values()) < self._min_steps or b.probe_left:
             return
         on, off = b.ms_per_token(True), b.ms_per_token(False)
-        best = on <= off
+        # A margin against flapping on noise when both policies are about as fast.
+        best = on * self.MARGIN < off if not b.best else on <= off * self.MARGIN
         if best != b.best:
             b.best = best
             if best:
