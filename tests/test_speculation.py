@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from engine_workers.model_store import resolve_model
 from engine_workers.speculation.draft_switch import DraftSwitch
-from engine_workers.speculation.drafts import FORCED, NGRAM, OutputsCache, continuations, propose
+from engine_workers.speculation.drafts import FORCED, FORCED_PROB, NGRAM, LAST_TOKEN_PROB, OutputsCache, continuations, propose
 from engine_workers.speculation.step_cost import StepCost
 
 
@@ -73,46 +73,56 @@ def compiler() -> xgrammar.GrammarCompiler:
     return xgrammar.GrammarCompiler(info), tok
 
 
-def test_forced_tokens_are_the_masks_only_choices_and_leave_the_matcher_as_found(compiler) -> None:
+def _encoder(tok):
+    return lambda text: tok.encode(text, add_special_tokens=False)
+
+
+def test_forced_text_is_drafted_in_the_tokenizers_split_and_leaves_the_matcher_as_found(compiler) -> None:
     comp, tok = compiler
     matcher = xgrammar.GrammarMatcher(comp.compile_regex(r"<answer>[0-9]{1,3}</answer>"))
-    bitmask = xgrammar.allocate_token_bitmask(1, len(tok.get_vocab()))
-    drafts = propose([], [], k=16, min_prob=0.5, matcher=matcher, bitmask=bitmask)
+    drafts = propose([], [], k=16, min_prob=0.3, matcher=matcher, encode=_encoder(tok))
     forced = [d.token for d in drafts]
-    assert forced and "<answer>".startswith(tok.decode(forced)) and {d.source for d in drafts} == {FORCED}
-    assert all(d.prob == 1.0 for d in drafts)
-    assert [d.token for d in propose([], [], k=16, min_prob=0.5, matcher=matcher, bitmask=bitmask)] == forced, \
+    assert forced == tok.encode("<answer>", add_special_tokens=False) and {d.source for d in drafts} == {FORCED}
+    expected = [FORCED_PROB ** (i + 1) for i in range(len(forced))]
+    expected[-1] *= LAST_TOKEN_PROB / FORCED_PROB
+    assert [d.prob for d in drafts] == pytest.approx(expected)
+    assert [d.token for d in propose([], [], k=16, min_prob=0.3, matcher=matcher, encode=_encoder(tok))] == forced, \
         "the matcher was not rolled back"
+    assert len(propose([], [], k=2, min_prob=0.5, matcher=matcher, encode=_encoder(tok))) == 2, "k caps a forced run"
     for t in forced:
         assert matcher.accept_token(t)
-    assert propose(forced, [], k=16, min_prob=0.5, matcher=matcher, bitmask=bitmask) == [], "digits are a free choice"
+    assert propose(forced, [], k=16, min_prob=0.5, matcher=matcher, encode=_encoder(tok)) == [], "digits are a free choice"
+    assert propose([], [], k=16, min_prob=0.5, matcher=xgrammar.GrammarMatcher(comp.compile_regex(r"<answer>[0-9]</answer>")),
+                   forced=False, encode=_encoder(tok)) == [], "forced drafts switched off"
+
+
+def test_the_last_token_of_a_forced_text_is_a_coin_flip(compiler) -> None:
+    # JSON's ": " before a value: the model may glue the space to the value (" true").
+    comp, tok = compiler
+    schema = '{"type":"object","properties":{"ok":{"type":"boolean"}},"required":["ok"],"additionalProperties":false}'
+    matcher = xgrammar.GrammarMatcher(comp.compile_json_schema(schema, any_whitespace=False))
+    drafts = propose([], [], k=16, min_prob=0.0, matcher=matcher, encode=_encoder(tok))
+    assert tok.decode([d.token for d in drafts]) == '{"ok": '
+    assert drafts[-1].prob == pytest.approx(drafts[-2].prob * LAST_TOKEN_PROB)
+    assert tok.decode([d.token for d in propose([], [], k=16, min_prob=0.5, matcher=matcher, encode=_encoder(tok))]) == '{"ok":'
 
 
 def test_the_grammar_vetoes_ngram_votes_and_forced_tokens_follow(compiler) -> None:
     # Earlier outputs mostly continue "<answer>" with letters; the grammar allows only
-    # digits, so the one digit continuation wins the vote among valid tokens.
+    # digits, so the one digit continuation wins the vote among valid tokens, and the
+    # closing tag, forced after one digit, follows it.
     comp, tok = compiler
     matcher = xgrammar.GrammarMatcher(comp.compile_regex(r"<answer>[0-9]</answer>"))
-    bitmask = xgrammar.allocate_token_bitmask(1, len(tok.get_vocab()))
     tag = tok.encode("<answer>", add_special_tokens=False)
     for t in tag:
         assert matcher.accept_token(t)
     seven, letters = tok.encode("7", add_special_tokens=False), tok.encode("xyz", add_special_tokens=False)
     others = [[5] + tag + letters] * 3
-    drafts = propose([1] + tag, others + [[6] + tag + seven], k=8, min_prob=0.05, matcher=matcher, bitmask=bitmask)
+    drafts = propose([1] + tag, others + [[6] + tag + seven], k=8, min_prob=0.05, matcher=matcher, encode=_encoder(tok))
     assert drafts[0].token == seven[0] and drafts[0].source == NGRAM and drafts[0].prob == pytest.approx(0.5)
-    rest = tok.decode([d.token for d in drafts[1:]])
-    assert "</answer>".startswith(rest), rest  # only the closing tag can follow (forced where one token is the only choice)
+    assert [d.token for d in drafts[1:]] == tok.encode("</answer>", add_special_tokens=False)
+    assert {d.source for d in drafts[1:]} == {FORCED}
     assert not matcher.is_terminated() and matcher.accept_token(seven[0]), "the matcher was not rolled back"
-
-
-def test_a_free_choice_is_never_forced(compiler) -> None:
-    # `{` of a JSON object can be spelled by several tokens ("{", '{"', ...): nothing is forced.
-    comp, tok = compiler
-    schema = '{"type":"object","properties":{"age":{"type":"integer"}},"required":["age"],"additionalProperties":false}'
-    matcher = xgrammar.GrammarMatcher(comp.compile_json_schema(schema, any_whitespace=False, separators=(",", ":")))
-    bitmask = xgrammar.allocate_token_bitmask(1, len(tok.get_vocab()))
-    assert propose([], [], k=16, min_prob=0.5, matcher=matcher, bitmask=bitmask) == []
 
 
 def test_draft_switch_keeps_the_faster_policy_per_batch_size_and_probes_the_other() -> None:
@@ -132,3 +142,16 @@ def test_draft_switch_keeps_the_faster_policy_per_batch_size_and_probes_the_othe
         seen.append(arm)
         switch.observe(32, arm, 420 if arm else 320, 32)
     assert 0 < sum(seen) <= 8 and switch.drafting()["17-32"] == 0, seen
+
+
+def test_draft_positions_get_their_requests_temperature_on_cpu() -> None:
+    # vLLM 0.32's CPU expand kernel left these uninitialised (NaN target probabilities).
+    import torch
+    from vllm.v1.sample import rejection_sampler
+
+    from engine_workers.speculation.null_proposer import expand_sampling_params_on_cpu
+
+    expand_sampling_params_on_cpu()
+    out = rejection_sampler.expand_batch_to_tokens(torch.tensor([0.7, -1.0, 1.3]), torch.tensor([2, 2, 5], dtype=torch.int32), 5,
+                                                   replace_from=-1, replace_to=1)
+    assert out.tolist() == pytest.approx([0.7, 0.7, 1.3, 1.3, 1.3])

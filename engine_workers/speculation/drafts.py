@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from array import array
 from collections import Counter, OrderedDict, deque
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any, NamedTuple
-
-import numpy as np
 
 FORCED = "forced"
 NGRAM = "ngram"
@@ -51,72 +49,82 @@ def continuations(context: Sequence[int], sources: Sequence[Sequence[int]], n_ma
     return []
 
 
-def _forced_token(matcher: Any, bitmask: Any) -> int | None:
-    """The only token the grammar allows next, if exactly one is allowed."""
-    # Two possible next characters mean two possible (byte-level) tokens: skip the
-    # full-vocabulary mask unless the next characters are determined.
-    if not matcher.find_jump_forward_string():
-        return None
-    matcher.fill_next_token_bitmask(bitmask, 0)
-    words = bitmask[0].numpy().view(np.uint32)
-    nonzero = np.flatnonzero(words)
-    if len(nonzero) != 1:
-        return None
-    word = int(words[nonzero[0]])
-    if word & (word - 1):  # two or more tokens allowed
-        return None
-    return int(nonzero[0]) * 32 + word.bit_length() - 1
+# A forced text is drafted in the tokenizer's own (canonical) split of it, which is how
+# the model mostly writes it. Its last token is the exception: where free text follows,
+# the model often splits there differently (`":` then `"Bob` rather than `":"` then
+# `Bob`; a trailing space glued to the next word), so it is a coin flip; a text of one
+# token has no such boundary inside it.
+FORCED_PROB = 0.95
+LAST_TOKEN_PROB = 0.5
+
+
+def forced_tokens(matcher: Any, encode: Callable[[str], Sequence[int]]) -> list[tuple[int, float]]:
+    """The text the grammar forces from here on (its jump-forward string), as tokens, each
+    with the probability that the model writes it."""
+    text = matcher.find_jump_forward_string()
+    if not text:
+        return []
+    ids = encode(text)
+    return [(t, LAST_TOKEN_PROB if i == len(ids) - 1 and i else FORCED_PROB) for i, t in enumerate(ids)]
 
 
 def propose(context: Sequence[int], sources: Sequence[Sequence[int]], k: int, min_prob: float, *,
-            matcher: Any = None, bitmask: Any = None, forced: bool = True, ngram: bool = True) -> list[DraftToken]:
+            matcher: Any = None, encode: Callable[[str], Sequence[int]] | None = None, forced: bool = True,
+            ngram: bool = True) -> list[DraftToken]:
     """Up to `k` draft tokens for a request whose tokens so far are `context`.
 
-    Per position: the grammar's only allowed token if there is one (probability 1;
-    exact at the token level, unlike a jump-forward string, whose tokenisation may
-    differ from the model's); otherwise the continuation most of the matching
-    n-grams in `sources` agree on, among those the grammar accepts, with probability
-    votes / (valid votes + 1), so one lone match counts as a coin flip. Drafting
-    stops where the running probability falls below `min_prob`. The matcher is
-    left as found.
+    Where the grammar forces the next characters, their tokens (`forced_tokens`, needs
+    `encode`); otherwise the continuation most of the matching n-grams in `sources`
+    agree on, among those the grammar accepts, with probability votes / (valid votes + 1),
+    so one lone match counts as a coin flip. Every draft token is one the grammar
+    accepts; drafting stops where the running probability falls below `min_prob`. The
+    matcher is left as found.
     """
     context = list(context)
     out: list[DraftToken] = []
-    accepted = 0  # tokens pushed into the matcher, rolled back at the end
+    pushed = 0  # tokens pushed into the matcher, rolled back at the end
     prob = 1.0
     cands: list[tuple[Sequence[int], int]] | None = None
+
+    def push(token: int) -> bool:
+        nonlocal pushed
+        if matcher is None:
+            return True
+        if not matcher.accept_token(token):
+            return False
+        pushed += 1
+        return True
+
     try:
-        while len(out) < k:
-            if matcher is not None and matcher.is_terminated():
+        while len(out) < k and not (matcher is not None and matcher.is_terminated()):
+            run = forced_tokens(matcher, encode) if forced and matcher is not None and encode is not None else []
+            if run:
+                for token, p in run[: k - len(out)]:
+                    if prob * p < min_prob or not push(token):
+                        return out
+                    prob *= p
+                    out.append(DraftToken(token, FORCED, prob))
+                cands = None  # the context moved on by a run no n-gram match predicted
+                continue
+            if not ngram:
                 break
-            only = _forced_token(matcher, bitmask) if forced and matcher is not None else None
-            if only is not None:
-                if not matcher.accept_token(only):
+            if not cands:
+                cands = continuations(context + [t.token for t in out], sources)
+            votes = Counter(src[j] for src, j in cands if j < len(src))
+            total, token, p = sum(votes.values()), None, 0.0
+            for tok, count in votes.most_common():
+                if push(tok):
+                    token, p = tok, count / (total + 1)
                     break
-                accepted += 1
-                token, source, p = only, FORCED, 1.0
-            else:
-                if not ngram:
-                    break
-                if not cands:
-                    cands = continuations(context + [t.token for t in out], sources)
-                votes = Counter(src[j] for src, j in cands if j < len(src))
-                total, token = sum(votes.values()), None
-                for tok, count in votes.most_common():
-                    if matcher is None or matcher.accept_token(tok):
-                        accepted += matcher is not None
-                        token, p = tok, count / (total + 1)
-                        break
-                    total -= count  # the grammar rules it out: not a real alternative
-                if token is None or prob * p < min_prob:
-                    break
-                source = NGRAM
+                total -= count  # the grammar rules it out: not a real alternative
+            if token is None or prob * p < min_prob:
+                break  # (a pushed but undrafted token is rolled back with the rest)
             prob *= p
-            out.append(DraftToken(token, source, prob))
-            cands = [(src, j + 1) for src, j in cands or () if j < len(src) and src[j] == token]
+            out.append(DraftToken(token, NGRAM, prob))
+            cands = [(src, j + 1) for src, j in cands if j < len(src) and src[j] == token]
     finally:
-        if accepted:
-            matcher.rollback(accepted)
+        if pushed:
+            matcher.rollback(pushed)
     return out
 
 

@@ -33,6 +33,34 @@ def sample_plainly_without_drafts() -> None:
     GPUModelRunner._sample = _sample  # type: ignore[method-assign]
 
 
+def expand_sampling_params_on_cpu() -> None:
+    """Give every draft position its request's temperature (and top-k/top-p) on the CPU.
+
+    vLLM 0.32's CPU replacement for the Triton `expand_kernel` converts its output to
+    int64 first (`_ensure_int64`) and writes into that copy, so the per-position
+    temperatures stay uninitialised memory: with temperature sampling the target
+    probabilities of draft positions came out NaN, and drafts the grammar made certain
+    were rejected (measured: a forced `}` with masked probability 1.0 rejected; forced
+    drafts accepted 41 % of the time at temperature 1, 83 % greedy). Greedy requests
+    never read these values, which is why only RL-style sampling suffered.
+    """
+    from vllm.platforms import current_platform
+    from vllm.v1.sample import rejection_sampler
+
+    if not current_platform.is_cpu() or getattr(rejection_sampler.expand_batch_to_tokens, "primerl_fixed", False):
+        return
+    import torch
+
+    def expand_batch_to_tokens(x: Any, cu_num_tokens: Any, num_tokens: int, replace_from: int = 0,
+                               replace_to: int = 0) -> Any:
+        counts = torch.diff(cu_num_tokens.to(torch.int64), prepend=cu_num_tokens.new_zeros(1, dtype=torch.int64))
+        x = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
+        return x.repeat_interleave(counts, output_size=num_tokens)
+
+    expand_batch_to_tokens.primerl_fixed = True  # type: ignore[attr-defined]
+    rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
+
+
 class NullProposer:
     """Proposes no draft tokens; the scheduler fills them in."""
 
@@ -40,6 +68,7 @@ class NullProposer:
         self.vllm_config = vllm_config
         # Built inside the worker process, once per model runner: the place to adjust it.
         sample_plainly_without_drafts()
+        expand_sampling_params_on_cpu()
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """Nothing to load."""

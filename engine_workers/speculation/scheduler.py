@@ -5,7 +5,8 @@ come from `additional_config["primerl_speculation"]` (set by engine.py); counter
 to the JSON file named there (read by the worker for /metrics).
 
 After each step, for each running request (drafts.py):
-1. forced: a token that is the grammar mask's only choice is drafted with probability 1;
+1. forced: where the grammar forces the next characters (a JSON key with its quotes and
+   colon, a closing tag), their tokens in the tokenizer's own split;
 2. n-gram: otherwise, the continuation that most matches of the request's last tokens
    agree on, in its running siblings (samples of the same prompt), earlier finished
    outputs of the same grammar (or, without one, of the same prompt) and its prompt,
@@ -24,12 +25,13 @@ whole stays on only while steps with drafts emit tokens faster than steps withou
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -105,7 +107,7 @@ class GrammarSpecScheduler(Scheduler):
         self._drafting = True  # decided after a step, for the next one
         self._step_drafting = True  # what the step being run got
         self._timed: tuple[int, bool, int] | None = None  # last decode step: batch, drafting, tokens emitted
-        self._bitmask: Any = None
+        self._encode = self._forced_text_encoder()
 
     # --- drafts ---------------------------------------------------------------------------
 
@@ -127,17 +129,25 @@ class GrammarSpecScheduler(Scheduler):
             sources = [r.output_token_ids for r in siblings.get(prompt_key, ()) if r is not request]
             sources += self._by_grammar.get(grammar_key) if grammar_key is not None else self._by_prompt.get(prompt_key)
             sources.append(request.prompt_token_ids or [])
-            matcher = None
-            if request.structured_output_request is not None:
-                matcher = getattr(request.structured_output_request.grammar, "matcher", None)
-                if matcher is not None and self._bitmask is None:
-                    import xgrammar
-
-                    self._bitmask = xgrammar.allocate_token_bitmask(1, request.structured_output_request.grammar.vocab_size)
+            so = request.structured_output_request
+            matcher = getattr(so.grammar, "matcher", None) if so is not None else None
             drafts = propose(request.all_token_ids, sources, self.num_spec_tokens, self._break_even,
-                             matcher=matcher, bitmask=self._bitmask, forced=forced_on, ngram=ngram_on)
+                             matcher=matcher, encode=self._encode, forced=forced_on, ngram=ngram_on)
             request.spec_token_ids = [d.token for d in drafts]
             self._pending[req_id] = [d.source for d in drafts]
+
+    def _forced_text_encoder(self) -> Callable[[str], tuple[int, ...]] | None:
+        """Text -> token ids with the engine's tokenizer, cached: forced texts (JSON keys,
+        closing tags) recur in every output of a grammar."""
+        tokenizer = getattr(self.structured_output_manager, "tokenizer", None)
+        if tokenizer is None:
+            return None
+
+        @functools.lru_cache(maxsize=4096)
+        def encode(text: str) -> tuple[int, ...]:
+            return tuple(tokenizer.encode(text, add_special_tokens=False))
+
+        return encode
 
     def _key(self, request: Any) -> tuple[int, Hashable | None]:
         key = self._keys.get(request.request_id)
@@ -171,6 +181,9 @@ class GrammarSpecScheduler(Scheduler):
             # draft is replaced by a different, recovered token; a finished request
             # has no bonus token, so the count cannot come from the length alone).
             accepted = _common_prefix(spec, sampled[index[req_id]])
+            if FORCED in labels and os.environ.get("DBG"):
+                tk = self.structured_output_manager.tokenizer
+                print("DBG", labels, tk.convert_ids_to_tokens(spec), tk.convert_ids_to_tokens(sampled[index[req_id]]), accepted, flush=True)
             for name, source in self._sources.items():
                 source.observe(labels.count(name), labels[:accepted].count(name))
             self._forced_emitted += labels[:accepted].count(FORCED)
