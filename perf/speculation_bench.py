@@ -197,7 +197,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
     p.add_argument("--max-tokens", type=int, default=48)
-    p.add_argument("--k", type=int, default=4, help="draft tokens per step at most")
+    p.add_argument("--k", type=int, default=6, help="draft tokens per step at most")
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     setup_logging("WARNING")

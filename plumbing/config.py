@@ -60,7 +60,7 @@ class EngineConfig(BaseModel):
     # 2 CPU cores with SmolLM2-135M fp32 eager. A source whose acceptance falls below
     # the break-even or spec_min_acceptance is switched off, probed again later.
     speculation: bool = False
-    num_speculative_tokens: int = 4
+    num_speculative_tokens: int = 6
     spec_min_acceptance: float = 0.3
     spec_step_fixed_ms: float = 90.0
     spec_step_per_token_ms: float = 8.0

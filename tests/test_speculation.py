@@ -89,6 +89,10 @@ def test_forced_text_is_drafted_in_the_tokenizers_split_and_leaves_the_matcher_a
     assert [d.token for d in propose([], [], k=16, min_prob=0.3, matcher=matcher, encode=_encoder(tok))] == forced, \
         "the matcher was not rolled back"
     assert len(propose([], [], k=2, min_prob=0.5, matcher=matcher, encode=_encoder(tok))) == 2, "k caps a forced run"
+    rarely = {forced[1]}  # learned: the model seldom writes this one as drafted
+    learned = propose([], [], k=16, min_prob=0.3, matcher=matcher, encode=_encoder(tok),
+                      learned=lambda t, prior: 0.1 if t in rarely else prior)
+    assert [d.token for d in learned] == forced[:1], "drafting stops before a forced token the model seldom takes"
     for t in forced:
         assert matcher.accept_token(t)
     assert propose(forced, [], k=16, min_prob=0.5, matcher=matcher, encode=_encoder(tok)) == [], "digits are a free choice"

@@ -58,25 +58,28 @@ FORCED_PROB = 0.95
 LAST_TOKEN_PROB = 0.5
 
 
-def forced_tokens(matcher: Any, encode: Callable[[str], Sequence[int]]) -> list[tuple[int, float]]:
+def forced_tokens(matcher: Any, encode: Callable[[str], Sequence[int]],
+                  learned: Callable[[int, float], float] | None = None) -> list[tuple[int, float]]:
     """The text the grammar forces from here on (its jump-forward string), as tokens, each
-    with the probability that the model writes it."""
+    with the probability that the model writes it: the prior above, or what `learned`
+    makes of it (token, prior) from how often the model wrote that token before."""
     text = matcher.find_jump_forward_string()
     if not text:
         return []
     ids = encode(text)
-    return [(t, LAST_TOKEN_PROB if i == len(ids) - 1 and i else FORCED_PROB) for i, t in enumerate(ids)]
+    priors = [LAST_TOKEN_PROB if i == len(ids) - 1 and i else FORCED_PROB for i in range(len(ids))]
+    return [(t, learned(t, p) if learned else p) for t, p in zip(ids, priors)]
 
 
 def propose(context: Sequence[int], sources: Sequence[Sequence[int]], k: int, min_prob: float, *,
             matcher: Any = None, encode: Callable[[str], Sequence[int]] | None = None, forced: bool = True,
-            ngram: bool = True) -> list[DraftToken]:
+            ngram: bool = True, learned: Callable[[int, float], float] | None = None) -> list[DraftToken]:
     """Up to `k` draft tokens for a request whose tokens so far are `context`.
 
     Where the grammar forces the next characters, their tokens (`forced_tokens`, needs
-    `encode`); otherwise the continuation most of the matching n-grams in `sources`
-    agree on, among those the grammar accepts, with probability votes / (valid votes + 1),
-    so one lone match counts as a coin flip. Every draft token is one the grammar
+    `encode`; `learned` goes to it); otherwise the continuation most of the matching
+    n-grams in `sources` agree on, among those the grammar accepts, with probability
+    votes / (valid votes + 1), so one lone match counts as a coin flip. Every draft token is one the grammar
     accepts; drafting stops where the running probability falls below `min_prob`. The
     matcher is left as found.
     """
@@ -97,7 +100,7 @@ def propose(context: Sequence[int], sources: Sequence[Sequence[int]], k: int, mi
 
     try:
         while len(out) < k and not (matcher is not None and matcher.is_terminated()):
-            run = forced_tokens(matcher, encode) if forced and matcher is not None and encode is not None else []
+            run = forced_tokens(matcher, encode, learned) if forced and matcher is not None and encode is not None else []
             if run:
                 for token, p in run[: k - len(out)]:
                     if prob * p < min_prob or not push(token):
