@@ -6,7 +6,8 @@ to the JSON file named there (read by the worker for /metrics).
 
 After each step, for each running request (drafts.py):
 1. forced: where the grammar forces the next characters (a JSON key with its quotes and
-   colon, a closing tag), their tokens in the tokenizer's own split;
+   colon, a closing tag), their tokens in the tokenizer's own split, each as likely as
+   the model has taken that forced token so far;
 2. n-gram: otherwise, the continuation that most matches of the request's last tokens
    agree on, in its running siblings (samples of the same prompt), earlier finished
    outputs of the same grammar (or, without one, of the same prompt) and its prompt,
