@@ -137,7 +137,7 @@ def test_draft_switch_keeps_the_faster_policy_per_batch_size_and_probes_the_othe
         for batch, (ms_on, tok_on, ms_off, tok_off) in {1: (110, 2, 100, 1), 32: (420, 32, 320, 32)}.items():
             arm = switch.choose(batch)
             switch.observe(batch, arm, ms_on if arm else ms_off, tok_on if arm else tok_off)
-    assert switch.drafting() == {"1": 1, "17-32": 0}
+    assert switch.drafting() == {"any": {"1": 1, "17-32": 0}}
     assert switch.fallbacks == 1 and switch.resumes == 0
     # After probe_every steps the losing policy is measured again, briefly.
     seen = []
@@ -145,7 +145,9 @@ def test_draft_switch_keeps_the_faster_policy_per_batch_size_and_probes_the_othe
         arm = switch.choose(32)
         seen.append(arm)
         switch.observe(32, arm, 420 if arm else 320, 32)
-    assert 0 < sum(seen) <= 8 and switch.drafting()["17-32"] == 0, seen
+    assert 0 < sum(seen) <= 8 and switch.drafting()["any"]["17-32"] == 0, seen
+    # Another workload at the same batch size starts afresh (measures drafting first).
+    assert switch.choose(32, "json") is True and switch.drafting()["any"]["17-32"] == 0
 
 
 def test_draft_positions_get_their_requests_temperature_on_cpu() -> None:

@@ -1,11 +1,13 @@
-"""Whether to draft at all, per batch size: whichever measured faster.
+"""Whether to draft at all, per workload and batch size: whichever measured faster.
 
 The break-even gate (step_cost.py) prices a draft token from a linear fit, which misses
 costs that come with drafting as such (vLLM's rejection sampler draws batch x vocab
 random numbers, grammar masks are filled per draft position, serially). So per batch
 bucket the engine also times both policies, drafts on and off, as milliseconds per
 emitted token over recent decode steps, keeps the faster, and re-measures the other
-now and then.
+now and then. Per workload too (the grammar most running requests follow, or free
+text): whether drafts pay depends on what is drafted, and a verdict learned on free
+text must not hold back JSON records at the same batch size.
 """
 
 from __future__ import annotations
@@ -52,24 +54,24 @@ class _Bucket:
 
 
 class DraftSwitch:
-    """Per batch bucket, drafts on or off, by measured ms per emitted token."""
+    """Per workload and batch bucket, drafts on or off, by measured ms per emitted token."""
 
     MARGIN = 1.03
 
     def __init__(self, window: int = 16, min_steps: int = 8, probe_every: int = 200) -> None:
-        self._buckets: dict[int, _Bucket] = {}
+        self._buckets: dict[tuple[str, int], _Bucket] = {}
         self._window = window
         self._min_steps = min_steps
         self._probe_every = probe_every
         self.fallbacks = 0
         self.resumes = 0
 
-    def _bucket(self, batch: int) -> _Bucket:
-        return self._buckets.setdefault(bucket_of(batch), _Bucket(self._window))
+    def _bucket(self, workload: str, batch: int) -> _Bucket:
+        return self._buckets.setdefault((workload, bucket_of(batch)), _Bucket(self._window))
 
-    def choose(self, batch: int) -> bool:
-        """Whether the next step of `batch` running requests drafts."""
-        b = self._bucket(batch)
+    def choose(self, batch: int, workload: str = "any") -> bool:
+        """Whether the next step of `batch` running requests of `workload` drafts."""
+        b = self._bucket(workload, batch)
         if b.probe_left > 0:
             return b.probe_arm
         for arm in (True, False):  # measure both before trusting either
@@ -81,12 +83,13 @@ class DraftSwitch:
             return b.probe_arm
         return b.best
 
-    def observe(self, batch: int, drafted: bool, ms: float, tokens: int) -> None:
-        """A decode step of `batch` requests, run with drafting on or off, took `ms` for `tokens`."""
+    def observe(self, batch: int, drafted: bool, ms: float, tokens: int, workload: str = "any") -> None:
+        """A decode step of `batch` requests of `workload`, run with drafting on or off, took
+        `ms` for `tokens`."""
         if tokens <= 0:
             return
         i = bucket_of(batch)
-        b = self._bucket(batch)
+        b = self._bucket(workload, batch)
         b.history[drafted].append((ms, tokens))
         b.since_probe += 1
         if b.probe_left and drafted == b.probe_arm:
@@ -100,13 +103,16 @@ class DraftSwitch:
             b.best = best
             if best:
                 self.resumes += 1
-                log.info("speculation resumed: drafts on at batch %s (%.1f ms/token with drafts, %.1f without)",
-                         bucket_name(i), on, off)
+                log.info("speculation resumed: drafts on at batch %s of %s (%.1f ms/token with drafts, %.1f without)",
+                         bucket_name(i), workload, on, off)
             else:
                 self.fallbacks += 1
-                log.warning("speculation fallback: drafts off at batch %s (%.1f ms/token with drafts, %.1f without)",
-                            bucket_name(i), on, off)
+                log.warning("speculation fallback: drafts off at batch %s of %s (%.1f ms/token with drafts, %.1f "
+                            "without)", bucket_name(i), workload, on, off)
 
-    def drafting(self) -> dict[str, int]:
-        """Per bucket measured so far: 1 if drafts are on."""
-        return {bucket_name(i): int(b.best) for i, b in sorted(self._buckets.items())}
+    def drafting(self) -> dict[str, dict[str, int]]:
+        """Per workload and bucket measured so far: 1 if drafts are on."""
+        out: dict[str, dict[str, int]] = {}
+        for (workload, i), b in sorted(self._buckets.items()):
+            out.setdefault(workload, {})[bucket_name(i)] = int(b.best)
+        return out

@@ -42,10 +42,12 @@ class SpeculationCollector(Collector):
         on.add_metric(["forced"], s["forced_on"])
         on.add_metric(["ngram"], s["ngram_on"])
         yield on
-        by_batch = GaugeMetricFamily("primerl_spec_drafting", "1 while drafting is on for a batch-size bucket (0: steps "
-                                     "without drafts measured faster)", labels=["batch"])
-        for bucket, value in s.get("drafting_by_batch", {}).items():
-            by_batch.add_metric([bucket], value)
+        by_batch = GaugeMetricFamily("primerl_spec_drafting", "1 while drafting is on for a workload (grammar, or free "
+                                     "text) and batch-size bucket (0: steps without drafts measured faster)",
+                                     labels=["workload", "batch"])
+        for workload, buckets in s.get("drafting_by_batch", {}).items():
+            for bucket, value in buckets.items():
+                by_batch.add_metric([workload, bucket], value)
         yield by_batch
         yield GaugeMetricFamily("primerl_spec_break_even_acceptance", "Acceptance a draft token needs to pay for its "
                                 "verification at the current batch", value=s["break_even"])

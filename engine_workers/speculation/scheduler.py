@@ -31,7 +31,8 @@ import json
 import logging
 import os
 import time
-from collections import deque
+import zlib
+from collections import Counter, deque
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -107,7 +108,8 @@ class GrammarSpecScheduler(Scheduler):
         self._switch = DraftSwitch(probe_every=self._probe_every * 4)
         self._drafting = True  # decided after a step, for the next one
         self._step_drafting = True  # what the step being run got
-        self._timed: tuple[int, bool, int] | None = None  # last decode step: batch, drafting, tokens emitted
+        self._timed: tuple[int, bool, int, str] | None = None  # last decode step: batch, drafting, tokens, workload
+        self._workload = "free text"  # of the step being run: what most running requests follow
         self._encode = self._forced_text_encoder()
         self._forced_seen: dict[int, tuple[int, int]] = {}  # forced token -> (accepted, verified)
 
@@ -116,7 +118,8 @@ class GrammarSpecScheduler(Scheduler):
     def update_draft_token_ids(self, draft_token_ids: Any) -> None:
         """Replace the (empty) worker drafts with ours."""
         self._decide()
-        self._drafting = self._switch.choose(len(self.running))
+        self._workload = self._running_workload()
+        self._drafting = self._switch.choose(len(self.running), self._workload)
         if not self._drafting:
             return
         forced_on, ngram_on = self._sources[FORCED].on, self._sources[NGRAM].on
@@ -158,6 +161,17 @@ class GrammarSpecScheduler(Scheduler):
         accepted, verified = self._forced_seen.get(token, (0, 0))
         return (accepted + 4 * prior) / (verified + 4)
 
+    def _running_workload(self) -> str:
+        """The grammar most running requests follow (kind and a short stable hash), or free text."""
+        counts = Counter(self._key(r)[1] for r in self.running)
+        if not counts:
+            return self._workload
+        key = counts.most_common(1)[0][0]
+        if key is None:
+            return "free text"
+        kind = getattr(key[0], "name", str(key[0])).lower() if isinstance(key, tuple) else "grammar"
+        return f"{kind} {zlib.crc32(repr(key).encode()):08x}"
+
     def _key(self, request: Any) -> tuple[int, Hashable | None]:
         key = self._keys.get(request.request_id)
         if key is None:
@@ -173,8 +187,8 @@ class GrammarSpecScheduler(Scheduler):
         switch from one schedule to the next (drafting and output handling count too)."""
         now = time.perf_counter()
         if self._timed is not None:
-            batch, drafting, tokens = self._timed
-            self._switch.observe(batch, drafting, (now - self._step_started) * 1000, tokens)
+            batch, drafting, tokens, workload = self._timed
+            self._switch.observe(batch, drafting, (now - self._step_started) * 1000, tokens, workload)
         self._step_started, self._timed, self._step_drafting = now, None, self._drafting
         return super().schedule(*args, **kwargs)
 
@@ -206,7 +220,8 @@ class GrammarSpecScheduler(Scheduler):
             self._check_mask(sampled, index)
         out = super().update_from_output(scheduler_output, model_runner_output)
         if self._observe_cost(scheduler_output) and self.running:  # a decode step the next one follows at once
-            self._timed = (len(scheduler_output.num_scheduled_tokens), self._step_drafting, sum(len(t) for t in sampled))
+            self._timed = (len(scheduler_output.num_scheduled_tokens), self._step_drafting, sum(len(t) for t in sampled),
+                           self._workload)
         self._steps += 1
         self._write_stats(force=not self.running)  # idle: make the final counts visible now
         return out
