@@ -19,9 +19,10 @@ break-even acceptance of the current batch, fitted from measured step times
 Fallback, logged as "speculation fallback": a source whose acceptance over its recent
 drafts falls below the break-even (or the configured minimum) is switched off; it
 comes back on when the batch shrinks enough for its last acceptance to pay again, or
-after `probe_every` steps to be measured afresh. And per batch size, drafting as a
-whole stays on only while steps with drafts emit tokens faster than steps without
-(draft_switch.py), which also prices what the linear fit misses.
+after `probe_every` steps to be measured afresh. And per workload (the grammar most
+running requests follow, or free text) and batch size, drafting as a whole stays on
+only while steps with drafts emit tokens faster than steps without (draft_switch.py),
+which also prices what the linear fit misses.
 """
 
 from __future__ import annotations
