@@ -7,7 +7,7 @@ to 4 samples of one prompt, as GRPO sends them, a new group starting as one ends
 Every structured output is replayed through the grammar's token mask
 (engine_workers/speculation/conformance.py).
 
-    python -m perf.speculation_bench --batches 1,8,32 --max-tokens 48
+    python -m perf.speculation_bench --batches 1,8,32 --max-tokens 48 --warmup 1 --repeats 2
 
 Writes artifacts/speculation_bench.csv (workload, batch, speculation, tokens_per_s,
 tpot_ms, acceptance_rate, forced_token_share, accepted_mask_ratio, grammar_violations)
@@ -81,7 +81,7 @@ async def phase(engine: Engine, replay: GrammarReplay, workload: str, batch: int
     grammar, template = WORKLOADS[workload]
     group = min(4, batch)
     # Sustained concurrency, as an engine worker serves a topic: `batch` samples in
-    # flight, a new group starting as one ends, max(8, 2 x batch) samples in all (a
+    # flight, a new group starting as one ends, max(16, 4 x batch) samples in all (a
     # closed batch would time mostly its longest sample).
     in_flight = asyncio.Semaphore(batch // group)
     tok = engine.tokenizer
@@ -109,8 +109,11 @@ async def phase(engine: Engine, replay: GrammarReplay, workload: str, batch: int
                 s["text"].append(d.text)
                 s["finish"] = d.finish_reason or s["finish"]
 
+    # vLLM's shared-memory readers busy-loop for 1 s after their last message: let the
+    # other engine's processes go idle first, or they take a core from this phase.
+    await asyncio.sleep(1.5)
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(p) for p in range(max(8, 2 * batch) // group)))
+    await asyncio.gather(*(one(p) for p in range(max(16, 4 * batch) // group)))
     wall = time.perf_counter() - t0
     await asyncio.sleep(0.2)
     after = engine.speculation_stats()
@@ -140,29 +143,36 @@ async def bench(args: argparse.Namespace) -> None:
         await e.start()
         engines[mode] = e
     replay = GrammarReplay(engines["off"].tokenizer)
-    rows = []
-    jobs = [(w, b, r) for r in range(args.repeats) for w in WORKLOADS for b in args.batches]
+    rows: list[Row] = []
+    warm: list[Row] = []  # their violations still count
+    # Warm-up rounds are run but not recorded: a worker serves a topic for hours, so what
+    # counts is speculation after its draft switch has measured each workload and batch
+    # size (a short phase would otherwise time mostly that exploration).
+    jobs = [(w, b, r) for r in range(args.warmup + args.repeats) for w in args.workloads for b in args.batches]
     try:
         for i, (workload, batch, rep) in enumerate(tqdm(jobs, desc="phases")):
             for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
-                rows.append(await phase(engines[mode], replay, workload, batch, args.max_tokens, seed=rep * 1000 + i))
-                tqdm.write(msgspec.json.encode(rows[-1]).decode())
+                row = await phase(engines[mode], replay, workload, batch, args.max_tokens, seed=rep * 1000 + i)
+                tqdm.write(("warm-up " if rep < args.warmup else "") + msgspec.json.encode(row).decode())
+                (rows if rep >= args.warmup else warm).append(row)
     finally:
         for e in engines.values():
             e.shutdown()
-    merged = _mean_over_repeats(rows)
+    merged = _mean_over_repeats(rows, warm)
     write_csv(ARTIFACTS / "speculation_bench.csv", merged)
     plot(merged)
     print(f"wrote {ARTIFACTS}/speculation_bench.csv and .png")
 
 
-def _mean_over_repeats(rows: list[Row]) -> list[Row]:
+def _mean_over_repeats(rows: list[Row], warm: list[Row]) -> list[Row]:
+    """Rows averaged over repeats; grammar violations summed over every round, warm-up included."""
     out = []
     keys = sorted({(r.workload, r.batch, r.speculation) for r in rows}, key=lambda k: (list(WORKLOADS).index(k[0]), k[1], k[2]))
     for key in keys:
         rs = [r for r in rows if (r.workload, r.batch, r.speculation) == key]
         mean = {f: sum(getattr(r, f) for r in rs) / len(rs) for f in Row.__struct_fields__[3:-1]}
-        out.append(Row(*key, **mean, grammar_violations=sum(r.grammar_violations for r in rs)))
+        violations = sum(r.grammar_violations for r in rs + warm if (r.workload, r.batch, r.speculation) == key)
+        out.append(Row(*key, **mean, grammar_violations=violations))
     return out
 
 
@@ -196,9 +206,11 @@ def main() -> None:
     """CLI of the benchmark."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
+    p.add_argument("--workloads", type=lambda s: s.split(","), default=list(WORKLOADS), help=",".join(WORKLOADS))
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--k", type=int, default=6, help="draft tokens per step at most")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1, help="unrecorded rounds first (the draft switch learns)")
     args = p.parse_args()
     setup_logging("WARNING")
     run(bench(args))
