@@ -205,9 +205,6 @@ class GrammarSpecScheduler(Scheduler):
             # draft is replaced by a different, recovered token; a finished request
             # has no bonus token, so the count cannot come from the length alone).
             accepted = _common_prefix(spec, sampled[index[req_id]])
-            if FORCED in labels and os.environ.get("DBG"):
-                tk = self.structured_output_manager.tokenizer
-                print("DBG", labels, tk.convert_ids_to_tokens(spec), tk.convert_ids_to_tokens(sampled[index[req_id]]), accepted, flush=True)
             for name, source in self._sources.items():
                 source.observe(labels.count(name), labels[:accepted].count(name))
             # Each forced draft up to the first rejection was verified (the ones after it were not).
