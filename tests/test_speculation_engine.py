@@ -104,3 +104,7 @@ async def test_speculation_keeps_outputs_valid_emits_forced_tokens_and_falls_bac
         if stats["fallbacks"] > before:
             break
     assert stats["fallbacks"] > before, stats
+    # Draft sources are judged per workload: the JSON/answer-tag runs above and this free text each have their own.
+    assert "free text" in stats["sources_on"] and len(stats["sources_on"]) >= 2, stats["sources_on"]
+    page = generate_latest(registry).decode()
+    assert 'primerl_spec_source_on{source="ngram",workload="free text"}' in page

@@ -38,9 +38,11 @@ class SpeculationCollector(Collector):
         total_d = s["forced_drafted"] + s["ngram_drafted"]
         yield GaugeMetricFamily("primerl_spec_acceptance_rate", "Accepted over drafted tokens since start",
                                 value=(s["forced_accepted"] + s["ngram_accepted"]) / total_d if total_d else 0.0)
-        on = GaugeMetricFamily("primerl_spec_source_on", "1 while a draft source is on (0: fallen back)", labels=["source"])
-        on.add_metric(["forced"], s["forced_on"])
-        on.add_metric(["ngram"], s["ngram_on"])
+        on = GaugeMetricFamily("primerl_spec_source_on", "1 while a draft source is on for a workload (0: fallen back)",
+                               labels=["source", "workload"])
+        for workload, sources in s.get("sources_on", {}).items():
+            for source, value in sources.items():
+                on.add_metric([source, workload], value)
         yield on
         by_batch = GaugeMetricFamily("primerl_spec_drafting", "1 while drafting is on for a workload (grammar, or free "
                                      "text) and batch-size bucket (0: steps without drafts measured faster)",

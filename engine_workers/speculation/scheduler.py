@@ -17,9 +17,9 @@ break-even acceptance of the current batch, fitted from measured step times
 (step_cost.py): drafts are long at batch 1 and only near-certain at batch 32.
 
 Fallback, logged as "speculation fallback": a source whose acceptance over its recent
-drafts falls below the break-even (or the configured minimum) is switched off; it
-comes back on when the batch shrinks enough for its last acceptance to pay again, or
-after `probe_every` steps to be measured afresh. And per workload (the grammar most
+drafts of the running workload falls below the break-even (or the configured minimum)
+is switched off for that workload; it comes back on when the batch shrinks enough for
+its last acceptance to pay again, or after `probe_every` steps to be measured afresh. And per workload (the grammar most
 running requests follow, or free text) and batch size, drafting as a whole stays on
 only while steps with drafts emit tokens faster than steps without (draft_switch.py),
 which also prices what the linear fit misses.
@@ -90,8 +90,8 @@ class GrammarSpecScheduler(Scheduler):
         self._probe_every = int(cfg.get("probe_every", 50))
         self._stats_path = str(cfg.get("stats_path", ""))
         self._cost = StepCost(float(cfg.get("fixed_ms", 90.0)), float(cfg.get("per_token_ms", 8.0)))
-        window = int(cfg.get("window", 64))
-        self._sources = {FORCED: _Source(FORCED, window), NGRAM: _Source(NGRAM, window)}
+        self._window = int(cfg.get("window", 64))
+        self._sources: dict[str, dict[str, _Source]] = {}  # workload -> draft source -> its record
         self._by_prompt = OutputsCache()
         self._by_grammar = OutputsCache(keys=64, per_key=32)
         self._keys: dict[str, tuple[int, Hashable | None]] = {}  # req id -> (prompt key, grammar key)
@@ -118,12 +118,13 @@ class GrammarSpecScheduler(Scheduler):
 
     def update_draft_token_ids(self, draft_token_ids: Any) -> None:
         """Replace the (empty) worker drafts with ours."""
-        self._decide()
         self._workload = self._running_workload()
+        self._decide()
         self._drafting = self._switch.choose(len(self.running), self._workload)
         if not self._drafting:
             return
-        forced_on, ngram_on = self._sources[FORCED].on, self._sources[NGRAM].on
+        records = self._sources_of(self._workload)
+        forced_on, ngram_on = records[FORCED].on, records[NGRAM].on
         siblings: dict[int, list[Any]] = {}
         for r in self.running:
             siblings.setdefault(self._key(r)[0], []).append(r)
@@ -205,7 +206,7 @@ class GrammarSpecScheduler(Scheduler):
             # draft is replaced by a different, recovered token; a finished request
             # has no bonus token, so the count cannot come from the length alone).
             accepted = _common_prefix(spec, sampled[index[req_id]])
-            for name, source in self._sources.items():
+            for name, source in self._sources_of(self._workload).items():  # the workload they were drafted for
                 source.observe(labels.count(name), labels[:accepted].count(name))
             # Each forced draft up to the first rejection was verified (the ones after it were not).
             for i, (token, label) in enumerate(zip(spec[: accepted + 1], labels)):
@@ -267,36 +268,47 @@ class GrammarSpecScheduler(Scheduler):
         self._keys.pop(request.request_id, None)
         return super()._free_request(request, *args, **kwargs)
 
+    def _sources_of(self, workload: str) -> dict[str, _Source]:
+        """The draft sources' records for one workload: n-gram drafts that fail on free text
+        say nothing about JSON records."""
+        sources = self._sources.get(workload)
+        if sources is None:
+            sources = self._sources[workload] = {name: _Source(name, self._window) for name in (FORCED, NGRAM)}
+        return sources
+
     def _decide(self) -> None:
-        """Switch a source off where its acceptance no longer pays, back on where it does."""
+        """Switch a source of the running workload off where its acceptance no longer pays,
+        back on where it does."""
         batch = len(self.running)
         self._break_even = self._cost.break_even(batch)
         floor = max(self._min_acceptance, self._break_even)
-        for source in self._sources.values():
+        for source in self._sources_of(self._workload).values():
             acc = source.recent_acceptance()
             if source.on and acc is not None and acc < floor:
                 source.on, source.off_at, source.off_acceptance = False, self._steps, acc
                 self._fallbacks += 1
-                log.warning("speculation fallback: %s drafts off at batch %d (acceptance %.2f < %.2f: break-even %.2f "
-                            "at %.0f ms + %.1f ms/token, minimum %.2f)", source.name, batch, acc, floor,
-                            self._break_even, self._cost.fixed_ms, self._cost.per_token_ms, self._min_acceptance)
+                log.warning("speculation fallback: %s drafts off at batch %d of %s (acceptance %.2f < %.2f: break-even "
+                            "%.2f at %.0f ms + %.1f ms/token, minimum %.2f)", source.name, batch, self._workload, acc,
+                            floor, self._break_even, self._cost.fixed_ms, self._cost.per_token_ms, self._min_acceptance)
             elif not source.on and (source.off_acceptance >= floor or self._steps - source.off_at >= self._probe_every):
                 source.on = True
                 source.recent.clear()  # judge it on fresh evidence
                 self._resumes += 1
-                log.info("speculation resumed: %s drafts on at batch %d (break-even %.2f)", source.name, batch, self._break_even)
+                log.info("speculation resumed: %s drafts on at batch %d of %s (break-even %.2f)", source.name, batch,
+                         self._workload, self._break_even)
 
     def stats(self) -> dict[str, float]:
         """Counters since start (also written to the stats file)."""
-        f, g = self._sources[FORCED], self._sources[NGRAM]
+        records = [(name, r) for sources in self._sources.values() for name, r in sources.items()]
+        totals = {f"{name}_{field}": sum(getattr(r, field) for n, r in records if n == name)
+                  for name in (FORCED, NGRAM) for field in ("drafted", "accepted")}
         return {
-            "forced_drafted": f.drafted, "forced_accepted": f.accepted,
-            "ngram_drafted": g.drafted, "ngram_accepted": g.accepted,
+            **totals,
             "forced_emitted": self._forced_emitted, "generated": self._generated, "steps": self._steps,
             "grammar_tokens": self._mask_checked, "grammar_tokens_accepted": self._mask_accepted,
             "fallbacks": self._fallbacks + self._switch.fallbacks, "resumes": self._resumes + self._switch.resumes,
             "drafting_by_batch": self._switch.drafting(),
-            "ngram_on": int(g.on), "forced_on": int(f.on),
+            "sources_on": {w: {name: int(r.on) for name, r in sources.items()} for w, sources in self._sources.items()},
             "break_even": self._break_even, "step_fixed_ms": self._cost.fixed_ms, "step_per_token_ms": self._cost.per_token_ms,
         }
 
