@@ -114,7 +114,7 @@ class Engine:
             "additional_config": {"primerl_speculation": settings},
         }
 
-    def speculation_stats(self) -> dict[str, float]:
+    def speculation_stats(self) -> dict[str, Any]:
         """The engine core's draft counters (empty without speculation or before the first step)."""
         if not self.spec_stats_path:
             return {}

@@ -202,11 +202,20 @@ def plot(rows: list[Row]) -> None:
     fig.savefig(ARTIFACTS / "speculation_bench.png", dpi=110)
 
 
+def _workloads(text: str) -> list[str]:
+    """Comma-separated workload names, each one of WORKLOADS."""
+    names = text.split(",")
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown workload(s) {unknown}; choose from {list(WORKLOADS)}")
+    return names
+
+
 def main() -> None:
     """CLI of the benchmark."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 32])
-    p.add_argument("--workloads", type=lambda s: s.split(","), default=list(WORKLOADS), help=",".join(WORKLOADS))
+    p.add_argument("--workloads", type=_workloads, default=list(WORKLOADS), help=",".join(WORKLOADS))
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--k", type=int, default=6, help="draft tokens per step at most")
     p.add_argument("--repeats", type=int, default=2)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -11,7 +12,7 @@ from prometheus_client.registry import Collector
 class SpeculationCollector(Collector):
     """Exports the counters `stats()` returns (see scheduler.GrammarSpecScheduler.stats)."""
 
-    def __init__(self, stats: Callable[[], dict[str, float]]) -> None:
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
         self._stats = stats
 
     def collect(self) -> Iterator[Metric]:

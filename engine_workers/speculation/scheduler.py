@@ -16,13 +16,13 @@ A draft grows while the probability that all of it is accepted stays above the
 break-even acceptance of the current batch, fitted from measured step times
 (step_cost.py): drafts are long at batch 1 and only near-certain at batch 32.
 
-Fallback, logged as "speculation fallback": a source whose acceptance over its recent
-drafts of the running workload falls below the break-even (or the configured minimum)
-is switched off for that workload; it comes back on when the batch shrinks enough for
-its last acceptance to pay again, or after `probe_every` steps to be measured afresh. And per workload (the grammar most
-running requests follow, or free text) and batch size, drafting as a whole stays on
-only while steps with drafts emit tokens faster than steps without (draft_switch.py),
-which also prices what the linear fit misses.
+Fallback, logged as "speculation fallback", per workload (the grammar most running
+requests follow, or free text): a source whose acceptance over its recent drafts falls
+below the break-even (or the configured minimum) is switched off; it comes back on when
+the batch shrinks enough for its last acceptance to pay again, or after `probe_every`
+steps to be measured afresh. And per batch size, drafting as a whole stays on only
+while steps with drafts emit tokens faster than steps without (draft_switch.py), which
+also prices what the linear fit misses.
 """
 
 from __future__ import annotations
@@ -297,7 +297,7 @@ class GrammarSpecScheduler(Scheduler):
                 log.info("speculation resumed: %s drafts on at batch %d of %s (break-even %.2f)", source.name, batch,
                          self._workload, self._break_even)
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> dict[str, Any]:
         """Counters since start (also written to the stats file)."""
         records = [(name, r) for sources in self._sources.values() for name, r in sources.items()]
         totals = {f"{name}_{field}": sum(getattr(r, field) for n, r in records if n == name)
