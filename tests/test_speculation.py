@@ -161,3 +161,39 @@ def test_draft_positions_get_their_requests_temperature_on_cpu() -> None:
     out = rejection_sampler.expand_batch_to_tokens(torch.tensor([0.7, -1.0, 1.3]), torch.tensor([2, 2, 5], dtype=torch.int32), 5,
                                                    replace_from=-1, replace_to=1)
     assert out.tolist() == pytest.approx([0.7, 0.7, 1.3, 1.3, 1.3])
+
+
+def test_recovered_tokens_keep_their_distribution_with_noise_drawn_only_where_drafted(monkeypatch) -> None:
+    # Only requests with drafts get recovery noise (vLLM drew a batch x vocab tensor every step);
+    # a recovered token still follows the target distribution with the draft token removed.
+    import types
+    from collections import Counter
+
+    import torch
+    from vllm.platforms import current_platform
+    from vllm.v1.sample import rejection_sampler
+
+    from engine_workers.speculation.null_proposer import recovery_noise_only_where_drafted
+
+    current_platform.register_triton_kernel_overrides()  # the CPU kernels the worker uses
+    recovery_noise_only_where_drafted()
+    target = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0], [0.5, 0.5, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25, 0.0]])
+    drafts = torch.tensor([3, 0, 1])  # request 0 drafts 2 tokens, request 1 none, request 2 one
+    torch.manual_seed(0)
+    counts = [Counter() for _ in range(3)]
+    for _ in range(3000):
+        recovered = rejection_sampler.sample_recovered_tokens(2, [2, 0, 1], torch.tensor([2, 2, 3]), drafts, None, target,
+                                                              types.SimpleNamespace(generators={}), torch.device("cpu"))
+        for position, token in enumerate(recovered.tolist()):
+            counts[position][token] += 1
+    assert counts[1] == {1: 3000}
+    drawn = []
+    exponential = torch.Tensor.exponential_
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda t, *a, **k: drawn.append(t.numel()) or exponential(t, *a, **k))
+    rejection_sampler.sample_recovered_tokens(2, [2, 0, 1], torch.tensor([2, 2, 3]), drafts, None, target,
+                                              types.SimpleNamespace(generators={}), torch.device("cpu"))
+    assert sum(drawn) == 2 * 5  # two requests with drafts, not all three
+    for position, expected in ((0, {0: 500, 1: 1000, 2: 1500}), (2, {0: 1000, 2: 1000, 3: 1000})):
+        assert set(counts[position]) == set(expected), counts[position]
+        for token, n in expected.items():
+            assert abs(counts[position][token] - n) < 0.1 * n, (position, counts[position])

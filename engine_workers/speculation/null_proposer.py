@@ -61,6 +61,44 @@ def expand_sampling_params_on_cpu() -> None:
     rejection_sampler.expand_batch_to_tokens = expand_batch_to_tokens
 
 
+def recovery_noise_only_where_drafted() -> None:
+    """Draw the noise for recovered tokens only for requests that have drafts, on the CPU.
+
+    vLLM 0.32 fills a batch x vocab tensor with exponentials at every step with drafts,
+    one row per request, though only rows of requests with drafts are read (the kernel
+    exits early for the rest; seeded rows are already skipped there). On one CPU core
+    that is ~1 ms per 49k-token row (7.5 ms at batch 8), most of what a step pays for
+    drafting at all beyond its extra tokens. The drafted rows' noise, and so every
+    recovered token's distribution, is unchanged.
+    """
+    from vllm.platforms import current_platform
+    from vllm.v1.sample import rejection_sampler
+
+    if not current_platform.is_cpu() or getattr(rejection_sampler.sample_recovered_tokens, "primerl_fixed", False):
+        return
+    import torch
+
+    def sample_recovered_tokens(max_spec_len: int, num_draft_tokens: list[int], cu_num_draft_tokens: Any,
+                                draft_token_ids: Any, draft_probs: Any, target_probs: Any, sampling_metadata: Any,
+                                device: Any, use_fp64_gumbel: bool = False) -> Any:
+        dtype = torch.float64 if use_fp64_gumbel else torch.float32
+        inv_q = torch.ones((len(num_draft_tokens), target_probs.shape[-1]), dtype=dtype, device=device)
+        generators = sampling_metadata.generators
+        rows = [i for i, n in enumerate(num_draft_tokens) if n > 0 and i not in generators]
+        if rows:
+            inv_q[rows] = torch.empty((len(rows), inv_q.shape[1]), dtype=dtype, device=device).exponential_().reciprocal_()
+        for i, generator in generators.items():
+            if num_draft_tokens[i] > 0:
+                inv_q[i] = torch.empty_like(inv_q[i]).exponential_(generator=generator).reciprocal_()
+        recovered = torch.empty_like(draft_token_ids)
+        rejection_sampler._sample_recovered_tokens(recovered, cu_num_draft_tokens, draft_token_ids, draft_probs,
+                                                   target_probs, inv_q, max_spec_len=max_spec_len)
+        return recovered
+
+    sample_recovered_tokens.primerl_fixed = True  # type: ignore[attr-defined]
+    rejection_sampler.sample_recovered_tokens = sample_recovered_tokens
+
+
 class NullProposer:
     """Proposes no draft tokens; the scheduler fills them in."""
 
@@ -69,6 +107,7 @@ class NullProposer:
         # Built inside the worker process, once per model runner: the place to adjust it.
         sample_plainly_without_drafts()
         expand_sampling_params_on_cpu()
+        recovery_noise_only_where_drafted()
 
     def load_model(self, *args: Any, **kwargs: Any) -> None:
         """Nothing to load."""
