@@ -67,9 +67,9 @@ def recovery_noise_only_where_drafted() -> None:
     vLLM 0.32 fills a batch x vocab tensor with exponentials at every step with drafts,
     one row per request, though only rows of requests with drafts are read (the kernel
     exits early for the rest; a seeded request's row is redrawn from its own generator
-    only when it has drafts, as here). On one CPU core
-    that is ~1 ms per 49k-token row (7.5 ms at batch 8), most of what a step pays for
-    drafting at all beyond its extra tokens. The drafted rows' noise, and so every
+    only when it has drafts, as here). On one CPU core that is ~1 ms per 49k-token row
+    (7.5 ms at batch 8), most of what a step pays for drafting at all beyond its extra
+    tokens. The drafted rows' noise, and so every
     recovered token's distribution, is unchanged.
     """
     from vllm.platforms import current_platform

@@ -299,8 +299,7 @@ class GrammarSpecScheduler(Scheduler):
 
     def stats(self) -> dict[str, Any]:
         """Counters since start (also written to the stats file)."""
-        records = [(name, r) for sources in self._sources.values() for name, r in sources.items()]
-        totals = {f"{name}_{field}": sum(getattr(r, field) for n, r in records if n == name)
+        totals = {f"{name}_{field}": sum(getattr(sources[name], field) for sources in self._sources.values())
                   for name in (FORCED, NGRAM) for field in ("drafted", "accepted")}
         return {
             **totals,
