@@ -163,37 +163,46 @@ def test_draft_positions_get_their_requests_temperature_on_cpu() -> None:
     assert out.tolist() == pytest.approx([0.7, 0.7, 1.3, 1.3, 1.3])
 
 
-def test_recovered_tokens_keep_their_distribution_with_noise_drawn_only_where_drafted(monkeypatch) -> None:
-    # Only requests with drafts get recovery noise (vLLM drew a batch x vocab tensor every step);
-    # a recovered token still follows the target distribution with the draft token removed.
+def test_recovered_tokens_follow_the_residual_distribution_without_exponential_noise(monkeypatch) -> None:
+    # vLLM drew a batch x vocab tensor of exponentials per drafting step (~1 ms per row on one core);
+    # the inverse-CDF sampler draws one uniform per draft position, from the same distribution.
     import types
     from collections import Counter
 
     import torch
-    from vllm.platforms import current_platform
     from vllm.v1.sample import rejection_sampler
 
-    from engine_workers.speculation.null_proposer import recovery_noise_only_where_drafted
+    from engine_workers.speculation.null_proposer import recovered_tokens_by_inverse_cdf
 
-    current_platform.register_triton_kernel_overrides()  # the CPU kernels the worker uses
-    recovery_noise_only_where_drafted()
-    target = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0], [0.5, 0.5, 0.0, 0.0, 0.0], [0.25, 0.25, 0.25, 0.25, 0.0]])
-    drafts = torch.tensor([3, 0, 1])  # request 0 drafts 2 tokens, request 1 none, request 2 one
+    recovered_tokens_by_inverse_cdf()
+    exponentials = []
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda t, *a, **k: exponentials.append(t.numel()))
+    # Request 0 drafts two tokens, request 1 none, request 2 one whose target put all mass on it.
+    target = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.0], [0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]])
+    drafts = torch.tensor([3, 1, 1], dtype=torch.int32)
+    plain = types.SimpleNamespace(generators={})
+
+    def sample(draft_probs=None, metadata=plain):
+        out = rejection_sampler.sample_recovered_tokens(2, [2, 0, 1], torch.tensor([2, 2, 3]), drafts, draft_probs,
+                                                        target, metadata, torch.device("cpu"))
+        assert out.dtype == drafts.dtype
+        return out.tolist()
+
     torch.manual_seed(0)
     counts = [Counter() for _ in range(3)]
-    for _ in range(3000):
-        recovered = rejection_sampler.sample_recovered_tokens(2, [2, 0, 1], torch.tensor([2, 2, 3]), drafts, None, target,
-                                                              types.SimpleNamespace(generators={}), torch.device("cpu"))
-        for position, token in enumerate(recovered.tolist()):
+    for _ in range(4000):
+        for position, token in enumerate(sample()):
             counts[position][token] += 1
-    assert counts[1] == {1: 3000}
-    drawn = []
-    exponential = torch.Tensor.exponential_
-    monkeypatch.setattr(torch.Tensor, "exponential_", lambda t, *a, **k: drawn.append(t.numel()) or exponential(t, *a, **k))
-    rejection_sampler.sample_recovered_tokens(2, [2, 0, 1], torch.tensor([2, 2, 3]), drafts, None, target,
-                                              types.SimpleNamespace(generators={}), torch.device("cpu"))
-    assert sum(drawn) == 2 * 5  # two requests with drafts, not all three
-    for position, expected in ((0, {0: 500, 1: 1000, 2: 1500}), (2, {0: 1000, 2: 1000, 3: 1000})):
-        assert set(counts[position]) == set(expected), counts[position]
+    assert counts[2] == {1: 4000}  # no residual mass: the draft is kept (it is never rejected)
+    for position, expected in ((0, {0: 2000 / 3, 1: 4000 / 3, 2: 2000}), (1, {3: 4000})):
+        assert set(counts[position]) == set(expected), counts[position]  # never the draft, never a masked token
         for token, n in expected.items():
             assert abs(counts[position][token] - n) < 0.1 * n, (position, counts[position])
+    # With draft probabilities the residual is max(target - draft, 0).
+    draft_probs = torch.tensor([[0.1, 0.2, 0.0, 0.7, 0.0], [0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]])
+    assert {sample(draft_probs)[0] for _ in range(200)} == {2}
+    # A seeded request's positions come from its own generator: same seed, same tokens.
+    seeded = [sample(metadata=types.SimpleNamespace(generators={0: torch.Generator().manual_seed(7)}))[:2]
+              for _ in range(2)]
+    assert seeded[0] == seeded[1]
+    assert exponentials == []

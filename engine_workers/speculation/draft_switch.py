@@ -1,8 +1,8 @@
 """Whether to draft at all, per workload and batch size: whichever measured faster.
 
 The break-even gate (step_cost.py) prices a draft token from a linear fit, which misses
-costs that come with drafting as such (vLLM's rejection sampler draws batch x vocab
-random numbers, grammar masks are filled per draft position, serially). So per batch
+costs that come with drafting as such (vLLM's rejection sampler runs, grammar masks are
+filled per draft position, serially). So per batch
 bucket the engine also times both policies, drafts on and off, as milliseconds per
 emitted token over recent decode steps, keeps the faster, and re-measures the other
 now and then. Per workload too (the grammar most running requests follow, or free
