@@ -57,6 +57,32 @@ def _common_prefix(a: Any, b: Any) -> int:
     return n
 
 
+def drafts_without_a_worker_round_trip() -> None:
+    """After each step, have vLLM's engine core ask the scheduler for drafts directly.
+
+    With speculation on, vLLM 0.32's engine core fetches the worker's drafts after every
+    step (`take_draft_token_ids`, one more shared-memory round trip to the worker), but
+    the worker's drafter proposes nothing here: drafts come from this scheduler. The
+    round trip measured 1.0 ms per step (median, batch 8), ~2 % of a step at batch 1-8,
+    which a speculative engine paid even with drafting switched off.
+    """
+    from vllm.v1.engine.core import EngineCore
+
+    original = EngineCore.post_step
+    if getattr(original, "primerl_fixed", False):
+        return
+
+    def post_step(self: Any, model_executed: bool) -> None:
+        propose = getattr(self.scheduler, "propose_drafts", None)
+        if propose is None or self.async_scheduling:
+            return original(self, model_executed)
+        if model_executed:
+            propose()
+
+    post_step.primerl_fixed = True  # type: ignore[attr-defined]
+    EngineCore.post_step = post_step  # type: ignore[method-assign]
+
+
 class _Source:
     """Drafted/accepted counts of one draft source, with a sliding window for decisions."""
 
@@ -85,6 +111,7 @@ class GrammarSpecScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        drafts_without_a_worker_round_trip()
         cfg = dict(self.vllm_config.additional_config or {}).get(CONFIG_KEY, {})
         self._min_acceptance = float(cfg.get("min_acceptance", 0.3))
         self._probe_every = int(cfg.get("probe_every", 50))
@@ -117,7 +144,11 @@ class GrammarSpecScheduler(Scheduler):
     # --- drafts ---------------------------------------------------------------------------
 
     def update_draft_token_ids(self, draft_token_ids: Any) -> None:
-        """Replace the (empty) worker drafts with ours."""
+        """Replace the (empty) worker drafts with ours (where vLLM still fetched them)."""
+        self.propose_drafts()
+
+    def propose_drafts(self) -> None:
+        """Set the next step's drafts of every running request (called after each step)."""
         self._workload = self._running_workload()
         self._decide()
         self._drafting = self._switch.choose(len(self.running), self._workload)
@@ -128,10 +159,10 @@ class GrammarSpecScheduler(Scheduler):
         siblings: dict[int, list[Any]] = {}
         for r in self.running:
             siblings.setdefault(self._key(r)[0], []).append(r)
-        for req_id in draft_token_ids.req_ids:
-            request = self.requests.get(req_id)
-            if request is None or request.is_finished() or request.is_prefill_chunk:
+        for request in self.running:
+            if request.is_finished() or request.is_prefill_chunk:
                 continue
+            req_id = request.request_id
             prompt_key, grammar_key = self._key(request)
             sources = [r.output_token_ids for r in siblings.get(prompt_key, ()) if r is not request]
             sources += self._by_grammar.get(grammar_key) if grammar_key is not None else self._by_prompt.get(prompt_key)
