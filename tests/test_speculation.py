@@ -150,6 +150,25 @@ def test_draft_switch_keeps_the_faster_policy_per_batch_size_and_probes_the_othe
     assert switch.choose(32, "json") is True and switch.drafting()["any"]["17-32"] == 0
 
 
+def test_draft_switch_turns_drafting_off_when_it_loses_even_slightly_and_on_only_for_a_clear_win() -> None:
+    switch = DraftSwitch(window=8, min_steps=4, probe_every=1000)
+
+    def run(batch: int, ms_on: float, steps: int = 20) -> None:
+        for _ in range(steps):
+            arm = switch.choose(batch)
+            switch.observe(batch, arm, ms_on if arm else 100.0, 10)
+
+    run(1, 98.0)  # drafting 2 % faster: stays on
+    run(8, 102.0)  # 2 % slower: off, though within the margin
+    assert switch.drafting() == {"any": {"1": 1, "5-8": 0}} and switch.fallbacks == 1
+    switch = DraftSwitch(window=8, min_steps=4, probe_every=12)
+    run(8, 102.0)
+    run(8, 98.0, steps=40)  # 2 % faster once probed again: not a clear enough win to come back
+    assert switch.drafting()["any"]["5-8"] == 0 and switch.resumes == 0
+    run(8, 90.0, steps=40)  # 10 % faster: back on
+    assert switch.drafting()["any"]["5-8"] == 1 and switch.resumes == 1
+
+
 def test_draft_positions_get_their_requests_temperature_on_cpu() -> None:
     # vLLM 0.32's CPU expand kernel left these uninitialised (NaN target probabilities).
     import torch

@@ -97,8 +97,9 @@ class DraftSwitch:
         if min(len(h) for h in b.history.values()) < self._min_steps or b.probe_left:
             return
         on, off = b.ms_per_token(True), b.ms_per_token(False)
-        # A margin against flapping on noise when both policies are about as fast.
-        best = on * self.MARGIN < off if not b.best else on <= off * self.MARGIN
+        # Drafting must win by a margin to come back on (no flapping on noise) and goes off
+        # as soon as it loses: a near-tie goes to plain steps, which never cost below 1.00x.
+        best = on * self.MARGIN < off if not b.best else on <= off
         if best != b.best:
             b.best = best
             if best:
