@@ -4,8 +4,8 @@ The break-even gate (step_cost.py) prices a draft token from a linear fit, which
 costs that come with drafting as such (vLLM's rejection sampler runs, grammar masks are
 filled per draft position, serially). So per batch
 bucket the engine also times both policies, drafts on and off, as milliseconds per
-emitted token over recent decode steps, keeps the faster, and re-measures the other
-now and then. Per workload too (the grammar most running requests follow, or free
+emitted token in a paired trial, keeps drafting only where it clearly wins, and runs a
+new trial now and then. Per workload too (the grammar most running requests follow, or free
 text): whether drafts pay depends on what is drafted, and a verdict learned on free
 text must not hold back JSON records at the same batch size.
 """
@@ -13,7 +13,6 @@ text must not hold back JSON records at the same batch size.
 from __future__ import annotations
 
 import logging
-from collections import deque
 from dataclasses import dataclass, field
 
 log = logging.getLogger("primerl.speculation")
@@ -38,15 +37,15 @@ def bucket_name(i: int) -> str:
 
 @dataclass
 class _Bucket:
-    window: int
-    history: dict[bool, deque[tuple[float, int]]] = field(default_factory=dict)  # drafting -> (ms, tokens)
+    steps: int  # per arm and trial
+    history: dict[bool, list[tuple[float, int]]] = field(default_factory=dict)  # drafting -> (ms, tokens)
     best: bool = True
-    probe_arm: bool = False
-    probe_left: int = 0
-    since_probe: int = 0
+    trial: bool = True  # a paired trial is running: steps alternate drafting on and off
+    next_arm: bool = True
+    since_trial: int = 0
 
     def __post_init__(self) -> None:
-        self.history = {True: deque(maxlen=self.window), False: deque(maxlen=self.window)}
+        self.history = {True: [], False: []}
 
     def ms_per_token(self, arm: bool) -> float:
         h = self.history[arm]
@@ -54,34 +53,39 @@ class _Bucket:
 
 
 class DraftSwitch:
-    """Per workload and batch bucket, drafts on or off, by measured ms per emitted token."""
+    """Per workload and batch bucket, drafts on or off, by measured ms per emitted token.
+
+    Both policies are timed in a paired trial, alternating step by step, so that they
+    see the same requests at the same point of their outputs (a JSON record's forced
+    keys come in bursts: blocks of steps timed at different moments compared mostly the
+    moments). Drafting is kept only if it wins the trial by MARGIN, so a near-tie goes
+    to plain steps; every `probe_every` steps of a bucket a new trial re-measures both.
+    """
 
     MARGIN = 1.03
 
-    def __init__(self, window: int = 16, min_steps: int = 8, probe_every: int = 200) -> None:
+    def __init__(self, steps: int = 16, probe_every: int = 200) -> None:
         self._buckets: dict[tuple[str, int], _Bucket] = {}
-        self._window = window
-        self._min_steps = min_steps
+        self._steps = steps
         self._probe_every = probe_every
         self.fallbacks = 0
         self.resumes = 0
 
     def _bucket(self, workload: str, batch: int) -> _Bucket:
-        return self._buckets.setdefault((workload, bucket_of(batch)), _Bucket(self._window))
+        return self._buckets.setdefault((workload, bucket_of(batch)), _Bucket(self._steps))
 
     def choose(self, batch: int, workload: str = "any") -> bool:
         """Whether the next step of `batch` running requests of `workload` drafts."""
         b = self._bucket(workload, batch)
-        if b.probe_left > 0:
-            return b.probe_arm
-        for arm in (True, False):  # measure both before trusting either
-            if len(b.history[arm]) < self._min_steps:
-                return arm
-        if b.since_probe >= self._probe_every:
-            b.probe_arm, b.probe_left, b.since_probe = not b.best, self._min_steps, 0
-            b.history[b.probe_arm].clear()
-            return b.probe_arm
-        return b.best
+        if not b.trial and b.since_trial >= self._probe_every:
+            b.trial, b.since_trial = True, 0
+            b.history = {True: [], False: []}
+        if not b.trial:
+            return b.best
+        arm = b.next_arm
+        if len(b.history[not arm]) < self._steps:  # alternate until both arms have their steps
+            b.next_arm = not arm
+        return arm
 
     def observe(self, batch: int, drafted: bool, ms: float, tokens: int, workload: str = "any") -> None:
         """A decode step of `batch` requests of `workload`, run with drafting on or off, took
@@ -90,16 +94,15 @@ class DraftSwitch:
             return
         i = bucket_of(batch)
         b = self._bucket(workload, batch)
-        b.history[drafted].append((ms, tokens))
-        b.since_probe += 1
-        if b.probe_left and drafted == b.probe_arm:
-            b.probe_left -= 1
-        if min(len(h) for h in b.history.values()) < self._min_steps or b.probe_left:
+        if not b.trial:
+            b.since_trial += 1
             return
+        b.history[drafted].append((ms, tokens))
+        if min(len(h) for h in b.history.values()) < self._steps:
+            return
+        b.trial = False
         on, off = b.ms_per_token(True), b.ms_per_token(False)
-        # Drafting must win by a margin to come back on (no flapping on noise) and goes off
-        # as soon as it loses: a near-tie goes to plain steps, which never cost below 1.00x.
-        best = on * self.MARGIN < off if not b.best else on <= off
+        best = on * self.MARGIN < off
         if best != b.best:
             b.best = best
             if best:

@@ -21,8 +21,8 @@ requests follow, or free text): a source whose acceptance over its recent drafts
 below the break-even (or the configured minimum) is switched off; it comes back on when
 the batch shrinks enough for its last acceptance to pay again, or after `probe_every`
 steps to be measured afresh. And per batch size, drafting as a whole stays on only
-while steps with drafts emit tokens faster than steps without (draft_switch.py), which
-also prices what the linear fit misses.
+where steps with drafts emit tokens clearly faster than steps without, timed in paired
+trials (draft_switch.py), which also prices what the linear fit misses.
 """
 
 from __future__ import annotations
