@@ -228,4 +228,8 @@ def test_recovered_tokens_follow_the_residual_distribution_without_exponential_n
     seeded = [sample(metadata=types.SimpleNamespace(generators={0: torch.Generator().manual_seed(7)}))[:2]
               for _ in range(2)]
     assert seeded[0] == seeded[1]
+    # A -1 (vLLM's padding for a draft its grammar check dropped) zeroes nothing and raises nothing.
+    padded = rejection_sampler.sample_recovered_tokens(1, [1], torch.tensor([1]), torch.tensor([-1], dtype=torch.int32), None,
+                                                       target[1:2], plain, torch.device("cpu"))
+    assert padded.tolist()[0] in (1, 3)
     assert exponentials == []

@@ -2,12 +2,12 @@
 
 The break-even gate (step_cost.py) prices a draft token from a linear fit, which misses
 costs that come with drafting as such (vLLM's rejection sampler runs, grammar masks are
-filled per draft position, serially). So per batch
-bucket the engine also times both policies, drafts on and off, as milliseconds per
-emitted token in a paired trial, keeps drafting only where it clearly wins, and runs a
-new trial now and then. Per workload too (the grammar most running requests follow, or free
-text): whether drafts pay depends on what is drafted, and a verdict learned on free
-text must not hold back JSON records at the same batch size.
+filled per draft position, serially). So per batch bucket the engine also times both
+policies, drafts on and off, as milliseconds per emitted token in a paired trial, keeps
+drafting only where it clearly wins, and runs a new trial now and then. Per workload
+too (the grammar most running requests follow, or free text): whether drafts pay
+depends on what is drafted, and a verdict learned on free text must not hold back JSON
+records at the same batch size.
 """
 
 from __future__ import annotations

@@ -90,7 +90,9 @@ def recovered_tokens_by_inverse_cdf() -> None:
         dtype = torch.float64 if use_fp64_gumbel else torch.float32
         if draft_probs is None:
             residual = target_probs.to(dtype, copy=True)
-            residual.scatter_(1, draft_token_ids.long().unsqueeze(1), 0.0)
+            ids = draft_token_ids.long()
+            valid = ids >= 0  # vLLM pads drafts its grammar check dropped with -1 (async path)
+            residual[torch.arange(len(ids), device=device)[valid], ids[valid]] = 0.0
         else:
             residual = (target_probs.to(dtype) - draft_probs.to(dtype)).clamp_min_(0.0)
         cdf = residual.cumsum_(dim=-1)
