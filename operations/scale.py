@@ -145,8 +145,11 @@ def stop_worker(worker: WorkerProcess, timeout_s: float = 120) -> int | None:
     os.kill(worker.pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        # Alive first, then reap: a worker that exits between the two is a zombie, reaped
+        # below with its code (the other order returned None for a clean exit, now and then).
+        exited = not worker.alive()
         code = _reap(worker.pid)
-        if code is not None or not worker.alive():
+        if code is not None or exited:
             _kill_group_leftovers(worker.pid)
             return code
         time.sleep(0.2)

@@ -177,3 +177,32 @@ async def test_a_learner_is_scaled_up_and_down_for_its_run(cfg: Config, tmp_path
         down = await asyncio.to_thread(scale, cfg, "learner", 0, run_id=run_id)
     assert [code for _, code in down.stopped] == [0] and read_workers(cfg.state_dir) == []
     assert (cfg.state_dir / "learner" / run_id / "learner.ckpt").exists()  # it checkpointed on SIGTERM
+
+
+def test_a_worker_that_exits_between_the_checks_of_a_stop_still_reports_its_exit_code(monkeypatch) -> None:
+    # The worker exits right after a reap attempt found it running: it is a zombie when its
+    # liveness is checked, and its clean exit must still come back as 0, not unknown.
+    from operations import scale as scale_module
+
+    proc = subprocess.Popen([sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGTERM, lambda *a: None); "
+                             "print('ready', flush=True); sys.stdin.readline(); sys.exit(0)"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    assert proc.stdout.readline() == b"ready\n"  # its SIGTERM handler is in place
+    worker = scale_module.WorkerProcess(role="verifier", pid=proc.pid, start_ticks=scale_module.start_ticks(proc.pid) or 0,
+                                        cmdline=[], log_file="", metrics_port=0, started_at=time.time())
+    real_reap = scale_module._reap
+    calls = []
+
+    def reap_then_exit(pid: int) -> int | None:
+        code = real_reap(pid)
+        if not calls:
+            proc.stdin.close()  # the worker finishes now, after this reap saw it running
+            deadline = time.monotonic() + 10
+            while scale_module.start_ticks(pid) == worker.start_ticks and time.monotonic() < deadline:
+                time.sleep(0.01)
+        calls.append(code)
+        return code
+
+    monkeypatch.setattr(scale_module, "_reap", reap_then_exit)
+    assert scale_module.stop_worker(worker, timeout_s=10) == 0
+    proc.stdout.close()
