@@ -37,15 +37,17 @@ def bucket_name(i: int) -> str:
 
 @dataclass
 class _Bucket:
-    steps: int  # per arm and trial
-    history: dict[bool, list[tuple[float, int]]] = field(default_factory=dict)  # drafting -> (ms, tokens)
+    # drafting on/off -> (ms, tokens) of its steps in the current trial
+    history: dict[bool, list[tuple[float, int]]] = field(default_factory=lambda: {True: [], False: []})
     best: bool = True
     trial: bool = True  # a paired trial is running: steps alternate drafting on and off
     next_arm: bool = True
     since_trial: int = 0
 
-    def __post_init__(self) -> None:
-        self.history = {True: [], False: []}
+    def start_trial(self) -> None:
+        self.trial, self.since_trial = True, 0
+        for h in self.history.values():
+            h.clear()
 
     def ms_per_token(self, arm: bool) -> float:
         h = self.history[arm]
@@ -72,14 +74,17 @@ class DraftSwitch:
         self.resumes = 0
 
     def _bucket(self, workload: str, batch: int) -> _Bucket:
-        return self._buckets.setdefault((workload, bucket_of(batch)), _Bucket(self._steps))
+        key = (workload, bucket_of(batch))
+        b = self._buckets.get(key)
+        if b is None:
+            b = self._buckets[key] = _Bucket()
+        return b
 
     def choose(self, batch: int, workload: str = "any") -> bool:
         """Whether the next step of `batch` running requests of `workload` drafts."""
         b = self._bucket(workload, batch)
         if not b.trial and b.since_trial >= self._probe_every:
-            b.trial, b.since_trial = True, 0
-            b.history = {True: [], False: []}
+            b.start_trial()
         if not b.trial:
             return b.best
         arm = b.next_arm
