@@ -139,7 +139,7 @@ async def bench(args: argparse.Namespace) -> None:
     model = resolve_model(None)
     engines = {}
     for mode in ("off", "on"):
-        e = Engine(EngineConfig(kv_cache_gib=2, speculation=mode == "on", num_speculative_tokens=args.k), model)
+        e = Engine(EngineConfig(kv_cache_gib=2, speculation=mode == "on", num_speculative_tokens=args.k, dtype=args.dtype), model)
         await e.start()
         engines[mode] = e
     replay = GrammarReplay(engines["off"].tokenizer)
@@ -219,6 +219,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=48)
     p.add_argument("--k", type=int, default=6, help="draft tokens per step at most")
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dtype", default=EngineConfig().dtype, help="engine dtype (bfloat16 needs AVX512-bf16/AMX on CPU)")
     p.add_argument("--warmup", type=int, default=1, help="unrecorded rounds first (the draft switch learns)")
     args = p.parse_args()
     setup_logging("WARNING")

@@ -57,13 +57,30 @@ def test_step_cost_fit_and_break_even() -> None:
     assert cost.break_even(1) == pytest.approx(8 / 98) and cost.break_even(32) == pytest.approx(256 / 346)
     for _ in range(4):
         for tokens in (1, 8, 16, 32):
-            cost.observe(tokens, 20.0 + 0.5 * tokens)  # a GPU-like step: verification nearly free
-    assert cost.fixed_ms == pytest.approx(20.0) and cost.per_token_ms == pytest.approx(0.5)
+            cost.observe(tokens, tokens, 20.0 + 0.5 * tokens)  # a GPU-like step: verification nearly free
+    assert cost.line(8) == pytest.approx((20.0, 0.5))
     assert cost.break_even(8) == pytest.approx(4 / 24)
-    same = StepCost(fixed_ms=90.0, per_token_ms=8.0, min_points=4)
+    same = StepCost(fixed_ms=90.0, per_token_ms=8.0, min_points=4, bucket_min_points=4)
     for _ in range(8):
-        same.observe(8, 150.0)  # one batch size only: the slope is unknown, keep the prior
-    assert same.per_token_ms == 8.0
+        same.observe(8, 8, 150.0)  # one batch size, no drafts: the slope is unknown, keep the prior
+    assert same.line(8) == (90.0, 8.0)
+
+
+def test_step_cost_prices_drafts_by_the_line_of_their_batch_size() -> None:
+    """A CPU step: weight-bound at batch 1 (a drafted token nearly free), compute-bound at
+    batch 8 (3 ms a token). One line through both mispriced a draft at either."""
+    cost = StepCost(fixed_ms=90.0, per_token_ms=8.0, min_points=8, bucket_min_points=8)
+    for drafts in range(12):
+        cost.observe(1, 1 + drafts, 20.0 + 0.2 * drafts)
+        cost.observe(8, 8 + drafts, 55.0 + 3.0 * drafts)
+    assert cost.line(1) == pytest.approx((19.8, 0.2))
+    assert cost.line(8) == pytest.approx((31.0, 3.0))
+    assert cost.break_even(8) == pytest.approx(24 / 55)
+    assert cost.break_even(1) == pytest.approx(0.2 / 20)
+    # A bucket not seen yet is priced by the line over all steps, steeper than either
+    # (it runs from batch 1's cheap steps to batch 8's dear ones).
+    fixed, per_token = cost.line(32)
+    assert per_token > 4.0 and fixed < 5.0
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,8 @@ class SpeculationCollector(Collector):
         yield by_batch
         yield GaugeMetricFamily("primerl_spec_break_even_acceptance", "Acceptance a draft token needs to pay for its "
                                 "verification at the current batch", value=s["break_even"])
-        cost = GaugeMetricFamily("primerl_spec_step_cost_ms", "Fitted step time: fixed + per_token x tokens", labels=["part"])
+        cost = GaugeMetricFamily("primerl_spec_step_cost_ms", "Fitted step time at the current batch: fixed + per_token x tokens",
+                                 labels=["part"])
         cost.add_metric(["fixed"], s["step_fixed_ms"])
         cost.add_metric(["per_token"], s["step_per_token_ms"])
         yield cost

@@ -13,8 +13,8 @@ After each step, for each running request (drafts.py):
    outputs of the same grammar (or, without one, of the same prompt) and its prompt,
    among the tokens the grammar accepts.
 A draft grows while the probability that all of it is accepted stays above the
-break-even acceptance of the current batch, fitted from measured step times
-(step_cost.py): drafts are long at batch 1 and only near-certain at batch 32.
+break-even acceptance of the current batch, fitted from measured step times per
+batch size (step_cost.py): drafts are long at batch 1 and only near-certain at batch 32.
 
 Fallback, logged as "speculation fallback", per workload (the grammar most running
 requests follow, or free text): a source whose acceptance over its recent drafts falls
@@ -131,6 +131,7 @@ class GrammarSpecScheduler(Scheduler):
         self._fallbacks = 0
         self._resumes = 0
         self._break_even = 0.0
+        self._line = self._cost.line(1)  # (fixed ms, ms per token) of the current batch's fit
         self._stats_at = 0.0
         self._step_started = 0.0
         self._switch = DraftSwitch(probe_every=self._probe_every * 4)
@@ -263,7 +264,7 @@ class GrammarSpecScheduler(Scheduler):
         drafts = sum(len(s) for s in scheduler_output.scheduled_spec_decode_tokens.values())
         if not (self._step_started and n_reqs and tokens == n_reqs + drafts):
             return False
-        self._cost.observe(tokens, (time.perf_counter() - self._step_started) * 1000)
+        self._cost.observe(n_reqs, tokens, (time.perf_counter() - self._step_started) * 1000)
         return True
 
     def _check_mask(self, sampled: list[list[int]], index: dict[str, int]) -> None:
@@ -311,6 +312,7 @@ class GrammarSpecScheduler(Scheduler):
         """Switch a source of the running workload off where its acceptance no longer pays,
         back on where it does."""
         batch = len(self.running)
+        self._line = self._cost.line(batch)
         self._break_even = self._cost.break_even(batch)
         floor = max(self._min_acceptance, self._break_even)
         for source in self._sources_of(self._workload).values():
@@ -320,7 +322,7 @@ class GrammarSpecScheduler(Scheduler):
                 self._fallbacks += 1
                 log.warning("speculation fallback: %s drafts off at batch %d of %s (acceptance %.2f < %.2f: break-even "
                             "%.2f at %.0f ms + %.1f ms/token, minimum %.2f)", source.name, batch, self._workload, acc,
-                            floor, self._break_even, self._cost.fixed_ms, self._cost.per_token_ms, self._min_acceptance)
+                            floor, self._break_even, *self._line, self._min_acceptance)
             elif not source.on and (source.off_acceptance >= floor or self._steps - source.off_at >= self._probe_every):
                 source.on = True
                 source.recent.clear()  # judge it on fresh evidence
@@ -339,7 +341,7 @@ class GrammarSpecScheduler(Scheduler):
             "fallbacks": self._fallbacks + self._switch.fallbacks, "resumes": self._resumes + self._switch.resumes,
             "drafting_by_batch": self._switch.drafting(),
             "sources_on": {w: {name: int(r.on) for name, r in sources.items()} for w, sources in self._sources.items()},
-            "break_even": self._break_even, "step_fixed_ms": self._cost.fixed_ms, "step_per_token_ms": self._cost.per_token_ms,
+            "break_even": self._break_even, "step_fixed_ms": self._line[0], "step_per_token_ms": self._line[1],
         }
 
     def _write_stats(self, force: bool = False) -> None:
