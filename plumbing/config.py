@@ -29,6 +29,25 @@ class KafkaConfig(BaseModel):
     request_timeout_ms: int = 30_000
     linger_ms: int = 5
     compression: str | None = None
+    # aiokafka's default; a record over it is refused before it leaves the process.
+    max_request_size: int = Field(1_048_576, ge=65_536)
+    # Attempts at a record whose handler fails on an outage (broker, Redis unreachable)
+    # before it is dead-lettered; consumption is paused between attempts. With the
+    # backoff (0.25 s doubling, capped at 30 s) 8 attempts ride out ~2 minutes.
+    transient_retries: int = Field(8, ge=0, le=100)
+
+
+class DeadLetterConfig(BaseModel):
+    """How dead letters are kept: inline up to a bound, else whole in a content-addressed file."""
+
+    spill_dir: Path | None = None  # None: <state_dir>/dead-letters
+    # Payloads over this travel as their first `head_bytes` plus a file reference.
+    max_inline_bytes: int = Field(256 * 1024, ge=1024, le=512 * 1024)
+    max_inline_side_bytes: int = Field(64 * 1024, ge=1024, le=128 * 1024)  # key + headers
+    head_bytes: int = Field(1024, ge=0, le=64 * 1024)
+    # Far under kafka.max_request_size with the bounds above; checked on every letter.
+    max_letter_bytes: int = Field(1_000_000, ge=65_536)
+    retry_cap_s: float = Field(30.0, gt=0)  # the longest wait between two attempts at a blocked DLQ
 
 
 class MetricsConfig(BaseModel):
@@ -65,6 +84,19 @@ class EngineConfig(BaseModel):
     spec_step_fixed_ms: float = 90.0
     spec_step_per_token_ms: float = 8.0
     spec_probe_every: int = 50
+    # A request for a policy version already published waits this long for the reload
+    # here (it holds a consumer slot meanwhile; a reload of SmolLM2 takes ~1-3 s on CPU),
+    # then is parked on rollout.deferred.
+    reload_wait_s: float = Field(60.0, gt=0)
+    # A request more versions ahead of the newest published policy than this is
+    # dead-lettered as unschedulable instead of parked.
+    max_versions_ahead: int = Field(8, ge=0)
+    # The deferral stage (group `deferral`, embedded in every engine process): parked
+    # requests held at once (more wait on the topic), and how long one may stay parked
+    # before it is dead-lettered.
+    deferral_embedded: bool = True
+    max_parked: int = Field(1024, ge=1, le=100_000)
+    park_timeout_s: float = Field(1800.0, gt=0)
 
 
 class RoutingConfig(BaseModel):
@@ -148,6 +180,7 @@ class Config(BaseSettings):
     learner: LearnerConfig = LearnerConfig()
     log_level: str = "INFO"
     archive: ArchiveConfig = ArchiveConfig()
+    dead_letters: DeadLetterConfig = DeadLetterConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -168,6 +201,11 @@ class Config(BaseSettings):
     def keys_dir(self) -> Path:
         """Where verifier key pairs live (public keys are the learners' keyring)."""
         return self.state_dir / "keys"
+
+    @property
+    def spill_dir(self) -> Path:
+        """Where dead letters keep payloads too large for the topic."""
+        return self.dead_letters.spill_dir or self.state_dir / "dead-letters"
 
     @property
     def bootstrap(self) -> str:

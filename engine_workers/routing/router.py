@@ -102,7 +102,7 @@ class Router:
             group_id=self.group_id,
             message_type=PromptRequest,
             handler=self.handle,
-            dead_letters=self.dead_letters or DeadLetters(self.publisher, "router", self.cfg.run_id, self.registry),
+            dead_letters=self.dead_letters or DeadLetters.from_config(self.cfg, self.publisher, "router", self.registry),
             registry=None if self.consumer_metrics else self.registry,
             metrics=self.consumer_metrics,
             max_in_flight=64,
