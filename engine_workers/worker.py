@@ -152,7 +152,7 @@ class EngineWorker:
     async def handle(self, req: PromptRequest, record: ConsumerRecord) -> None:
         """Generate the group of `req`, stream chunks, publish finals; returns once all are acked."""
         enqueued_at = record.timestamp / 1000 if record.timestamp else req.created_at
-        inp = build_input(req, self.engine.tokenizer, self.engine.max_model_len)
+        inp = build_input(req, self.engine.tokenizer, self.engine.max_model_len, self.cfg.engine.max_group_size)
         if not await self._version_ready(req):
             return
         async with self.ledger.claim(req.id) as fresh:

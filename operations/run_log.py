@@ -94,7 +94,7 @@ def record_row(record: ConsumerRecord) -> tuple[str, dict[str, Any]]:
         return UNDECODABLE, row
     try:
         msg = decode(value, topic.message_type, headers)
-    except ValueError as err:  # DecodeError and anything a __post_init__ raises
+    except Exception as err:  # noqa: BLE001 - DecodeError, a __post_init__ check, or whatever hostile bytes make a decoder raise
         row["error"] = f"{type(err).__name__}: {err}"
         return UNDECODABLE, row
     row.update(key_fields(msg))

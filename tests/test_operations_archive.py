@@ -113,3 +113,31 @@ async def test_garbage_is_archived_raw_with_the_error_and_the_archiver_goes_on(c
     # The good record after the garbage was archived under its run.
     assert [m.id for _, m in read_messages(root / run_id, PROMPTS.name)] == [good.id]
     assert _manifest(root, UNDECODABLE)["undecodable"] >= len(garbage) + 1
+
+
+async def test_a_run_log_that_cannot_be_written_pauses_the_archiver_until_it_can(cfg: Config, tmp_path: Path) -> None:
+    cfg.archive.flush_interval_s = 0.3
+    root = tmp_path / "runs"
+    root.write_text("a file where the run-log folder should be")  # every write fails (NotADirectoryError)
+    run_id = f"full-{uuid.uuid4().hex[:8]}"
+    reqs = arithmetic_requests(run_id, 3, 1)
+    async with Publisher(cfg) as pub:
+        await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in reqs])
+    registry = CollectorRegistry()
+    archiver = Archiver(cfg, registry, group_id=f"archiver-full-{uuid.uuid4().hex[:6]}", root=root)
+    task = asyncio.create_task(archiver.run())
+    try:
+        await wait_until(lambda: (registry.get_sample_value("primerl_archiver_write_failures_total") or 0) >= 2,
+                         what="failed flushes, retried")
+        assert not task.done(), "the archiver died on a failed write"
+        assert archiver.flushes == 0  # nothing committed that is not on disk
+        root.unlink()  # the disk is back
+
+        def archived() -> list[str]:
+            return [m.id for _, m in read_messages(root / run_id, PROMPTS.name)] if (root / run_id).exists() else []
+
+        await wait_until(lambda: len(archived()) >= len(reqs), timeout_s=90, what="the records, once writable")
+    finally:
+        archiver.stop()
+        await task
+    assert sorted(archived()) == sorted(r.id for r in reqs)  # each once
