@@ -42,7 +42,8 @@ from engine_workers.deferral import DEFERRED_SINCE
 from engine_workers.engine import Engine, EngineDead
 from engine_workers.metrics import EngineMetrics
 from engine_workers.prefix_cache.held_blocks import HeldBlocks
-from engine_workers.prefix_cache.index import PrefixIndex, WorkerInfo
+from engine_workers.prefix_cache.index import PrefixIndex
+from schemas.registry import WorkerInfo
 from engine_workers.prefix_cache.kv_events import follow_kv_events
 from engine_workers.requests import build_input
 from plumbing.config import Config

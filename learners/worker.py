@@ -30,16 +30,11 @@ from plumbing.config import Config
 from plumbing.dead_letters import DeadLetters
 from plumbing.failures import retry_transient
 from plumbing.kafka import Publisher, consumer_kwargs
-from schemas import Completion, PolicyUpdate, Reward, decode
+from schemas import Completion, PolicyUpdate, Reward, decode, keys
 from schemas.topics import COMPLETIONS, POLICY, REWARDS
 from verifier_workers.signing import Keyring, RewardRejected, verify_reward
 
 log = logging.getLogger(__name__)
-
-
-def policy_version_key(run_id: str) -> str:
-    """Redis key holding a run's latest published policy version (admission control)."""
-    return f"primerl:policy:{run_id}:version"
 
 
 class _StateReplayGuard:
@@ -295,7 +290,7 @@ class LearnerWorker:
     async def _set_version_key(self, quiet: bool = False) -> None:
         """The version in Redis for producers' admission; an outage is logged, not fatal (nothing depends on it for correctness)."""
         try:
-            await self.redis.set(policy_version_key(self.cfg.run_id), self.state.version)
+            await self.redis.set(keys.policy_version(self.cfg.run_id), self.state.version)
         except (RedisError, OSError) as err:
             if not quiet:
                 log.warning("could not record policy v%d in Redis (%s); retried every 5 s", self.state.version, type(err).__name__)

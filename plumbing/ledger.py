@@ -29,6 +29,8 @@ from contextlib import asynccontextmanager, suppress
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from schemas import keys
+
 log = logging.getLogger(__name__)
 
 _DONE = b"done"
@@ -57,7 +59,7 @@ class Ledger:
         self._redis = redis
         self._fail_open = fail_open
         self.unavailable = 0
-        self._prefix = f"primerl:ledger:{stage}:"
+        self._prefix = keys.ledger_prefix(stage)
         self._ttl = ttl_s
         self._claim_ttl = claim_ttl_s
         self._token = uuid.uuid4().hex.encode()  # whose claim it is

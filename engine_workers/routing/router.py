@@ -30,7 +30,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from engine_workers.prefix_cache.block_hashes import chain_hashes, policy_salt
-from engine_workers.prefix_cache.index import PrefixIndex, WorkerInfo
+from engine_workers.prefix_cache.index import PrefixIndex
+from schemas.registry import WorkerInfo
 from engine_workers.requests import BadRequest, render_prompt
 from engine_workers.routing.cost_model import choose
 from plumbing.config import Config
