@@ -85,7 +85,7 @@ async def run_with_companions(worker: EngineWorker, companions: list[Router | De
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def serve_router(cfg: Config, policy: str = "") -> None:
+async def serve_router(cfg: Config) -> None:
     """Run one router alone (group `router`) until SIGTERM/SIGINT."""
     from transformers import AutoTokenizer
 
@@ -95,7 +95,7 @@ async def serve_router(cfg: Config, policy: str = "") -> None:
     redis = connect_redis(cfg)
     try:
         async with Publisher(cfg) as publisher:
-            router = Router(cfg, publisher, redis, tokenizer, registry, policy=policy)
+            router = Router(cfg, publisher, redis, tokenizer, registry)
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, router.stop)

@@ -113,10 +113,11 @@ class GrammarSpecScheduler(Scheduler):
         super().__init__(*args, **kwargs)
         drafts_without_a_worker_round_trip()
         cfg = dict(self.vllm_config.additional_config or {}).get(CONFIG_KEY, {})
-        self._min_acceptance = float(cfg.get("min_acceptance", 0.3))
-        self._probe_every = int(cfg.get("probe_every", 50))
-        self._stats_path = str(cfg.get("stats_path", ""))
-        self._cost = StepCost(float(cfg.get("fixed_ms", 90.0)), float(cfg.get("per_token_ms", 8.0)))
+        # Written by engine_workers/engine.py from EngineConfig, whose defaults are the only ones.
+        self._min_acceptance = float(cfg["min_acceptance"])
+        self._probe_every = int(cfg["probe_every"])
+        self._stats_path = str(cfg["stats_path"])
+        self._cost = StepCost(float(cfg["fixed_ms"]), float(cfg["per_token_ms"]))
         self._window = int(cfg.get("window", 64))
         self._sources: dict[str, dict[str, _Source]] = {}  # workload -> draft source -> its record
         self._by_prompt = OutputsCache()
