@@ -15,7 +15,8 @@
                    a type swapped, extreme ints/floats, NaN, huge strings, a wrong
                    `kind` tag, schema_version 2..2**63 (some stay valid on purpose)
 - near_size_limit  `near_limit` records (3 by default) just under the producer's
-                   max_request_size (1,048,576 bytes) less ~2 KB for the record envelope
+                   max_request_size (1,048,576 bytes): two leave ~2 KB for the record
+                   envelope, one only ~250 bytes (its dead letter cannot be inline)
 
 The first `n - near_limit` payloads cycle through the seven other categories (so they
 are spread evenly); the near-limit ones are placed at 1/4, 1/2 and 3/4 of the stream, so
@@ -58,6 +59,10 @@ from tests import strategies as valid
 MAX_REQUEST_SIZE = 1_048_576  # aiokafka's default max_request_size
 ENVELOPE_ROOM = 2048  # record header, key, headers and batch overhead
 NEAR_LIMIT_BYTES = MAX_REQUEST_SIZE - ENVELOPE_ROOM
+# One near-limit record in three is tighter still: ~90 bytes of batch overhead, the key and
+# a tag header leave it within ~250 bytes of the limit, so a dead letter wrapping it inline
+# (payload + reason + position) is over the limit: the letter must spill the payload.
+TIGHT_LIMIT_BYTES = MAX_REQUEST_SIZE - 400
 # Every other payload stays under this (the broker never frees memory); some land between
 # 256 KiB (where dead letters spill their payload to a file) and this bound.
 MAX_ORDINARY_BYTES = 512 * 1024
@@ -366,8 +371,8 @@ def _near_size_limit(rng: random.Random, base: dict[str, Any], which: int) -> Pa
     """Three shapes just under the limit: raw garbage, a valid message with one huge
     string, and a message of the wrong shape (JSON)."""
     shape = which % 3
-    if shape == 0:
-        return Payload("near_size_limit", rng.randbytes(NEAR_LIMIT_BYTES), [])
+    if shape == 0:  # as close as the producer takes: its dead letter (payload + reason) cannot fit inline
+        return Payload("near_size_limit", rng.randbytes(TIGHT_LIMIT_BYTES), [])
     obj = _copy(base)
     path = _pick_path(rng, obj, str) or ("run_id",)
     if shape == 1:
