@@ -96,6 +96,8 @@ def decode(payload: bytes, type_: type[M], headers: list[tuple[str, bytes]] | No
         header = lib.decode(payload, type=_Header)
     except msgspec.MsgspecError as err:
         raise _wrap(err, type_.__name__) from err
+    except RecursionError as err:  # msgspec raises it for values nested ~1,000 deep
+        raise _too_deep(type_.__name__) from err
     if header.schema_version > SCHEMA_VERSION:
         raise SchemaVersionError(
             f"{type_.__name__} has schema_version {header.schema_version}, this reader knows <= {SCHEMA_VERSION}; upgrade the consumer",
@@ -114,3 +116,9 @@ def decode(payload: bytes, type_: type[M], headers: list[tuple[str, bytes]] | No
         raise _wrap(err, type_.__name__) from err
     except (TypeError, ValueError) as err:  # raised by __post_init__ checks
         raise DecodeError(f"invalid {type_.__name__}: {err}") from err
+    except RecursionError as err:
+        raise _too_deep(type_.__name__) from err
+
+
+def _too_deep(type_name: str) -> DecodeError:
+    return DecodeError(f"invalid {type_name}: a value is nested too deeply to decode", expected="nesting under ~1,000 levels")

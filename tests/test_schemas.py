@@ -65,6 +65,18 @@ def test_garbage_bytes_raise_typed_error() -> None:
         decode(b"{not json", PromptRequest)
 
 
+@pytest.mark.parametrize("raw", [
+    b'{"run_id": "r", "text": "t", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # skipped unknown field
+    b'{"run_id": "r", "text": "t", "metadata": ' + b'{"a":' * 5_000 + b"1" + b"}" * 5_000 + b"}",
+    b"\x83\xa6run_id\xa1r\xa4text\xa1t\xa1x" + b"\x91" * 100_000 + b"\xc0",  # msgpack
+])
+def test_deeply_nested_payloads_are_a_decode_error_not_a_recursion_error(raw: bytes) -> None:
+    # Found by the fuzz suite: RecursionError escaped decode() and crashed the learner
+    # and the archiver (they catch DecodeError/ValueError only).
+    with pytest.raises(DecodeError, match="nested too deeply"):
+        decode(raw, PromptRequest)
+
+
 def test_wrong_field_type_names_the_field() -> None:
     raw = msgspec.json.encode({"run_id": "r", "text": "hi", "sampling": {"max_tokens": "many"}})
     with pytest.raises(DecodeError) as info:

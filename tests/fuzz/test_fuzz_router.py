@@ -23,7 +23,7 @@ from engine_workers.routing.router import Router
 from plumbing.config import Config
 from plumbing.kafka import Publisher
 from schemas import ChatMessage, PromptRequest, SamplingParams, decode
-from tests.fuzz.harness import DEFAULT_N, Ledger, Watch, assert_clean, dlq_watch, heavy_n, make_topic, publish_storm, wait_accounted
+from tests.fuzz.harness import DEFAULT_N, Ledger, Watch, assert_clean, dlq_watch, heavy_n, make_topic, publish_storm, stop_stage, wait_accounted
 from tests.kafka_helpers import wait_until
 
 
@@ -66,10 +66,7 @@ async def test_router_survives_the_storm_and_accounts_for_every_record(cfg: Conf
             await wait_until(lambda: any(m.id == good.id for m in routed), 60, "the good request routed after the storm")
             assert not task.done(), "the router exited"
         finally:
-            router.stop()
-            await asyncio.wait_for(task, 60)
-            for w in watches:
-                await w.stop()
+            await stop_stage(router.stop, task, watches)
             await redis.flushdb()
             await redis.aclose()
     print(f"\n[fuzz] router {variant}: n={n}, {time.monotonic() - t0:.1f}s")

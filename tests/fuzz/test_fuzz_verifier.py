@@ -21,7 +21,7 @@ from plumbing.config import Config
 from plumbing.kafka import Publisher
 from plumbing.redis_client import connect_redis
 from schemas import Completion, Reward, Topic, decode
-from tests.fuzz.harness import DEFAULT_N, Ledger, Watch, assert_clean, dlq_watch, heavy_n, make_topic, publish_storm, wait_accounted
+from tests.fuzz.harness import DEFAULT_N, Ledger, Watch, assert_clean, dlq_watch, heavy_n, make_topic, publish_storm, stop_stage, wait_accounted
 from tests.kafka_helpers import wait_until
 from tests.reward_helpers import make_completion
 from verifier_workers.rewards import build_registry, close_registry
@@ -64,10 +64,7 @@ async def test_verifier_survives_the_storm_and_accounts_for_every_record(cfg: Co
             assert next(r for r in rewards if r.completion_id == good.id).scalar == 1.0
             assert not task.done(), "the verifier exited"
         finally:
-            worker.stop()
-            await asyncio.wait_for(task, 60)
-            for w in watches:
-                await w.stop()
+            await stop_stage(worker.stop, task, watches)
             await close_registry(fns)
             await redis.aclose()
     print(f"\n[fuzz] verifier {variant}: n={n}, {time.monotonic() - t0:.1f}s")
