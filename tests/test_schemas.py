@@ -77,6 +77,17 @@ def test_deeply_nested_payloads_are_a_decode_error_not_a_recursion_error(raw: by
         decode(raw, PromptRequest)
 
 
+def test_json_ints_beyond_64_bits_are_a_decode_error() -> None:
+    # Found by the fuzz suite: JSON decoded 2**64 into an int field; re-encoding it as
+    # msgpack raised OverflowError later (the learner's checkpoint: it crashed, and again
+    # on every restart; the router dead-lettered its own re-publish with an OverflowError).
+    for big in (2**64, -(2**63) - 1, 10**30):
+        raw = msgspec.json.encode({"run_id": "r", "text": "t", "min_policy_version": big})
+        with pytest.raises(DecodeError, match="64-bit"):
+            decode(raw, PromptRequest)
+    assert decode(msgspec.json.encode({"run_id": "r", "text": "t", "min_policy_version": 2**64 - 1}), PromptRequest)
+
+
 def test_wrong_field_type_names_the_field() -> None:
     raw = msgspec.json.encode({"run_id": "r", "text": "hi", "sampling": {"max_tokens": "many"}})
     with pytest.raises(DecodeError) as info:

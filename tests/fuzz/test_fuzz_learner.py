@@ -86,9 +86,13 @@ async def test_learner_survives_the_storm_and_accounts_for_every_record(cfg: Con
             return True
 
         try:
-            report = await wait_accounted(ledger, [task], extra=settle, what=f"learner {variant} n={n}")
+            try:
+                report = await wait_accounted(ledger, [task], extra=settle, what=f"learner {variant} n={n}")
+            except AssertionError as err:
+                raise AssertionError(f"{err}\nlearner read up to {learner.state.offsets}, fuzz ends {ends}") from None
             # A decoded completion of this run is held in the state (waiting for its reward that never comes).
-            held = {s.decoded_id for s in storms[0].sent if s.decoded_id and not ledger.letters.get(s.fuzz_id)}
+            held = {s.decoded_id for s in storms[0].sent
+                    if s.decoded_id and s.decoded_run == run_id and not ledger.letters.get(s.fuzz_id)}
             assert held <= set(learner.state.completions) | {None}, sorted(held - set(learner.state.completions))[:5]
             good = [msgspec.structs.replace(make_completion(f"<answer>{i}</answer>", reference="1"), run_id=run_id,
                                             id=f"{run_id}-good/{i}", request_id=f"{run_id}-good", group_id=f"{run_id}-good",
@@ -101,7 +105,7 @@ async def test_learner_survives_the_storm_and_accounts_for_every_record(cfg: Con
                     scalar=scalar, status=RewardStatus.OK)), key=c.group_id.encode())
             await wait_until(lambda: any(g and g[0].group_id == good[0].group_id for groups in trainer.steps for g in groups),
                              60, "the good group trained on after the storm")
-            assert not task.done(), "the learner exited"
+            assert not task.done(), f"the learner exited: {task.exception()!r}"
         finally:
             await stop_stage(learner.stop, task, watches)
             await redis.aclose()
