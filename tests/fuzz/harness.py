@@ -241,7 +241,9 @@ async def wait_accounted(ledger: Ledger, stage_tasks: Iterable[asyncio.Task], *,
         for t in tasks:
             if t.done():
                 exc = t.exception() if not t.cancelled() else None
-                raise AssertionError(f"{what}: a stage exited during the storm: {exc!r}\n{ledger.report().summary()}")
+                import traceback
+                tb = "".join(traceback.format_exception(exc)) if exc else ""
+                raise AssertionError(f"{what}: a stage exited during the storm: {exc!r}\n{tb[-3000:]}\n{ledger.report().summary()}")
         extra_ok = extra is None or extra()  # may account for records itself: before counting
         n = ledger.accounted()
         if n == len(ledger._by_fuzz) and extra_ok:
