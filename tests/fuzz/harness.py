@@ -271,4 +271,4 @@ async def stop_stage(stop: Callable[[], None], task: asyncio.Task, watches: list
     for w in watches:
         await w.stop()
     stop()
-    await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 60)
+    await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 20)
