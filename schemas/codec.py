@@ -113,15 +113,15 @@ def decode(payload: bytes, type_: type[M], headers: list[tuple[str, bytes]] | No
             msg = msgspec.convert(obj, type=type_)
         else:
             msg = lib.decode(payload, type=type_)
-        if ctype == JSON:
-            _check_64_bit(msg, type_.__name__)
-        return msg
     except msgspec.MsgspecError as err:
         raise _wrap(err, type_.__name__) from err
     except (TypeError, ValueError) as err:  # raised by __post_init__ checks
         raise DecodeError(f"invalid {type_.__name__}: {err}") from err
     except RecursionError as err:
         raise _too_deep(type_.__name__) from err
+    if ctype == JSON:
+        _check_64_bit(msg, type_.__name__)
+    return msg
 
 
 def _check_64_bit(msg: Message, type_name: str) -> None:
