@@ -75,7 +75,10 @@ async def test_engine_worker_survives_the_storm_and_accounts_for_every_record(cf
     routed, policy = await make_topic(cfg, "routed", 4), await make_topic(cfg, "policy", 1)
     completions, chunks = await make_topic(cfg, "completions", 4), await make_topic(cfg, "chunks", 4)
     monkeypatch.setattr(worker_module, "ROUTED", Topic(routed, 4, PromptRequest, "fuzz"))
-    monkeypatch.setattr(worker_module, "POLICY", Topic(policy, 1, PolicyUpdate, "fuzz"))
+    import plumbing.policy_feed as feed_module  # the follower moved here on main
+    for module in (worker_module, feed_module):
+        if hasattr(module, "POLICY"):
+            monkeypatch.setattr(module, "POLICY", Topic(policy, 1, PolicyUpdate, "fuzz"))
     monkeypatch.setattr(worker_module, "COMPLETIONS", Topic(completions, 4, Completion, "fuzz"))
     monkeypatch.setattr(worker_module, "CHUNKS", Topic(chunks, 4, CompletionChunk, "fuzz"))
     deferred_topic = TOPICS.get("rollout.deferred")  # the deferral stage's topic, once it exists
