@@ -25,6 +25,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-n", dest="fuzz_n", type=int, default=None,
+                     help="payloads per topic of the heavy fuzz tests (default: PRIMERL_FUZZ_N, else 10,000)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The heavy fuzz tests (marker `fuzz`) run only when asked for: `-m fuzz`, --fuzz-n or PRIMERL_FUZZ_N."""
+    asked = "fuzz" in (config.getoption("markexpr") or "").replace("not fuzz", "") or config.getoption("fuzz_n") \
+        or os.environ.get("PRIMERL_FUZZ_N")
+    if asked:
+        return
+    skip = pytest.mark.skip(reason="heavy fuzz (10,000 per topic): `make fuzz`, or -m fuzz / --fuzz-n / PRIMERL_FUZZ_N")
+    for item in items:
+        if "fuzz" in item.keywords and item.get_closest_marker("fuzz") is not None:
+            item.add_marker(skip)
+
+
 def _docker_answers() -> bool:
     if not shutil.which("docker"):
         return False
