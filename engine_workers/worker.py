@@ -98,7 +98,7 @@ class EngineWorker:
         self.admission = Admission(self.cfg.engine.max_in_flight)
         self._version_changed = asyncio.Condition()
         self.follower_letters = self.dead_letters.for_stage("policy-follower")
-        self.policy = PolicyFeed(self.cfg, self.follower_letters, self._on_policy_update)
+        self.policy = PolicyFeed(self.cfg, self.follower_letters, self._on_policy_update, self.redis)
         self.runner = ConsumerRunner(
             self.cfg,
             topics=[ROUTED.name],
@@ -316,7 +316,7 @@ class EngineWorker:
         except asyncio.CancelledError:
             raise
         except Exception as err:  # noqa: BLE001 - a bad update (no weights there, wrong shapes) must not stop serving
-            await self.follower_letters.deliver(record, err)
+            await self.policy.dead_letter(record, err)
             return False
         self.metrics.reload_seconds.observe(took)
         self.metrics.policy_version.set(update.version)

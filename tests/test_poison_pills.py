@@ -201,3 +201,33 @@ def test_failures_are_classified_by_whose_fault_they_are() -> None:
     assert is_transient(KafkaConnectionError()) and is_transient(RequestTimedOutError()) and is_transient(RedisConnectionError())
     assert not is_transient(MessageSizeTooLargeError()) and not is_transient(DecodeError("x"))
     assert not is_transient(ResponseError("WRONGTYPE")) and not is_transient(ValueError("bad input"))
+
+
+async def test_a_bad_policy_record_is_dead_lettered_once_however_many_engines_read_it(cfg: Config, tmp_path: Path, monkeypatch) -> None:
+    import asyncio
+
+    import plumbing.policy_feed as feed_module
+    from plumbing.policy_feed import PolicyFeed
+    from plumbing.redis_client import connect_redis
+    from schemas import PolicyUpdate
+    from schemas.topics import POLICY, Topic
+
+    topic = await make_topic(cfg)
+    monkeypatch.setattr(feed_module, "POLICY", Topic(topic, 1, POLICY.message_type, POLICY.key_rule))
+    redis = connect_redis(cfg)
+    async with Publisher(cfg) as pub:
+        await pub.publish_raw(topic, b"\xc1 not an update")
+        await pub.publish(topic, PolicyUpdate(run_id="t", version=3, weights_path="/w"))
+        for _ in range(3):  # three engine starts, one after the other
+            feed = PolicyFeed(cfg, DeadLetters(pub, "test-feed", "t", CollectorRegistry(), spill_dir=tmp_path), redis=redis)
+            task = asyncio.create_task(feed.run())
+            await wait_until(lambda f=feed: f.latest("t") == 3 and f.caught_up.is_set(), what="the feed to catch up")
+            feed.stop()
+            await task
+    await redis.aclose()
+    letters = await dead_letters_from(cfg, topic, 1)
+    import pytest
+
+    with pytest.raises(TimeoutError):
+        await dead_letters_from(cfg, topic, 2, timeout_s=5)
+    assert letters[0].payload == b"\xc1 not an update"

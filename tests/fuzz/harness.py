@@ -162,6 +162,7 @@ class Ledger:
     letters: dict[str, list[DeadLetter]] = field(default_factory=lambda: collections.defaultdict(list))
     outputs: dict[str, int] = field(default_factory=collections.Counter)
     unmatched_letters: list[DeadLetter] = field(default_factory=list)
+    seen_sources: set[str] = field(default_factory=set)  # every letter's source topic, ours or not
 
     def __post_init__(self) -> None:
         self._by_fuzz = {s.fuzz_id: s for storm in self.storms for s in storm.sent}
@@ -171,6 +172,7 @@ class Ledger:
 
     def on_letter(self, record) -> None:
         letter = decode(record.value, DeadLetter, list(record.headers))
+        self.seen_sources.add(letter.source_topic)
         if letter.source_topic not in self.topics:
             return
         fuzz_id = next((v.decode(errors="replace") for k, v in letter.headers if k == FUZZ_HEADER), None)

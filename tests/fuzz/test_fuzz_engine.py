@@ -33,7 +33,8 @@ from engine_workers.model_store import resolve_model
 from engine_workers.worker import EngineWorker
 from plumbing.config import Config
 from plumbing.kafka import Publisher
-from schemas import TOPICS, Completion, CompletionChunk, PolicyUpdate, PromptRequest, SamplingParams, Topic, decode
+from schemas import TOPICS, Completion, CompletionChunk, DeadLetter, PolicyUpdate, PromptRequest, SamplingParams, Topic, decode
+from schemas.topics import DLQ
 from tests.fuzz.harness import DEFAULT_N, Ledger, Watch, assert_clean, dlq_watch, heavy_n, make_topic, publish_storm, stop_stage, wait_accounted
 from tests.kafka_helpers import wait_until
 
@@ -133,6 +134,13 @@ async def test_engine_worker_survives_the_storm_and_accounts_for_every_record(cf
         try:
             await pub.publish(policy, good_policy)
             await wait_until(lambda: engine.policy_version >= 1 or task.done(), 120, "the good policy update loaded after the storm")
+            # The follower wrote every letter before it loaded the good update, but the DLQ
+            # watch reads behind: a sentinel on the follower's DLQ partition (same key),
+            # once seen, says every follower letter before it has been seen too.
+            sentinel = DeadLetter(run_id=run_id, stage="fuzz-sentinel", error_type="", error="",
+                                  source_topic=f"sentinel.{run_id}", partition=0, offset=0, payload=b"")
+            await pub.publish(DLQ.name, sentinel, key=b"policy-follower")
+            await wait_until(lambda: sentinel.source_topic in ledger.seen_sources, 60, "the letter watch to catch up")
             report = await wait_accounted(ledger, [task], extra=policy_settled, what=f"engine {variant} n={n}")
             good = PromptRequest(run_id=run_id, text="After the storm: 2 + 2 =", sampling=SamplingParams(max_tokens=2), group_size=2)
             await pub.publish(routed, good, key=good.routing_key())
@@ -140,7 +148,6 @@ async def test_engine_worker_survives_the_storm_and_accounts_for_every_record(cf
             assert not task.done(), f"the engine worker exited: {task.exception()!r}"
         finally:
             await stop_stage(worker.stop, task, watches)
-            await redis.flushdb()
             await redis.aclose()
     print(f"\n[fuzz] engine {variant}: n={n} per topic, {time.monotonic() - t0:.1f}s; policy v{engine.policy_version}")
     assert not doubled_samples, doubled_samples[:5]
