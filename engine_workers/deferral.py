@@ -15,6 +15,7 @@ again, which the engine's ledger turns into a no-op.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -75,6 +76,11 @@ class Deferral:
     def stop(self) -> None:
         """Stop taking requests; parked ones stay uncommitted for the next member."""
         self.runner.stop()
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once the group gave this member partitions."""
+        return self.runner.assigned
 
     async def handle(self, req: PromptRequest, record: ConsumerRecord) -> None:
         """Wait for `req`'s version (bounded), then re-publish it to rollout.prompts."""

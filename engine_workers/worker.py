@@ -150,6 +150,11 @@ class EngineWorker:
         """Finish in-flight requests, commit, and return from `run`."""
         self.runner.stop()
 
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once the group gave this member partitions."""
+        return self.runner.assigned
+
     async def handle(self, req: PromptRequest, record: ConsumerRecord) -> None:
         """Generate the group of `req`, stream chunks, publish finals; returns once all are acked."""
         enqueued_at = record.timestamp / 1000 if record.timestamp else req.created_at

@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 import torch
-from prometheus_client import CollectorRegistry
 
 from engine_workers.model_store import resolve_model
 from learners.policy_model import PolicyModel
 from learners.trainer import TrainConfig, Trainer
 from learners.worker import LearnerWorker
 from plumbing.config import Config
-from plumbing.kafka import Publisher
-from plumbing.metrics import serve_metrics
-from plumbing.redis_client import connect_redis
+from plumbing.stage import StageContext, serve_stage
 from verifier_workers.signing import Keyring
 
 log = logging.getLogger(__name__)
@@ -38,28 +34,21 @@ def build_trainer(cfg: Config) -> Trainer:
 
 async def serve_learner(cfg: Config, started: asyncio.Future[LearnerWorker] | None = None) -> None:
     """Run one learner for `cfg.run_id` until SIGTERM/SIGINT (checkpointing on the way out)."""
-    registry = CollectorRegistry()
-    port = serve_metrics(cfg.metrics, registry)
-    trainer = await asyncio.to_thread(build_trainer, cfg)
+    await serve_stage(cfg, f"learner ({cfg.learner.algo}) for run {cfg.run_id}", build_learner, started)
+
+
+async def build_learner(ctx: StageContext) -> tuple[LearnerWorker, LearnerWorker]:
+    """The learner with its trainer and keyring; refuses to start with no verifier key to trust."""
+    cfg = ctx.cfg
     keyring = Keyring.from_dir(cfg.keys_dir)
     if not keyring.key_ids():
         raise RuntimeError(f"no verifier public keys in {cfg.keys_dir}: the learner would reject every reward")
-    redis = connect_redis(cfg)
-    try:
-        async with Publisher(cfg) as publisher:
-            worker = LearnerWorker(
-                cfg, trainer, keyring, publisher, redis, registry,
-                checkpoint=cfg.state_dir / "learner" / cfg.run_id / "learner.ckpt",
-                # Absolute: engines resolve it from their own working directory.
-                policies_dir=(cfg.state_dir / "policies" / cfg.run_id).resolve(),
-            )
-            if started is None:  # a process of its own; an embedding driver owns the signals
-                loop = asyncio.get_running_loop()
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(sig, worker.stop)
-            log.info("learner (%s) for run %s; trusted keys %s; metrics on :%d", cfg.learner.algo, cfg.run_id, keyring.key_ids(), port)
-            if started is not None:
-                started.set_result(worker)
-            await worker.run()
-    finally:
-        await redis.aclose()
+    trainer = await asyncio.to_thread(build_trainer, cfg)
+    worker = LearnerWorker(
+        cfg, trainer, keyring, ctx.publisher, ctx.need_redis(), ctx.registry,
+        checkpoint=cfg.state_dir / "learner" / cfg.run_id / "learner.ckpt",
+        # Absolute: engines resolve it from their own working directory.
+        policies_dir=(cfg.state_dir / "policies" / cfg.run_id).resolve(),
+    )
+    log.info("learner trusts keys %s", keyring.key_ids())
+    return worker, worker

@@ -105,6 +105,11 @@ class LearnerWorker:
         """Checkpoint and return from `run`."""
         self._stopping.set()
 
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once the learner's group gave it its partitions."""
+        return self.assigned
+
     async def run(self) -> None:
         """Consume, assemble, train and publish until stopped."""
         consumer = AIOKafkaConsumer(**consumer_kwargs(self.cfg, f"learner-{self.cfg.run_id}"))

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -45,7 +44,7 @@ from operations.run_log import (
 from plumbing.config import Config
 from plumbing.failures import Backoff
 from plumbing.kafka import consumer_kwargs
-from plumbing.metrics import serve_metrics
+from plumbing.stage import StageContext, serve_stage
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +98,11 @@ class Archiver:
     def stop(self) -> None:
         """Flush what is buffered, commit, and return from `run`."""
         self._stopping.set()
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once the group gave this archiver partitions."""
+        return self.assigned
 
     async def run(self) -> None:
         """Archive until `stop()`."""
@@ -243,14 +247,10 @@ class _Rebalance(ConsumerRebalanceListener):
 
 async def serve_archiver(cfg: Config, started: asyncio.Future[Archiver] | None = None) -> None:
     """Run the archiver until SIGTERM/SIGINT, serving /metrics."""
-    registry = CollectorRegistry()
-    port = serve_metrics(cfg.metrics, registry)
-    archiver = Archiver(cfg, registry)
-    if started is None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, archiver.stop)
-    log.info("archiver writing %s to %s; metrics on :%d", cfg.archive.topics, archiver.root, port)
-    if started is not None:
-        started.set_result(archiver)
-    await archiver.run()
+
+    async def build(ctx: StageContext) -> tuple[Archiver, Archiver]:
+        archiver = Archiver(ctx.cfg, ctx.registry)
+        log.info("archiver writing %s to %s", ctx.cfg.archive.topics, archiver.root)
+        return archiver, archiver
+
+    await serve_stage(cfg, "archiver", build, started, uses_redis=False)

@@ -23,7 +23,7 @@ async def start_stage(serve: Serve[W], cfg: Config) -> tuple[asyncio.Task[None],
     Raises the stage's own error if it fails before it is up.
     """
     started: asyncio.Future[W] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(serve(cfg, started))
+    task = asyncio.create_task(serve(cfg, started), name=serve.__name__.removeprefix("serve_"))
     await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
     if not started.done():
         task.result()  # it ended before serving: raise why

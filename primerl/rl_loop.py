@@ -21,6 +21,7 @@ import typer
 
 from engine_workers.service import serve_engine
 from learners.service import serve_learner
+from learners.worker import LearnerWorker
 from plumbing.config import Config
 from primerl.embedded import publish_prompts, start_stage
 from primerl.observe import RunObserver
@@ -73,9 +74,8 @@ async def evaluate(cfg: Config, run_id: str, version: int, pairs: list[tuple[int
 
 async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
     """Run `rs.steps` learner steps; returns the learning curve (servers must be up)."""
-    cfg.run_id = cfg.run_id if cfg.run_id != "default" else f"run-{uuid.uuid4().hex[:8]}"
-    run_id = cfg.run_id
-    cfg.engine.policy_run = run_id
+    run_id = cfg.run_id if cfg.run_id != "default" else f"run-{uuid.uuid4().hex[:8]}"
+    cfg = cfg.derive(run_id=run_id, **{"engine.policy_run": run_id})
     load_signer(cfg)  # the verifier's key exists before the learner reads the keyring
     engine_task, engine = await start_stage(serve_engine, cfg)
     verifier_task, verifier = await start_stage(serve_verifier, cfg)
@@ -118,17 +118,13 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
         await asyncio.wait_for(learner.assigned.wait(), 120)
         acc, _ = await evaluate(cfg, run_id, 0, held, rs.max_tokens)
         typer.echo(f"step 0 (policy v0): held-out accuracy {acc:.3f} on {len(held)} prompts")
-        feed = asyncio.create_task(feeder())
+        feed = asyncio.create_task(feeder(), name="feeder")
         tasks.append(feed)
         typer.echo(f"{'step':>4} {'wall_s':>7} {'reward':>7} {'heldout':>7} {'lag':>5} {'tok/s':>7} {'cache':>6}")
         rows.append(CurveRow(0, time.time() - t_start, math.nan, acc, 0.0, math.nan, math.nan))
         done = 0
         while done < rs.steps:
-            async with learner.version_published:
-                await asyncio.wait_for(learner.version_published.wait_for(lambda: len(learner.history) > done), 1800)
-            for t in tasks:
-                if t.done() and t.exception():
-                    raise t.exception()  # type: ignore[misc]
+            await _next_step(learner, done, tasks)
             stats = learner.history[done]
             if stats.samples:  # a step that changed the weights announced a new version
                 published_at[stats.policy_version] = time.time()
@@ -156,6 +152,31 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
                 t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return rows
+
+
+async def _next_step(learner: LearnerWorker, done: int, tasks: list[asyncio.Task[None]], timeout_s: float = 1800) -> None:
+    """Return once the learner has made step `done` + 1; raise at once if a stage (or the feeder) ends first.
+
+    A stage that died used to be noticed only after the next learner step, up to 1,800 s later.
+    """
+
+    async def stepped() -> None:
+        async with learner.version_published:
+            await learner.version_published.wait_for(lambda: len(learner.history) > done)
+
+    waiter = asyncio.create_task(stepped())
+    try:
+        finished, _ = await asyncio.wait({waiter, *tasks}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not waiter.done():
+            waiter.cancel()
+    if waiter in finished:
+        return
+    if not finished:
+        raise TimeoutError(f"no learner step within {timeout_s:.0f}s")
+    ended = next(iter(finished))
+    cause = None if ended.cancelled() else ended.exception()
+    raise RuntimeError(f"a stage ended during the run ({ended.get_name()}): {cause!r}") from cause
 
 
 def _report_switch_latency(observer: RunObserver, published_at: dict[int, float]) -> None:

@@ -4,14 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-
-from prometheus_client import CollectorRegistry
 
 from plumbing.config import Config
-from plumbing.kafka import Publisher
-from plumbing.metrics import serve_metrics
-from plumbing.redis_client import connect_redis
+from plumbing.stage import StageContext, serve_stage
 from verifier_workers.rewards import RewardConfig, build_registry, close_registry
 from verifier_workers.rewards.remote import RemoteConfig
 from verifier_workers.sandbox import SandboxLimits
@@ -35,24 +30,16 @@ def load_signer(cfg: Config) -> Signer:
 
 async def serve_verifier(cfg: Config, started: asyncio.Future[VerifierWorker] | None = None) -> None:
     """Run one verifier worker until SIGTERM/SIGINT."""
-    registry = CollectorRegistry()
-    port = serve_metrics(cfg.metrics, registry)
-    v = cfg.verifier
+    await serve_stage(cfg, f"verifier {cfg.verifier.verifier_id} v{cfg.verifier.version}", build_verifier, started)
+
+
+async def build_verifier(ctx: StageContext) -> tuple[VerifierWorker, VerifierWorker]:
+    """The verifier worker with its reward functions (closed with the process)."""
+    v = ctx.cfg.verifier
     fns = build_registry(
         RewardConfig(sandbox=SandboxLimits(wall_s=v.code_timeout_s), remote=RemoteConfig(url=v.remote_url, timeout_s=v.remote_timeout_s))
     )
-    redis = connect_redis(cfg)
-    try:
-        async with Publisher(cfg) as publisher:
-            worker = VerifierWorker(cfg, fns, load_signer(cfg), publisher, redis, registry)
-            if started is None:  # a process of its own; an embedding driver owns the signals
-                loop = asyncio.get_running_loop()
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.add_signal_handler(sig, worker.stop)
-            log.info("verifier %s v%s (key %s) serving; metrics on :%d", v.verifier_id, v.version, worker.signer.key_id, port)
-            if started is not None:
-                started.set_result(worker)
-            await worker.run()
-    finally:
-        await close_registry(fns)
-        await redis.aclose()
+    ctx.stack.push_async_callback(close_registry, fns)
+    worker = VerifierWorker(ctx.cfg, fns, load_signer(ctx.cfg), ctx.publisher, ctx.need_redis(), ctx.registry)
+    log.info("verifier signs with key %s", worker.signer.key_id)
+    return worker, worker

@@ -10,6 +10,7 @@ huggingface-hub (click >= 8.4.2) cannot share one environment with.
 from __future__ import annotations
 
 import hashlib
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -72,6 +73,11 @@ class VerifierWorker:
     def stop(self) -> None:
         """Finish in-flight completions, commit, return from `run`."""
         self.runner.stop()
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once the group gave this member partitions."""
+        return self.runner.assigned
 
     async def handle(self, completion: Completion, _record: ConsumerRecord) -> None:
         """Score, sign and publish one reward; returns once the broker acked it."""

@@ -116,6 +116,11 @@ class Router:
         """Finish in-flight routing, commit, and return from `run`."""
         self.runner.stop()
 
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once the group gave this member partitions."""
+        return self.runner.assigned
+
     async def handle(self, req: PromptRequest, record: ConsumerRecord) -> None:
         """Route one request and wait for the routed copy's ack."""
         t0 = time.perf_counter()
