@@ -87,6 +87,16 @@ class _Servers:
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long chaos run only when asked for (`-m chaos`; `make chaos` runs it without pytest)."""
+    if "chaos" in (config.getoption("-m") or ""):
+        return
+    skip = pytest.mark.skip(reason="the long chaos run: `make chaos` or `pytest -m chaos`")
+    for item in items:
+        if "chaos" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def servers() -> Iterator[_Servers]:
     """A Kafka-compatible broker and Redis for the whole session, with topics created."""
