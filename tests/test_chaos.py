@@ -86,3 +86,18 @@ def test_chaos_short_loses_nothing_and_doubles_nothing(tmp_path: Path) -> None:
 def test_chaos_long(tmp_path: Path) -> None:
     report = _run_chaos(tmp_path, "--samples", "1000", "--faults", "12", timeout_s=3900)
     _check(report)
+
+
+def test_soak_judges_stages_on_drift_after_the_warm_up_and_not_the_servers() -> None:
+    from perf.soak import judge
+
+    rows = []
+    for i in range(20):
+        t = i * 5.0
+        rows.append({"t_s": t, "process": "engine", "rss_mb": 1000.0 + (500 if i < 4 else i), "fds": 40})  # warm-up spike
+        rows.append({"t_s": t, "process": "learner", "rss_mb": 800.0 + 10 * i, "fds": 30})  # grows 15 % after warm-up
+        rows.append({"t_s": t, "process": "broker", "rss_mb": 50.0 * (i + 1), "fds": 20})
+    v = judge(rows, warmup_s=20.0, tolerance=0.10)
+    assert v["engine"]["pass"] and v["engine"]["judged"]
+    assert not v["learner"]["pass"] and v["learner"]["rss_mb"]["max_drift"] > 0.10
+    assert not v["broker"]["judged"]
