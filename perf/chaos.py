@@ -308,7 +308,8 @@ class ChaosRun:
         for line in lines:
             if line.get("kind") == "drop":
                 dropped[line["reason"]].update(line["ids"])
-        buffered: set[str] = set()
+        buffered: set[str] = set()  # in a (ready or partial) group of the checkpoint
+        waiting: set[str] = set()  # a completion waiting for its reward, or the other way round
         # Records at or after the checkpoint's offsets: a restarted learner reads them next.
         unread: set[str] = set()
         if state is not None:
@@ -316,7 +317,7 @@ class ChaosRun:
                 for r in obs.records.get(topic, ()):
                     if r.offset >= state.offsets.get(f"{topic}:{r.partition}", 0) and r.msg is not None:
                         unread.add(r.msg.id if topic == COMPLETIONS.name else r.msg.completion_id)
-            buffered |= set(state.completions) | set(state.rewards)
+            waiting |= set(state.completions) | set(state.rewards)
             buffered |= {s.completion_id for g in state.groups.values() for s in g}
             buffered |= {s.completion_id for g in state.ready for s in g}
         outcome: dict[str, str] = {}
@@ -331,6 +332,8 @@ class ChaosRun:
                 outcome[i] = "dropped:" + next(r for r, ids in dropped.items() if i in ids)
             elif i in obs.dead_sample_ids:
                 outcome[i] = "dead_lettered:" + obs.dead_sample_ids[i][0]
+            elif i in waiting:
+                outcome[i] = "waiting_in_learner_checkpoint_for_its_pair"
             else:
                 outcome[i] = "lost"
         buckets = Counter(outcome.values())
