@@ -38,8 +38,11 @@ def render_prompt(req: PromptRequest, tokenizer: Any) -> tuple[str, list[int]]:
     return req.text, tokenizer.encode(req.text)
 
 
-def build_input(req: PromptRequest, tokenizer: Any, max_model_len: int) -> EngineInput:
+def build_input(req: PromptRequest, tokenizer: Any, max_model_len: int, max_group_size: int = 256) -> EngineInput:
     """Validate `req` against the model and build the engine input; raises BadRequest."""
+    if req.group_size > max_group_size:
+        # vLLM would take n=10**9 and hold the engine (and its memory) for it.
+        raise BadRequest(f"group_size {req.group_size} over this engine's limit of {max_group_size} (engine.max_group_size)")
     prompt, ids = render_prompt(req, tokenizer)
     s = req.sampling
     if not ids:

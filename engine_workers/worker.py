@@ -7,6 +7,18 @@ request's offset is committed only after all its final completions are acked; a
 processed-request ledger in Redis keeps a redelivered request from being generated
 again. It heartbeats into the Redis registry with its partitions, its load and the
 prefix blocks its engine holds (from vLLM's KV-cache events).
+
+A request for a policy version the engine has not loaded never waits in a consumer
+slot for long (one such request per slot once left an engine serving nothing):
+- the version is published and loading here: wait at most `engine.reload_wait_s`;
+- it is not published yet, and at most `engine.max_versions_ahead` ahead of the
+  newest one: park it on rollout.deferred (`engine_workers/deferral.py` releases it
+  to rollout.prompts once the version is published) and commit;
+- further ahead: it can never be scheduled in reasonable time; dead-letter it.
+Why a deferred topic rather than a Redis park or an in-memory wait: the request then
+survives a restart of the engine and of Redis without its data (the chaos suite does
+both), it is bounded per process by the deferral's slots, and a request waits where
+it blocks only other waiting requests.
 """
 
 from __future__ import annotations
@@ -19,31 +31,38 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from aiokafka import AIOKafkaConsumer
+import msgspec
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from engine_workers.admission import Admission
+from engine_workers.deferral import DEFERRED_SINCE
 from engine_workers.engine import Engine, EngineDead
 from engine_workers.metrics import EngineMetrics
 from engine_workers.prefix_cache.held_blocks import HeldBlocks
-from engine_workers.prefix_cache.index import PrefixIndex, WorkerInfo
+from engine_workers.prefix_cache.index import PrefixIndex
+from schemas.registry import WorkerInfo
 from engine_workers.prefix_cache.kv_events import follow_kv_events
 from engine_workers.requests import build_input
 from plumbing.config import Config
 from plumbing.consumer import ConsumerRunner, FatalError
 from plumbing.dead_letters import DeadLetters
-from plumbing.kafka import Publisher, common_kwargs
+from plumbing.kafka import Publisher
 from plumbing.ledger import Ledger
-from schemas import Completion, CompletionChunk, PolicyUpdate, PromptRequest, Timings, decode
+from plumbing.policy_feed import PolicyFeed
+from schemas import Completion, CompletionChunk, PolicyUpdate, PromptRequest, Timings
 from schemas.completions import completion_id
-from schemas.topics import CHUNKS, COMPLETIONS, POLICY, ROUTED
+from schemas.topics import CHUNKS, COMPLETIONS, DEFERRED, ROUTED
 
 log = logging.getLogger(__name__)
 
 ENGINE_GROUP = "engine"
+
+
+class Unschedulable(ValueError):
+    """A request that can never run here in reasonable time (dead-lettered with this reason)."""
 
 
 @dataclass
@@ -75,9 +94,11 @@ class EngineWorker:
         self.blocks = HeldBlocks(policy_version=self.engine.policy_version)
         self._served_prompt_tokens = 0
         self._served_cached_tokens = 0
-        self.dead_letters = DeadLetters(self.publisher, "engine", self.cfg.run_id, self.registry)
+        self.dead_letters = DeadLetters.from_config(self.cfg, self.publisher, "engine", self.registry)
         self.admission = Admission(self.cfg.engine.max_in_flight)
         self._version_changed = asyncio.Condition()
+        self.follower_letters = self.dead_letters.for_stage("policy-follower")
+        self.policy = PolicyFeed(self.cfg, self.follower_letters, self._on_policy_update, self.redis)
         self.runner = ConsumerRunner(
             self.cfg,
             topics=[ROUTED.name],
@@ -91,17 +112,35 @@ class EngineWorker:
         )
 
     async def run(self) -> None:
-        """Serve until stopped; raises FatalError when the engine dies."""
-        tasks = [asyncio.create_task(self._follow_policy()), asyncio.create_task(self._heartbeat())]
+        """Serve until stopped; raises FatalError when the engine dies or a background task fails.
+
+        The policy follower, heartbeat and KV-event reader are supervised: one that ends
+        stops the worker with its cause (a dead follower once left an engine serving old
+        weights forever).
+        """
+        background = {
+            asyncio.create_task(self.policy.run(), name="policy follower"),
+            asyncio.create_task(self._heartbeat(), name="registry heartbeat"),
+        }
         if self.engine.kv_events_endpoint:
-            tasks.append(asyncio.create_task(
-                follow_kv_events(self.engine.kv_events_endpoint, self.engine.kv_events_topic, self.blocks)))
+            background.add(asyncio.create_task(
+                follow_kv_events(self.engine.kv_events_endpoint, self.engine.kv_events_topic, self.blocks), name="KV-event reader"))
+        serving = asyncio.create_task(self.runner.run(), name="consumer")
         try:
-            await self.runner.run()
+            done, _ = await asyncio.wait({serving, *background}, return_when=asyncio.FIRST_COMPLETED)
+            if serving not in done:
+                failed = next(iter(done))
+                cause = failed.exception() if not failed.cancelled() else None
+                log.error("engine worker %s: %s ended (%r); stopping", self.worker_id, failed.get_name(), cause)
+                self.runner.stop()
+                await asyncio.gather(serving, return_exceptions=True)
+                raise FatalError(f"{failed.get_name()} ended: {cause!r}") from cause
+            await serving  # re-raises its FatalError
         finally:
-            for t in tasks:
+            self.policy.stop()
+            for t in background:
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*background, return_exceptions=True)
             try:
                 await self.index.deregister(self.worker_id)
             except (RedisError, OSError) as err:
@@ -114,13 +153,13 @@ class EngineWorker:
     async def handle(self, req: PromptRequest, record: ConsumerRecord) -> None:
         """Generate the group of `req`, stream chunks, publish finals; returns once all are acked."""
         enqueued_at = record.timestamp / 1000 if record.timestamp else req.created_at
-        inp = build_input(req, self.engine.tokenizer, self.engine.max_model_len)
+        inp = build_input(req, self.engine.tokenizer, self.engine.max_model_len, self.cfg.engine.max_group_size)
+        if not await self._version_ready(req):
+            return
         async with self.ledger.claim(req.id) as fresh:
             if not fresh:
                 self.metrics.requests.labels("duplicate").inc()
                 return
-            async with self._version_changed:
-                await self._version_changed.wait_for(lambda: self.engine.policy_version >= req.min_policy_version)
             async with self.admission.slot():
                 self.metrics.in_flight.inc()
                 try:
@@ -132,6 +171,35 @@ class EngineWorker:
             await self.ledger.mark(req.id)
         self.metrics.requests.labels("ok").inc()
         self.metrics.ledger_unavailable.set(self.ledger.unavailable)
+
+    async def _version_ready(self, req: PromptRequest) -> bool:
+        """True when `req` may run now; False once it is parked on rollout.deferred (see the module doc)."""
+        need = req.min_policy_version
+        if self.engine.policy_version >= need:
+            return True
+        e = self.cfg.engine
+        published = self.policy.latest(e.policy_run)
+        if need <= published:
+            try:
+                async with self._version_changed:
+                    await asyncio.wait_for(
+                        self._version_changed.wait_for(lambda: self.engine.policy_version >= need), e.reload_wait_s)
+                return True
+            except TimeoutError:
+                log.warning("request %s: policy v%d published but not loaded here within %.0fs; deferring",
+                            req.id, need, e.reload_wait_s)
+        elif need > published + e.max_versions_ahead:
+            self.metrics.requests.labels("unschedulable").inc()
+            raise Unschedulable(
+                f"min_policy_version {need} is {need - published} versions ahead of the newest published policy "
+                f"(v{published}); engine.max_versions_ahead={e.max_versions_ahead}: it would wait indefinitely")
+        since = req.metadata.get(DEFERRED_SINCE) or f"{time.time():.3f}"
+        parked = msgspec.structs.replace(req, route=None, metadata={**req.metadata, DEFERRED_SINCE: since})
+        await self.publisher.publish(DEFERRED.name, parked, key=req.routing_key())
+        await self._release_load(req, "prefill")
+        await self._release_load(req, "decode")
+        self.metrics.requests.labels("deferred").inc()
+        return False
 
     async def _generate(self, req: PromptRequest, prompt: str, prompt_ids: list[int], params: object, enqueued_at: float) -> None:
         version = self.engine.policy_version
@@ -233,26 +301,25 @@ class EngineWorker:
                 resync = True
             await asyncio.sleep(self.cfg.routing.heartbeat_s)
 
-    async def _follow_policy(self) -> None:
-        """Read every policy update (no group: each engine sees all) and load newer versions."""
-        consumer = AIOKafkaConsumer(POLICY.name, **common_kwargs(self.cfg), group_id=None, auto_offset_reset="earliest")
-        await consumer.start()
+    async def _on_policy_update(self, update: PolicyUpdate, record: ConsumerRecord) -> bool:
+        """Load a newer version this engine follows; an update it cannot load is dead-lettered."""
+        follow = self.cfg.engine.policy_run
+        if follow and update.run_id != follow:
+            return False
+        if update.version <= self.engine.policy_version:
+            return True
         try:
-            async for record in consumer:
-                try:
-                    update = decode(record.value or b"", PolicyUpdate, list(record.headers or ()))
-                    follow = self.cfg.engine.policy_run
-                    if (follow and update.run_id != follow) or update.version <= self.engine.policy_version:
-                        continue
-                    async with self.admission.exclusive():
-                        took = await self.engine.reload(update.weights_path, update.version)
-                    self.metrics.reload_seconds.observe(took)
-                    self.metrics.policy_version.set(update.version)
-                    async with self._version_changed:
-                        self._version_changed.notify_all()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as err:  # noqa: BLE001 - a bad update must not stop serving
-                    await self.dead_letters.send(record, err)
-        finally:
-            await consumer.stop()
+            async with self.admission.exclusive():
+                took = await self.engine.reload(update.weights_path, update.version)
+        except EngineDead as err:
+            raise FatalError(f"engine died loading policy v{update.version}: {err}") from err
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a bad update (no weights there, wrong shapes) must not stop serving
+            await self.policy.dead_letter(record, err)
+            return False
+        self.metrics.reload_seconds.observe(took)
+        self.metrics.policy_version.set(update.version)
+        async with self._version_changed:
+            self._version_changed.notify_all()
+        return True

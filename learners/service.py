@@ -31,10 +31,7 @@ def build_trainer(cfg: Config) -> Trainer:
     reference = PolicyModel(model_dir).eval() if lc.kl_coef else None
     return Trainer(
         model,
-        TrainConfig(
-            algo=lc.algo, lr=lc.lr, clip_eps=lc.clip_eps, mask_ratio=lc.mask_ratio, scale_by_std=not lc.dr_grpo,
-            filter_zero_variance=lc.filter_zero_variance, gamma=lc.gamma, lam=lc.lam, kl_coef=lc.kl_coef,
-        ),
+        TrainConfig.from_learner(lc),
         reference,
     )
 

@@ -11,23 +11,33 @@ from learners.advantages import gae, grpo_advantages, zero_variance
 from learners.losses import clipped_surrogate, kl_penalty, value_loss
 from learners.policy_model import Batch, PolicyModel
 from learners.samples import Sample, StepStats
+from plumbing.config import LearnerConfig
 
 
 class TrainConfig(msgspec.Struct, frozen=True, kw_only=True):
-    """Update settings (see the learner config for their meaning)."""
+    """Update settings; their meaning and defaults live in `plumbing.config.LearnerConfig` (one source)."""
 
-    algo: str = "grpo"
-    lr: float = 2e-6
-    clip_eps: float = 0.2
-    mask_ratio: float = 10.0
-    scale_by_std: bool = True  # False: Dr.GRPO
-    filter_zero_variance: bool = True  # DAPO-style
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.0
-    value_coef: float = 0.5
-    max_grad_norm: float = 1.0
-    micro_batch: int = 8
+    algo: str
+    lr: float
+    clip_eps: float
+    mask_ratio: float
+    scale_by_std: bool  # False: Dr.GRPO
+    filter_zero_variance: bool  # DAPO-style
+    gamma: float
+    lam: float
+    kl_coef: float
+    value_coef: float
+    max_grad_norm: float
+    micro_batch: int
+
+    @classmethod
+    def from_learner(cls, lc: LearnerConfig) -> TrainConfig:
+        """The trainer's view of the learner config."""
+        return cls(
+            algo=lc.algo, lr=lc.lr, clip_eps=lc.clip_eps, mask_ratio=lc.mask_ratio, scale_by_std=not lc.dr_grpo,
+            filter_zero_variance=lc.filter_zero_variance, gamma=lc.gamma, lam=lc.lam, kl_coef=lc.kl_coef,
+            value_coef=lc.value_coef, max_grad_norm=lc.max_grad_norm, micro_batch=lc.micro_batch,
+        )
 
 
 class Trainer:

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from learners.outcome_log import OutcomeLog
 from learners.samples import Sample, StepStats
@@ -28,17 +29,13 @@ from learners.state import REPLAY_WINDOW, LearnerState, load_checkpoint, save_ch
 from learners.trainer import Trainer
 from plumbing.config import Config
 from plumbing.dead_letters import DeadLetters
+from plumbing.failures import retry_transient
 from plumbing.kafka import Publisher, consumer_kwargs
-from schemas import Completion, DecodeError, PolicyUpdate, Reward, decode
+from schemas import Completion, PolicyUpdate, Reward, decode, keys
 from schemas.topics import COMPLETIONS, POLICY, REWARDS
 from verifier_workers.signing import Keyring, RewardRejected, verify_reward
 
 log = logging.getLogger(__name__)
-
-
-def policy_version_key(run_id: str) -> str:
-    """Redis key holding a run's latest published policy version (admission control)."""
-    return f"primerl:policy:{run_id}:version"
 
 
 class _StateReplayGuard:
@@ -88,7 +85,7 @@ class LearnerWorker:
 
     def __post_init__(self) -> None:
         self.metrics = _LearnerMetrics(self.registry)
-        self.dead_letters = DeadLetters(self.publisher, "learner", self.cfg.run_id, self.registry)
+        self.dead_letters = DeadLetters.from_config(self.cfg, self.publisher, "learner", self.registry)
         self.state = LearnerState(run_id=self.cfg.run_id)
         restored = load_checkpoint(self.checkpoint)
         if restored is not None:
@@ -117,23 +114,39 @@ class LearnerWorker:
         consumer.subscribe([COMPLETIONS.name, REWARDS.name], listener=_SeekToCheckpoint(self, consumer))
         await consumer.start()
         try:
-            await self.redis.set(policy_version_key(self.cfg.run_id), self.state.version)
+            if self.state.version > 0:
+                # A crash between the checkpoint and the announcement would leave engines
+                # behind forever: announce the checkpointed version again (engines ignore
+                # versions they have).
+                await self._announce(self.state.step - 1, self.state.version, self.state.weights_path, "")
+            await self._set_version_key()
+            version_key_at = time.monotonic()
             while not self._stopping.is_set():
                 batches = await consumer.getmany(timeout_ms=200, max_records=256)
                 for tp, records in batches.items():
                     for record in records:
-                        await self._ingest(record)
+                        if not await self._ingest(consumer, record):
+                            break  # stopping while the DLQ was down: the record stays unread
                         self.state.offsets[f"{tp.topic}:{tp.partition}"] = record.offset + 1
                 self._expire_groups()
                 self.metrics.buffer.set(sum(len(g) for g in self.state.groups.values()))
                 self.metrics.ready.set(len(self.state.ready))
                 if len(self.state.ready) >= self.cfg.learner.groups_per_step:
                     await self._train_step()
+                if time.monotonic() - version_key_at > 5.0:  # a Redis restarted without its data forgets it
+                    await self._set_version_key(quiet=True)
+                    version_key_at = time.monotonic()
         finally:
             save_checkpoint(self.checkpoint, self.state, self.trainer.optimizer)
             await consumer.stop()
 
-    async def _ingest(self, record: ConsumerRecord) -> None:
+    async def _ingest(self, consumer: AIOKafkaConsumer, record: ConsumerRecord) -> bool:
+        """Take one record into the buffer, or dead-letter it; False only if stopped before its letter was written.
+
+        Anything a record can make go wrong here is the record's fault (the learner's
+        ingest touches no server): it is dead-lettered, never raised (an escaping error
+        once stopped the learner on one bad reward).
+        """
         try:
             if record.topic == COMPLETIONS.name:
                 completion = decode(record.value or b"", Completion, list(record.headers or ()))
@@ -143,16 +156,36 @@ class LearnerWorker:
             else:
                 reward = decode(record.value or b"", Reward, list(record.headers or ()))
                 if reward.run_id != self.cfg.run_id:
-                    return
+                    return True
                 await verify_reward(reward, self.keyring, self.replay)
                 self.state.rewards[reward.completion_id] = reward
                 self._join(reward.completion_id)
+            return True
         except RewardRejected as err:
             self.metrics.rejected.labels(err.reason).inc()
             self.state.count(f"rejected_{err.reason}")
-            await self.dead_letters.send(record, err)
-        except DecodeError as err:
-            await self.dead_letters.send(record, err)
+            return await self._dead_letter(consumer, record, err)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # noqa: BLE001 - DecodeError and whatever else one record causes
+            return await self._dead_letter(consumer, record, err)
+
+    async def _dead_letter(self, consumer: AIOKafkaConsumer, record: ConsumerRecord, err: BaseException) -> bool:
+        """Write the letter, retrying while the DLQ is down; meanwhile poll paused partitions to keep the membership."""
+        delivery = asyncio.create_task(self.dead_letters.deliver(record, err, self._stopping))
+        paused = False
+        try:
+            while True:
+                done, _ = await asyncio.wait({delivery}, timeout=1.0)
+                if done:
+                    return delivery.result() is not None
+                if not paused:
+                    consumer.pause(*consumer.assignment())
+                    paused = True
+                await consumer.getmany(timeout_ms=0)  # paused: returns nothing, keeps max_poll_interval at bay
+        finally:
+            if paused:
+                consumer.resume(*consumer.paused())
 
     def _join(self, completion_id: str) -> None:
         c = self.state.completions.get(completion_id)
@@ -242,10 +275,8 @@ class LearnerWorker:
         previous = self.state.weights_path
         self.state.version, self.state.weights_path = version, str(dest)
         save_checkpoint(self.checkpoint, self.state, self.trainer.optimizer)
-        await self.publisher.publish(
-            POLICY.name, PolicyUpdate(run_id=self.cfg.run_id, version=version, weights_path=str(dest), step=step, checksum=checksum)
-        )
-        await self.redis.set(policy_version_key(self.cfg.run_id), version)
+        await self._announce(step, version, str(dest), checksum)
+        await self._set_version_key()
         # Engines may still be loading the previous folder: remove the one before it.
         if previous:
             older = Path(previous).with_name(f"v{version - 2}")
@@ -260,6 +291,20 @@ class LearnerWorker:
                  sum(len(g) for g in self.state.groups.values()), len(self.state.ready))
         async with self.version_published:
             self.version_published.notify_all()
+
+
+    async def _announce(self, step: int, version: int, weights_path: str, checksum: str) -> None:
+        """Publish the new version on rollout.policy, riding out a broker outage."""
+        update = PolicyUpdate(run_id=self.cfg.run_id, version=version, weights_path=weights_path, step=max(0, step), checksum=checksum)
+        await retry_transient(lambda: self.publisher.publish(POLICY.name, update), f"announcing policy v{version}")
+
+    async def _set_version_key(self, quiet: bool = False) -> None:
+        """The version in Redis for producers' admission; an outage is logged, not fatal (nothing depends on it for correctness)."""
+        try:
+            await self.redis.set(keys.policy_version(self.cfg.run_id), self.state.version)
+        except (RedisError, OSError) as err:
+            if not quiet:
+                log.warning("could not record policy v%d in Redis (%s); retried every 5 s", self.state.version, type(err).__name__)
 
 
 class _SeekToCheckpoint(ConsumerRebalanceListener):

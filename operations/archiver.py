@@ -7,6 +7,10 @@ A restart re-reads from the last commit, and a record already covered by a file 
 its run is skipped (see operations/run_log.py), so nothing is written twice and
 nothing is lost.
 
+A flush that cannot write (disk full, folder gone) keeps its records buffered, pauses
+consumption and is retried with backoff; the archiver never dies of it and never
+commits what is not on disk (`primerl_archiver_write_failures_total`).
+
 Garbage (bytes that do not decode as the topic's message type) is archived as raw
 bytes under the `_undecodable` run with the decode error in the `error` column; it is
 not dead-lettered, because rollout.dlq is itself archived and the producing stage's
@@ -39,6 +43,7 @@ from operations.run_log import (
     write_atomically,
 )
 from plumbing.config import Config
+from plumbing.failures import Backoff
 from plumbing.kafka import consumer_kwargs
 from plumbing.metrics import serve_metrics
 
@@ -55,6 +60,7 @@ class _Metrics:
         self.files = Counter("primerl_archiver_files", "Parquet files written", registry=registry)
         self.flush_seconds = Histogram("primerl_archiver_flush_seconds", "Time to write and commit one flush", registry=registry)
         self.buffered = Gauge("primerl_archiver_buffered_records", "Records waiting for the next flush", registry=registry)
+        self.write_failures = Counter("primerl_archiver_write_failures", "Flushes that could not be written (retried)", registry=registry)
         self.lag = Gauge("primerl_consumer_lag", "Records behind the partition end (approximate on Tansu)", ["group"], registry=registry)
 
 
@@ -86,6 +92,9 @@ class Archiver:
         self._lock = asyncio.Lock()
         self._consumer = AIOKafkaConsumer(**consumer_kwargs(cfg, group_id))
         self._config_dump = cfg.model_dump(mode="json")
+        self._backoff = Backoff()
+        self._retry_at = 0.0  # after a failed write, the next attempt is not before this (monotonic)
+        self._failed: dict[TopicPartition, _Pending] = {}  # a flush that could not be written, retried first
 
     def stop(self) -> None:
         """Flush what is buffered, commit, and return from `run`."""
@@ -105,7 +114,8 @@ class Archiver:
                 buffered = sum(sum(len(r) for r in p.rows.values()) for p in self._pending.values())
                 self.metrics.buffered.set(buffered)
                 due = time.monotonic() - last_flush >= self.cfg.archive.flush_interval_s
-                if self._pending and (due or buffered >= self.cfg.archive.flush_records):
+                wants = self._failed or (self._pending and (due or buffered >= self.cfg.archive.flush_records))
+                if wants and time.monotonic() >= self._retry_at:
                     await self.flush(list(self._pending))
                     last_flush = time.monotonic()
                 self._update_lag()
@@ -140,11 +150,23 @@ class Archiver:
     async def flush(self, tps: list[TopicPartition]) -> None:
         """Write the buffered records of `tps` (files fsynced), then commit their offsets."""
         async with self._lock:
-            work = {tp: self._pending.pop(tp) for tp in tps if tp in self._pending}
+            if self._failed:
+                # A failed flush first, unchanged: a rewrite of a file it did write is the same file.
+                work, self._failed = self._failed, {}
+            else:
+                work = {tp: self._pending.pop(tp) for tp in tps if tp in self._pending}
             if not work:
                 return
             t0 = time.perf_counter()
-            await asyncio.to_thread(self._write, work)
+            try:
+                await asyncio.to_thread(self._write, work)
+            except OSError as err:
+                self._keep_for_retry(work, err)
+                return
+            if self._backoff.attempt:
+                log.warning("archiver: the run log is writable again; resuming")
+                self._backoff = Backoff()
+                self._consumer.resume(*self._consumer.paused())
             offsets = {tp: OffsetAndMetadata(p.last + 1, "") for tp, p in work.items()}
             try:
                 await self._consumer.commit(offsets)
@@ -152,6 +174,16 @@ class Archiver:
                 log.warning("commit after flush failed (%s); the files are on disk, a redelivery will be skipped", err)
             self.flushes += 1
             self.metrics.flush_seconds.observe(time.perf_counter() - t0)
+
+    def _keep_for_retry(self, work: dict[TopicPartition, _Pending], err: OSError) -> None:
+        """Keep a flush that could not be written, to retry it as it is (same files, same ranges); pause until then."""
+        self._failed = work
+        delay = self._backoff.next_delay()
+        self._retry_at = time.monotonic() + delay
+        self._consumer.pause(*self._consumer.assignment())
+        self.metrics.write_failures.inc()
+        log.error("archiver: cannot write the run log (%s: %s); consumption paused, retry %d in %.1fs",
+                  type(err).__name__, err, self._backoff.attempt, delay)
 
     def _write(self, work: dict[TopicPartition, _Pending]) -> None:
         touched: dict[str, list[tuple[str, str, dict[str, Any]]]] = defaultdict(list)
@@ -161,7 +193,9 @@ class Archiver:
                     continue
                 rel = f"{tp.topic}/{file_name(tp.partition, pending.first, pending.last)}"
                 write_atomically(self.root / run / rel, rows)
-                self._ranges[(run, tp.topic, tp.partition)].append((pending.first, pending.last))
+                ranges = self._ranges[(run, tp.topic, tp.partition)]
+                if (pending.first, pending.last) not in ranges:
+                    ranges.append((pending.first, pending.last))
                 touched[run].append((rel, tp.topic, file_stats(rows)))
                 self.metrics.files.inc()
                 self.metrics.archived.labels(tp.topic).inc(len(rows))
@@ -198,6 +232,9 @@ class _Rebalance(ConsumerRebalanceListener):
         await self._archiver.flush(list(revoked))
         for tp in revoked:
             self._archiver._loaded.discard(tp)  # the next owner may write more: re-read on return
+            # Whatever could not be written stays uncommitted: the next owner reads it again.
+            self._archiver._pending.pop(tp, None)
+            self._archiver._failed.pop(tp, None)
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         self._archiver.assigned.set()

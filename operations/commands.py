@@ -100,11 +100,7 @@ def archive(
     """Run the archiver (consumer group `archiver`) until SIGTERM: every record -> <root>/<run_id>/<topic>/*.parquet."""
     from operations.archiver import serve_archiver
 
-    cfg = command_config(config, state_dir)
-    if root is not None:
-        cfg.archive.root = root
-    if metrics_port is not None:
-        cfg.metrics.port = metrics_port
+    cfg = command_config(config, state_dir, **{"archive.root": root, "metrics.port": metrics_port})
     run(serve_archiver(cfg))
 
 
@@ -164,12 +160,8 @@ def replay(
     from operations.run_log import run_dir_name
     from schemas import RewardStatus
 
-    if seed is not None:
-        cfg.learner.seed = seed
-    if groups_per_step is not None:
-        cfg.learner.groups_per_step = groups_per_step
-    if model is not None:
-        cfg.engine.model = model
+    cfg = cfg.derive(**{k: v for k, v in {"learner.seed": seed, "learner.groups_per_step": groups_per_step,
+                                           "engine.model": model}.items() if v is not None})
     scores = None
     if rescored:
         import pyarrow.parquet as pq

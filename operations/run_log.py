@@ -14,6 +14,7 @@ is "does a file of R cover O": restarts never write a record twice.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -94,15 +95,31 @@ def record_row(record: ConsumerRecord) -> tuple[str, dict[str, Any]]:
         return UNDECODABLE, row
     try:
         msg = decode(value, topic.message_type, headers)
-    except ValueError as err:  # DecodeError and anything a __post_init__ raises
+    except Exception as err:  # noqa: BLE001 - DecodeError, a __post_init__ check, or whatever hostile bytes make a decoder raise
         row["error"] = f"{type(err).__name__}: {err}"
         return UNDECODABLE, row
     row.update(key_fields(msg))
     return msg.run_id, row
 
 
+_INT_COLUMNS = {"sample_index": 2**31, "policy_version": 2**63}  # column -> bound of its signed type
+
+
 def key_fields(msg: Message) -> dict[str, Any]:
-    """The columns a replay or a person filters on, from a decoded message."""
+    """The columns a replay or a person filters on, from a decoded message.
+
+    A value its column cannot hold (a sample index of 2**32, a policy version of 2**64 - 1:
+    valid msgpack ints) is left null; the raw bytes in `value` keep it whole.
+    """
+    out = _key_fields(msg)
+    for name, bound in _INT_COLUMNS.items():
+        v = out.get(name)
+        if v is not None and not -bound <= v < bound:
+            out[name] = None
+    return out
+
+
+def _key_fields(msg: Message) -> dict[str, Any]:
     out: dict[str, Any] = {"kind": type(msg).__name__, "id": msg.id, "run_id": msg.run_id, "created_at": msg.created_at}
     if isinstance(msg, PromptRequest):
         out.update(request_id=msg.id, group_id=msg.group_id, task=msg.task)
@@ -193,9 +210,15 @@ def file_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "key_ids": sorted({r["key_id"] for r in rows if r.get("key_id")}),
         "verifier_versions": sorted({r["verifier_version"] for r in rows if r.get("verifier_version")}),
         "tasks": sorted({r["task"] for r in rows if r.get("task")}),
-        "first_created_at": min((r["created_at"] for r in rows if r.get("created_at") is not None), default=None),
-        "last_created_at": max((r["created_at"] for r in rows if r.get("created_at") is not None), default=None),
+        # Finite times only: json.dump writes NaN/Infinity, which no JSON reader (the next
+        # load_manifest) accepts.
+        "first_created_at": min((t for r in rows if _finite(t := r.get("created_at"))), default=None),
+        "last_created_at": max((t for r in rows if _finite(t := r.get("created_at"))), default=None),
     }
+
+
+def _finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
 
 
 class Manifest(msgspec.Struct, kw_only=True):

@@ -26,12 +26,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.protocol.group import MemberAssignment
 from redis.asyncio import Redis
 
-from engine_workers.prefix_cache.index import REGISTRY_PREFIX, WorkerInfo
+from schemas import keys
+from schemas.registry import WorkerInfo
 from plumbing.config import Config
 from plumbing.kafka import common_kwargs
 from schemas.topics import COMPLETIONS, DLQ, PROMPTS, REWARDS, ROUTED, TOPICS
 
-POLICY_PATTERN = "primerl:policy:*:version"
 
 
 class Member(msgspec.Struct, kw_only=True):
@@ -167,7 +167,7 @@ async def dead_letter_count(cfg: Config) -> int:
 async def registry_workers(redis: Redis) -> tuple[list[WorkerInfo], list[str]]:
     """Live workers from the registry (SCAN), and the keys whose value is not a valid entry."""
     workers, bad = [], []
-    async for key in redis.scan_iter(match=REGISTRY_PREFIX + "*", count=500):
+    async for key in redis.scan_iter(match=keys.registry_pattern(), count=500):
         raw = await redis.get(key)
         if raw is None:
             continue  # expired between SCAN and GET
@@ -190,11 +190,11 @@ def cache_hit_rate(workers: list[WorkerInfo]) -> float | None:
 async def policy_versions(redis: Redis) -> dict[str, int]:
     """run id -> the latest policy version its learner published."""
     out = {}
-    async for key in redis.scan_iter(match=POLICY_PATTERN, count=500):
+    async for key in redis.scan_iter(match=keys.POLICY_VERSION_PATTERN, count=500):
         name = key.decode() if isinstance(key, bytes) else key
         value = await redis.get(key)
         if value is not None:
-            out[name.split(":")[2]] = int(value)
+            out[keys.run_of_policy_version(name)] = int(value)
     return dict(sorted(out.items()))
 
 

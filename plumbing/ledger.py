@@ -34,6 +34,8 @@ from typing import TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from schemas import keys
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -66,7 +68,7 @@ class Ledger:
         self._fail_open = fail_open
         self._retry_s = 0.0 if fail_open else retry_s
         self.unavailable = 0
-        self._prefix = f"primerl:ledger:{stage}:"
+        self._prefix = keys.ledger_prefix(stage)
         self._ttl = ttl_s
         self._claim_ttl = claim_ttl_s
         self._token = uuid.uuid4().hex.encode()  # whose claim it is

@@ -73,11 +73,7 @@ def up(
     from primerl.main_job import engine_demo
     from primerl.rl_loop import RunSettings, rl_loop, write_curve
 
-    if algo not in ("grpo", "ppo"):
-        raise typer.BadParameter("--algo must be grpo or ppo")
-    cfg = command_config(config, state_dir)
-    cfg.learner.seed = seed
-    cfg.learner.algo = algo
+    cfg = command_config(config, state_dir, **{"learner.seed": seed, "learner.algo": algo})
     if steps == 0:
         raise typer.Exit(run(engine_demo(cfg, prompts, group_size, max_tokens, keep)))
 
@@ -103,14 +99,7 @@ def learner(
     """Run the learner of one run until SIGTERM (it checkpoints and resumes)."""
     from learners.service import serve_learner
 
-    if algo not in ("grpo", "ppo"):
-        raise typer.BadParameter("--algo must be grpo or ppo")
-    cfg = command_config(config, state_dir)
-    cfg.learner.algo = algo
-    if run_id is not None:
-        cfg.run_id = run_id
-    if metrics_port is not None:
-        cfg.metrics.port = metrics_port
+    cfg = command_config(config, state_dir, run_id=run_id, **{"learner.algo": algo, "metrics.port": metrics_port})
     run(serve_learner(cfg))
 
 
@@ -127,15 +116,8 @@ def engine(
     from engine_workers.service import serve_engine
     from plumbing.consumer import FatalError
 
-    cfg = command_config(config, state_dir)
-    if model is not None:
-        cfg.engine.model = model
-    if max_in_flight is not None:
-        cfg.engine.max_in_flight = max_in_flight
-    if metrics_port is not None:
-        cfg.metrics.port = metrics_port
-    if router is not None:
-        cfg.routing.embedded = router
+    cfg = command_config(config, state_dir, **{"engine.model": model, "engine.max_in_flight": max_in_flight,
+                                                "metrics.port": metrics_port, "routing.embedded": router})
     try:
         run(serve_engine(cfg))
     except FatalError as err:
@@ -151,15 +133,10 @@ def router(
     metrics_port: Annotated[Optional[int], typer.Option(help="/metrics port (0: any free)")] = None,
 ) -> None:
     """Run one router (rollout.prompts -> rollout.routed) in the `router` group until SIGTERM."""
-    from engine_workers.routing.router import POLICIES
     from engine_workers.service import serve_router
 
-    if policy is not None and policy not in POLICIES:
-        raise typer.BadParameter(f"--policy must be one of {', '.join(POLICIES)}")
-    cfg = command_config(config, state_dir)
-    if metrics_port is not None:
-        cfg.metrics.port = metrics_port
-    run(serve_router(cfg, policy or ""))
+    cfg = command_config(config, state_dir, **{"routing.policy": policy, "metrics.port": metrics_port})
+    run(serve_router(cfg))
 
 
 @app.command("verifier")
@@ -173,13 +150,8 @@ def verifier(
     """Run one verifier worker in the `verifier` consumer group until SIGTERM."""
     from verifier_workers.service import serve_verifier
 
-    cfg = command_config(config, state_dir)
-    if key_file is not None:
-        cfg.verifier.key_file = key_file
-    if remote_url is not None:
-        cfg.verifier.remote_url = remote_url
-    if metrics_port is not None:
-        cfg.metrics.port = metrics_port
+    cfg = command_config(config, state_dir, **{"verifier.key_file": key_file, "verifier.remote_url": remote_url,
+                                                "metrics.port": metrics_port})
     run(serve_verifier(cfg))
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 
 from plumbing.config import Config, load_config
 from plumbing.runtime import setup_logging
@@ -15,8 +16,15 @@ StateOpt = Annotated[Optional[Path], typer.Option("--state-dir", help="where inf
 
 
 def command_config(config: Path | None, state_dir: Path | None = None, **overrides: object) -> Config:
-    """The process's Config from the command's options; sets up logging at its level."""
-    cfg = load_config(config, state_dir=state_dir, **overrides)
+    """The process's Config from the command's options (dotted names reach into sections); sets up logging.
+
+    A value the config refuses (a choice it does not know, a number out of bounds) is a
+    usage error naming the field, checked once, by the config's own types.
+    """
+    try:
+        cfg = load_config(config, state_dir=state_dir, **overrides)
+    except ValidationError as err:
+        raise typer.BadParameter(str(err)) from err
     setup_logging(cfg.log_level)
     return cfg
 

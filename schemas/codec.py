@@ -96,6 +96,8 @@ def decode(payload: bytes, type_: type[M], headers: list[tuple[str, bytes]] | No
         header = lib.decode(payload, type=_Header)
     except msgspec.MsgspecError as err:
         raise _wrap(err, type_.__name__) from err
+    except RecursionError as err:  # msgspec raises it for values nested ~1,000 deep
+        raise _too_deep(type_.__name__) from err
     if header.schema_version > SCHEMA_VERSION:
         raise SchemaVersionError(
             f"{type_.__name__} has schema_version {header.schema_version}, this reader knows <= {SCHEMA_VERSION}; upgrade the consumer",
@@ -108,9 +110,29 @@ def decode(payload: bytes, type_: type[M], headers: list[tuple[str, bytes]] | No
         if not header.kind and ctype == JSON:
             obj = msgspec.json.decode(payload)
             obj["kind"] = type_.__name__
-            return msgspec.convert(obj, type=type_)
-        return lib.decode(payload, type=type_)
+            msg = msgspec.convert(obj, type=type_)
+        else:
+            msg = lib.decode(payload, type=type_)
     except msgspec.MsgspecError as err:
         raise _wrap(err, type_.__name__) from err
     except (TypeError, ValueError) as err:  # raised by __post_init__ checks
         raise DecodeError(f"invalid {type_.__name__}: {err}") from err
+    except RecursionError as err:
+        raise _too_deep(type_.__name__) from err
+    if ctype == JSON:
+        _check_64_bit(msg, type_.__name__)
+    return msg
+
+
+def _check_64_bit(msg: Message, type_name: str) -> None:
+    """JSON ints are unbounded, msgpack's stop at 64 bits: a message every stage can
+    re-publish (and a learner checkpoint) must fit msgpack, so check at the door."""
+    try:
+        _msgpack_encoder.encode(msg)
+    except OverflowError as err:
+        raise DecodeError(f"invalid {type_name}: an integer is outside the 64-bit range: {err}",
+                          expected="integers in [-2**63, 2**64 - 1]") from err
+
+
+def _too_deep(type_name: str) -> DecodeError:
+    return DecodeError(f"invalid {type_name}: a value is nested too deeply to decode", expected="nesting under ~1,000 levels")

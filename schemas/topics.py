@@ -35,8 +35,12 @@ COMPLETIONS = Topic("rollout.completions", 16, Completion, "group_id: a group's 
 REWARDS = Topic("rollout.rewards", 16, Reward, "group_id: a group's rewards are assembled in one place")
 POLICY = Topic("rollout.policy", 1, PolicyUpdate, "none: one ordered stream of versions")
 DLQ = Topic("rollout.dlq", 4, DeadLetter, "stage")
+DEFERRED = Topic(
+    "rollout.deferred", 8, PromptRequest,
+    "session_id, else group_id: requests waiting for a policy version (engine_workers/deferral.py releases them)",
+)
 
-TOPICS: dict[str, Topic] = {t.name: t for t in (PROMPTS, ROUTED, CHUNKS, COMPLETIONS, REWARDS, POLICY, DLQ)}
+TOPICS: dict[str, Topic] = {t.name: t for t in (PROMPTS, ROUTED, CHUNKS, COMPLETIONS, REWARDS, POLICY, DLQ, DEFERRED)}
 
 
 def topic_for(name: str) -> Topic:

@@ -25,6 +25,25 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-n", dest="fuzz_n", type=int, default=None,
+                     help="payloads per topic of the heavy fuzz tests (default: PRIMERL_FUZZ_N, else 10,000)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The heavy fuzz tests (marker `fuzz`) run only when asked for: `-m fuzz`, --fuzz-n or PRIMERL_FUZZ_N;
+    the long chaos run (marker `chaos`) only with `-m chaos`."""
+    _skip_long_chaos(config, items)
+    asked = "fuzz" in (config.getoption("markexpr") or "").replace("not fuzz", "") or config.getoption("fuzz_n") \
+        or os.environ.get("PRIMERL_FUZZ_N")
+    if asked:
+        return
+    skip = pytest.mark.skip(reason="heavy fuzz (10,000 per topic): `make fuzz`, or -m fuzz / --fuzz-n / PRIMERL_FUZZ_N")
+    for item in items:
+        if "fuzz" in item.keywords and item.get_closest_marker("fuzz") is not None:
+            item.add_marker(skip)
+
+
 def _docker_answers() -> bool:
     if not shutil.which("docker"):
         return False
@@ -87,13 +106,13 @@ class _Servers:
         shutil.rmtree(self.state_dir, ignore_errors=True)
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def _skip_long_chaos(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The long chaos run only when asked for (`-m chaos`; `make chaos` runs it without pytest)."""
-    if "chaos" in (config.getoption("-m") or ""):
+    if "chaos" in (config.getoption("markexpr") or "").replace("not chaos", ""):
         return
     skip = pytest.mark.skip(reason="the long chaos run: `make chaos` or `pytest -m chaos`")
     for item in items:
-        if "chaos" in item.keywords:
+        if item.get_closest_marker("chaos") is not None:
             item.add_marker(skip)
 
 

@@ -15,7 +15,7 @@ import pytest
 from plumbing.config import Config
 from plumbing.kafka import Publisher
 from producers.arithmetic import arithmetic_requests
-from schemas import ChatMessage, Grammar, GrammarKind, PolicyUpdate, PromptRequest, SamplingParams
+from schemas import ChatMessage, Grammar, GrammarKind, PolicyUpdate, PromptRequest, SamplingParams, decode
 from schemas.topics import POLICY, PROMPTS
 from tests.kafka_helpers import dead_letters_matching
 
@@ -73,7 +73,9 @@ async def test_bad_requests_are_dead_lettered_and_the_worker_keeps_serving(engin
             await pub.publish(PROMPTS.name, r, key=r.routing_key())
     await obs.wait_finals(1, timeout_s=300)
     assert [c.request_id for c in obs.finals()] == [good.id]
-    letters = await dead_letters_matching(cfg, lambda d: d.stage == "engine" and (run_id.encode() in d.payload or d.key == run_id.encode()), 4)
+    # The garbage fails to decode at the embedded router (stage "router"), the rest at the worker.
+    letters = await dead_letters_matching(
+        cfg, lambda d: d.stage in ("engine", "router") and (run_id.encode() in d.payload or d.key == run_id.encode()), 4)
     reasons = " | ".join(d.error for d in letters)
     assert "context" in reasons and "sampling" in reasons and "grammar" in reasons and "DecodeError" in {d.error_type for d in letters}
 
@@ -142,6 +144,50 @@ async def test_a_worker_killed_mid_batch_completes_every_request_exactly_once(en
     # killed between publishing its finals and recording them can repeat them, under
     # the same ids, which every consumer dedups.
     assert obs.duplicates <= engine.max_in_flight * 2, f"{obs.duplicates} duplicate finals"
+
+
+def _metric(page: str, name: str) -> float:
+    return sum(float(line.split()[-1]) for line in page.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
+
+
+async def test_requests_for_future_policy_versions_never_pin_the_engine(engine, cfg, observed) -> None:
+    """Issue 17, poison pill 2: more requests for unreachable versions than the engine has slots,
+    then more for the next version: good requests keep flowing, the unreachable ones are
+    dead-lettered once each with the reason, the next-version ones park and run once it is published."""
+    from engine_workers.model_store import resolve_model
+
+    run_id, obs = observed
+    current = int(_metric(engine.metrics(), "primerl_engine_policy_version"))
+    n = engine.max_in_flight + 2
+    small = SamplingParams(max_tokens=4)
+    far = [PromptRequest(run_id=run_id, text=f"far {i}", sampling=small, min_policy_version=current + 1000) for i in range(n)]
+    near = [PromptRequest(run_id=run_id, text=f"near {i}", sampling=small, min_policy_version=current + 1) for i in range(n)]
+    good = [PromptRequest(run_id=run_id, text=f"now {i}", sampling=small) for i in range(3)]
+    await _publish(cfg, far + near + good)
+    await obs.wait_finals(len(good), timeout_s=300)
+    assert {c.request_id for c in obs.finals()} == {r.id for r in good}
+    letters = await dead_letters_matching(cfg, lambda d: d.stage == "engine" and run_id.encode() in d.payload, n, timeout_s=120)
+    assert sorted(decode(d.payload, PromptRequest).id for d in letters) == sorted(r.id for r in far)
+    assert all(d.error_type == "Unschedulable" and "versions ahead" in d.error for d in letters)
+
+    async def parked() -> float:
+        return _metric(engine.metrics(), "primerl_deferral_parked")
+
+    for _ in range(100):
+        if await parked() >= n:
+            break
+        await asyncio.sleep(0.2)
+    assert await parked() == n
+    async with Publisher(cfg) as pub:
+        await pub.publish(POLICY.name, PolicyUpdate(run_id=run_id, version=current + 1, weights_path=str(resolve_model(None))))
+    await obs.wait_finals(len(good) + n, timeout_s=300)
+    finals = obs.finals()
+    assert sorted(c.request_id for c in finals) == sorted(r.id for r in good + near)
+    assert {c.policy_version for c in finals if c.request_id in {r.id for r in near}} == {current + 1}
+    await asyncio.sleep(2)
+    assert obs.duplicates == 0
+    with pytest.raises(asyncio.TimeoutError):  # exactly once: no second letter for any of them
+        await dead_letters_matching(cfg, lambda d: d.stage == "engine" and run_id.encode() in d.payload, n + 1, timeout_s=5)
 
 
 def test_grammar_spec_json_is_checked() -> None:

@@ -17,7 +17,7 @@ from learners.policy_model import Batch, PolicyModel
 from learners.samples import Sample
 from learners.trainer import TrainConfig, Trainer
 from learners.worker import LearnerWorker
-from plumbing.config import Config
+from plumbing.config import Config, LearnerConfig
 from plumbing.kafka import Publisher
 from plumbing.redis_client import connect_redis
 from schemas import Reward, RewardStatus
@@ -30,7 +30,7 @@ from verifier_workers.signing import Keyring, Signer, generate_keypair
 @pytest.fixture(scope="module")
 def trainer() -> Trainer:
     torch.manual_seed(0)
-    return Trainer(PolicyModel(resolve_model(None)), TrainConfig(lr=2e-6))
+    return Trainer(PolicyModel(resolve_model(None)), TrainConfig.from_learner(LearnerConfig(lr=2e-6)))
 
 
 def _samples(trainer: Trainer, rewards: list[float], group: str) -> list[Sample]:
@@ -133,7 +133,7 @@ async def test_learner_assembles_groups_across_a_restart_and_rejects_bad_rewards
 
 def test_a_ppo_update_with_the_value_head_lowers_the_loss() -> None:
     torch.manual_seed(0)
-    ppo = Trainer(PolicyModel(resolve_model(None), value_head=True), TrainConfig(algo="ppo", lr=2e-6, lam=0.95))
+    ppo = Trainer(PolicyModel(resolve_model(None), value_head=True), TrainConfig.from_learner(LearnerConfig(algo="ppo", lr=2e-6, lam=0.95)))
     groups = [_samples(ppo, [1.0, 0.0, 0.0, 1.0], "p1")]
     samples, advs = ppo.prepare(groups)
     before = ppo.loss_on(samples, advs)

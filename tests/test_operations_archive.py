@@ -113,3 +113,66 @@ async def test_garbage_is_archived_raw_with_the_error_and_the_archiver_goes_on(c
     # The good record after the garbage was archived under its run.
     assert [m.id for _, m in read_messages(root / run_id, PROMPTS.name)] == [good.id]
     assert _manifest(root, UNDECODABLE)["undecodable"] >= len(garbage) + 1
+
+
+async def test_a_run_log_that_cannot_be_written_pauses_the_archiver_until_it_can(cfg: Config, tmp_path: Path) -> None:
+    cfg.archive.flush_interval_s = 0.3
+    root = tmp_path / "runs"
+    root.write_text("a file where the run-log folder should be")  # every write fails (NotADirectoryError)
+    run_id = f"full-{uuid.uuid4().hex[:8]}"
+    reqs = arithmetic_requests(run_id, 3, 1)
+    async with Publisher(cfg) as pub:
+        await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in reqs])
+    registry = CollectorRegistry()
+    archiver = Archiver(cfg, registry, group_id=f"archiver-full-{uuid.uuid4().hex[:6]}", root=root)
+    task = asyncio.create_task(archiver.run())
+    try:
+        await wait_until(lambda: (registry.get_sample_value("primerl_archiver_write_failures_total") or 0) >= 2,
+                         what="failed flushes, retried")
+        assert not task.done(), "the archiver died on a failed write"
+        assert archiver.flushes == 0  # nothing committed that is not on disk
+        root.unlink()  # the disk is back
+
+        def archived() -> list[str]:
+            return [m.id for _, m in read_messages(root / run_id, PROMPTS.name)] if (root / run_id).exists() else []
+
+        await wait_until(lambda: len(archived()) >= len(reqs), timeout_s=90, what="the records, once writable")
+    finally:
+        archiver.stop()
+        await task
+    assert sorted(archived()) == sorted(r.id for r in reqs)  # each once
+
+
+def test_ints_a_column_cannot_hold_are_left_null_and_the_write_succeeds(tmp_path: Path) -> None:
+    # Found by the fuzz suite: a completion with sample_index 2**32 (a valid msgpack int)
+    # made pyarrow refuse the whole flush ("too large to fit in C integer type") and the
+    # archiver exited, and again on every restart.
+    import msgspec
+    from aiokafka.structs import ConsumerRecord
+
+    from operations.run_log import record_row, write_atomically
+    from schemas import encode
+    from schemas.topics import COMPLETIONS
+    from tests.reward_helpers import make_completion
+
+    c = msgspec.structs.replace(make_completion("x"), sample_index=2**32, policy_version=2**64 - 1)
+    value = encode(c)
+    rec = ConsumerRecord(COMPLETIONS.name, 0, 7, 0, 0, b"k", value, None, 1, len(value), [])
+    run, row = record_row(rec)
+    assert run == c.run_id and row["sample_index"] is None and row["policy_version"] is None and row["value"] == value
+    write_atomically(tmp_path / "p0-7-7.parquet", [row])
+    assert pq.read_table(tmp_path / "p0-7-7.parquet").num_rows == 1
+
+
+def test_a_non_finite_creation_time_does_not_poison_the_manifest(tmp_path: Path) -> None:
+    # Found by the fuzz suite: a message with created_at NaN/inf (valid msgpack floats) put
+    # NaN into manifest.json (json.dump writes it), which load_manifest cannot read: the
+    # archiver exited at the next flush of that run, and on every restart.
+    from operations.run_log import Manifest, file_stats, load_manifest, save_manifest
+
+    rows = [{"error": None, "created_at": x} for x in (float("nan"), float("inf"), 5.0, float("-inf"))]
+    m = Manifest(run_id="r")
+    m.add("t/p0-0-3.parquet", "t", file_stats(rows))
+    save_manifest(tmp_path, m)
+    again = load_manifest(tmp_path, "r")
+    assert again.first_created_at == again.last_created_at == 5.0

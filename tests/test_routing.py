@@ -24,7 +24,10 @@ from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStor
 from engine_workers.model_store import resolve_model
 from engine_workers.prefix_cache.block_hashes import cacheable_tokens, chain_hashes, policy_salt
 from engine_workers.prefix_cache.held_blocks import HeldBlocks
-from engine_workers.prefix_cache.index import PrefixIndex, Probe, WorkerInfo, held_key, load_key
+from engine_workers.prefix_cache.index import PrefixIndex, Probe
+from schemas.keys import held_blocks as held_key
+from schemas.keys import load as load_key
+from schemas.registry import WorkerInfo
 from engine_workers.routing.cost_model import choose
 from engine_workers.routing.router import Router
 from plumbing.config import Config

@@ -11,7 +11,9 @@ from redis.asyncio import Redis
 
 from engine_workers.model_store import resolve_model
 from engine_workers.prefix_cache.block_hashes import chain_hashes, policy_salt
-from engine_workers.prefix_cache.index import PrefixIndex, WorkerInfo, held_key
+from engine_workers.prefix_cache.index import PrefixIndex
+from schemas.keys import held_blocks as held_key
+from schemas.registry import WorkerInfo
 from plumbing.config import Config
 from plumbing.kafka import Publisher
 from primerl.observe import RunObserver

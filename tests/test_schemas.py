@@ -31,45 +31,7 @@ from schemas import (
 )
 from schemas.topics import TOPICS, topic_for
 
-text = st.text(max_size=40)
-ids = st.text(alphabet="abcdef0123456789", min_size=1, max_size=32)
-floats = st.floats(allow_nan=False, allow_infinity=False, width=64)
-small = st.integers(min_value=0, max_value=2**31)
-
-sampling = st.builds(
-    SamplingParams,
-    temperature=st.floats(0, 2),
-    top_p=st.floats(0, 1),
-    max_tokens=st.integers(1, 4096),
-    stop=st.lists(text, max_size=3),
-)
-grammars = st.builds(Grammar, kind=st.sampled_from(GrammarKind), spec=text)
-chat = st.lists(st.builds(ChatMessage, role=st.sampled_from(["system", "user", "assistant"]), content=text), min_size=1, max_size=4)
-
-prompts = st.one_of(
-    st.builds(PromptRequest, run_id=ids, messages=chat, group_size=st.integers(1, 64), sampling=sampling, grammar=st.none() | grammars,
-              session_id=st.none() | ids, turn_index=st.integers(0, 50), task=text, reference=st.none() | text, min_policy_version=small),
-    st.builds(PromptRequest, run_id=ids, text=text, group_id=ids),
-)
-timings = st.builds(Timings, enqueued_at=floats, started_at=floats, first_token_at=floats, finished_at=floats)
-completions = st.builds(
-    Completion, run_id=ids, request_id=ids, group_id=ids, group_size=st.integers(1, 64), sample_index=small, prompt=text,
-    prompt_token_ids=st.lists(small), text=text, token_ids=st.lists(small), logprobs=st.lists(floats),
-    finish_reason=st.sampled_from(["stop", "length"]), policy_version=small, worker_id=ids, timings=timings,
-    prompt_tokens=small, cached_prompt_tokens=small, grammar=st.none() | grammars, grammar_completed=st.none() | st.booleans(),
-)
-chunks = st.builds(CompletionChunk, run_id=ids, request_id=ids, sample_index=small, seq=small, text=text, token_ids=st.lists(small), policy_version=small)
-rewards = st.builds(
-    Reward, run_id=ids, completion_id=ids, request_id=ids, group_id=ids, prompt_hash=ids, tokens_hash=ids, policy_version=small,
-    verifier_id=ids, verifier_version=ids, components=st.dictionaries(ids, floats), scalar=floats, status=st.sampled_from(RewardStatus),
-    trace=st.dictionaries(ids, text), key_id=ids, signature=st.binary(max_size=64),
-)
-policies = st.builds(PolicyUpdate, run_id=ids, version=small, weights_path=text, step=small, checksum=ids)
-letters = st.builds(
-    DeadLetter, run_id=ids, stage=ids, error_type=ids, error=text, source_topic=ids, partition=small, offset=small,
-    key=st.none() | st.binary(max_size=16), headers=st.lists(st.tuples(ids, st.binary(max_size=8)), max_size=3), payload=st.binary(max_size=64),
-)
-any_message = st.one_of(prompts, completions, chunks, rewards, policies, letters)
+from tests.strategies import any_message, completions, chunks, letters, policies, prompts, rewards  # noqa: F401
 
 
 @settings(max_examples=300)
@@ -101,6 +63,29 @@ def test_garbage_bytes_raise_typed_error() -> None:
         decode(b"\xc1\xff\x00garbage", PromptRequest)
     with pytest.raises(DecodeError):
         decode(b"{not json", PromptRequest)
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"run_id": "r", "text": "t", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # skipped unknown field
+    b'{"run_id": "r", "text": "t", "metadata": ' + b'{"a":' * 5_000 + b"1" + b"}" * 5_000 + b"}",
+    b"\x83\xa6run_id\xa1r\xa4text\xa1t\xa1x" + b"\x91" * 100_000 + b"\xc0",  # msgpack
+])
+def test_deeply_nested_payloads_are_a_decode_error_not_a_recursion_error(raw: bytes) -> None:
+    # Found by the fuzz suite: RecursionError escaped decode() and crashed the learner
+    # and the archiver (they catch DecodeError/ValueError only).
+    with pytest.raises(DecodeError, match="nested too deeply"):
+        decode(raw, PromptRequest)
+
+
+def test_json_ints_beyond_64_bits_are_a_decode_error() -> None:
+    # Found by the fuzz suite: JSON decoded 2**64 into an int field; re-encoding it as
+    # msgpack raised OverflowError later (the learner's checkpoint: it crashed, and again
+    # on every restart; the router dead-lettered its own re-publish with an OverflowError).
+    for big in (2**64, -(2**63) - 1, 10**30):
+        raw = msgspec.json.encode({"run_id": "r", "text": "t", "min_policy_version": big})
+        with pytest.raises(DecodeError, match="64-bit"):
+            decode(raw, PromptRequest)
+    assert decode(msgspec.json.encode({"run_id": "r", "text": "t", "min_policy_version": 2**64 - 1}), PromptRequest)
 
 
 def test_wrong_field_type_names_the_field() -> None:

@@ -195,9 +195,9 @@ def test_draft_positions_get_their_requests_temperature_on_cpu() -> None:
     import torch
     from vllm.v1.sample import rejection_sampler
 
-    from engine_workers.speculation.null_proposer import expand_sampling_params_on_cpu
+    from engine_workers import vllm_patches
 
-    expand_sampling_params_on_cpu()
+    vllm_patches.apply(["expand_sampling_params_on_cpu"])
     out = rejection_sampler.expand_batch_to_tokens(torch.tensor([0.7, -1.0, 1.3]), torch.tensor([2, 2, 5], dtype=torch.int32), 5,
                                                    replace_from=-1, replace_to=1)
     assert out.tolist() == pytest.approx([0.7, 0.7, 1.3, 1.3, 1.3])
@@ -212,9 +212,9 @@ def test_recovered_tokens_follow_the_residual_distribution_without_exponential_n
     import torch
     from vllm.v1.sample import rejection_sampler
 
-    from engine_workers.speculation.null_proposer import recovered_tokens_by_inverse_cdf
+    from engine_workers import vllm_patches
 
-    recovered_tokens_by_inverse_cdf()
+    vllm_patches.apply(["recovered_tokens_by_inverse_cdf"])
     exponentials = []
     monkeypatch.setattr(torch.Tensor, "exponential_", lambda t, *a, **k: exponentials.append(t.numel()))
     # Request 0 drafts two tokens, request 1 none, request 2 one whose target put all mass on it.

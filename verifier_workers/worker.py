@@ -60,7 +60,7 @@ class VerifierWorker:
             group_id=VERIFIER_GROUP,
             message_type=Completion,
             handler=self.handle,
-            dead_letters=DeadLetters(self.publisher, "verifier", self.cfg.run_id, self.registry),
+            dead_letters=DeadLetters.from_config(self.cfg, self.publisher, "verifier", self.registry),
             registry=self.registry,
             max_in_flight=v.max_in_flight,
         )

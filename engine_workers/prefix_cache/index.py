@@ -1,14 +1,9 @@
-"""The global prefix index and worker registry in Redis.
+"""The global prefix index and worker registry in Redis (keys: schemas/keys.py).
 
-Per engine worker (all expire unless the worker heartbeats, so a dead worker's
-entries are gone within one TTL):
-  primerl:registry:engine:<w>  JSON WorkerInfo
-  primerl:kv:<w>               SET of block hashes its engine holds (from KV events)
-  primerl:kvp:<w>              ZSET of block hashes routed to it but not yet reported
-                               stored (score: expiry), so a burst of a group's samples
-                               sees the first one's prefix before vLLM has computed it
-  primerl:load:<w>             HASH prefill / decode: tokens routed to it and not yet
-                               served (added by routers, released by the worker)
+Every entry of an engine worker expires unless the worker heartbeats, so a dead
+worker's entries are gone within one TTL. The pending-blocks ZSET (score: expiry)
+lets a burst of a group's samples see the first one's prefix before vLLM has
+computed it; the load HASH is added to by routers and released by the worker.
 """
 
 from __future__ import annotations
@@ -19,26 +14,8 @@ import msgspec
 from redis.asyncio import Redis
 
 from engine_workers.prefix_cache.held_blocks import HeldBlocks
-
-REGISTRY_PREFIX = "primerl:registry:"
-
-
-class WorkerInfo(msgspec.Struct, kw_only=True):
-    """A live worker as the registry shows it."""
-
-    worker_id: str
-    role: str = "engine"
-    host: str = ""
-    pid: int = 0
-    partitions: list[int] = []
-    policy_version: int = 0
-    block_size: int = 0
-    heartbeat_at: float = 0.0
-    prompt_tokens: int = 0  # cumulative, for the cache hit rate
-    cached_prompt_tokens: int = 0
-    in_flight: int = 0
-    load_tokens: float = 0.0
-
+from schemas import keys
+from schemas.registry import WorkerInfo
 
 class Probe(msgspec.Struct):
     """What the index says about one worker for one request."""
@@ -47,26 +24,6 @@ class Probe(msgspec.Struct):
     matched_blocks: int
     prefill_load: float
     decode_load: float
-
-
-def registry_key(role: str, worker_id: str) -> str:
-    """The registry entry of a worker."""
-    return f"{REGISTRY_PREFIX}{role}:{worker_id}"
-
-
-def held_key(worker_id: str) -> str:
-    """Blocks a worker's engine holds."""
-    return f"primerl:kv:{worker_id}"
-
-
-def pending_key(worker_id: str) -> str:
-    """Blocks routed to a worker, not yet reported stored."""
-    return f"primerl:kvp:{worker_id}"
-
-
-def load_key(worker_id: str) -> str:
-    """Tokens routed to a worker and not yet served."""
-    return f"primerl:load:{worker_id}"
 
 
 # Release only what exists: a worker whose load key expired (it died) is not revived.
@@ -92,31 +49,31 @@ class PrefixIndex:
         w = info.worker_id
         cleared, added, removed = blocks.take_changes()
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(registry_key(info.role, w), msgspec.json.encode(info), px=self.ttl_ms)
+        pipe.set(keys.registry(info.role, w), msgspec.json.encode(info), px=self.ttl_ms)
         if resync or cleared:
-            pipe.delete(held_key(w))
+            pipe.delete(keys.held_blocks(w))
             added, removed = blocks.held(), set()
         if cleared:
-            pipe.delete(pending_key(w))
+            pipe.delete(keys.pending_blocks(w))
         if added:
-            pipe.sadd(held_key(w), *added)
+            pipe.sadd(keys.held_blocks(w), *added)
         if removed:
-            pipe.srem(held_key(w), *removed)
-        pipe.zremrangebyscore(pending_key(w), "-inf", time.time())
-        for key in (held_key(w), pending_key(w), load_key(w)):
+            pipe.srem(keys.held_blocks(w), *removed)
+        pipe.zremrangebyscore(keys.pending_blocks(w), "-inf", time.time())
+        for key in (keys.held_blocks(w), keys.pending_blocks(w), keys.load(w)):
             pipe.pexpire(key, self.ttl_ms)
         await pipe.execute()
 
     async def deregister(self, worker_id: str, role: str = "engine") -> None:
         """Remove a stopping worker at once rather than after its TTL."""
-        await self.redis.delete(registry_key(role, worker_id), held_key(worker_id), pending_key(worker_id), load_key(worker_id))
+        await self.redis.delete(keys.registry(role, worker_id), keys.held_blocks(worker_id), keys.pending_blocks(worker_id), keys.load(worker_id))
 
     async def live_workers(self, role: str = "engine") -> list[WorkerInfo]:
         """Every worker of `role` whose heartbeat has not expired."""
-        keys = [k async for k in self.redis.scan_iter(match=f"{REGISTRY_PREFIX}{role}:*", count=500)]
-        if not keys:
+        names = [k async for k in self.redis.scan_iter(match=keys.registry_pattern(role), count=500)]
+        if not names:
             return []
-        values = await self.redis.mget(keys)
+        values = await self.redis.mget(names)
         return sorted((msgspec.json.decode(v, type=WorkerInfo) for v in values if v), key=lambda i: i.worker_id)
 
     async def probe(self, workers: list[WorkerInfo], hashes_by_version: dict[int, list[str]]) -> list[Probe]:
@@ -125,9 +82,9 @@ class PrefixIndex:
         for wi in workers:
             hashes = hashes_by_version[wi.policy_version]
             if hashes:
-                pipe.smismember(held_key(wi.worker_id), hashes)
-                pipe.zmscore(pending_key(wi.worker_id), hashes)
-            pipe.hmget(load_key(wi.worker_id), ["prefill", "decode"])
+                pipe.smismember(keys.held_blocks(wi.worker_id), hashes)
+                pipe.zmscore(keys.pending_blocks(wi.worker_id), hashes)
+            pipe.hmget(keys.load(wi.worker_id), ["prefill", "decode"])
         results = iter(await pipe.execute())
         now = time.time()
         probes = []
@@ -148,14 +105,14 @@ class PrefixIndex:
         """Record a routing decision: the worker will hold `hashes`, and has more to do."""
         pipe = self.redis.pipeline(transaction=True)
         if hashes:
-            pipe.zadd(pending_key(worker_id), {h: time.time() + pending_ttl_s for h in hashes})
-            pipe.pexpire(pending_key(worker_id), self.ttl_ms, nx=True)
-        pipe.hincrbyfloat(load_key(worker_id), "prefill", prefill)
-        pipe.hincrbyfloat(load_key(worker_id), "decode", decode)
-        pipe.pexpire(load_key(worker_id), self.ttl_ms, nx=True)
+            pipe.zadd(keys.pending_blocks(worker_id), {h: time.time() + pending_ttl_s for h in hashes})
+            pipe.pexpire(keys.pending_blocks(worker_id), self.ttl_ms, nx=True)
+        pipe.hincrbyfloat(keys.load(worker_id), "prefill", prefill)
+        pipe.hincrbyfloat(keys.load(worker_id), "decode", decode)
+        pipe.pexpire(keys.load(worker_id), self.ttl_ms, nx=True)
         await pipe.execute()
 
     async def release(self, worker_id: str, kind: str, amount: float) -> None:
         """Take served work off a worker's load (`kind`: prefill or decode)."""
         if amount:
-            await self._release(keys=[load_key(worker_id)], args=[kind, amount])
+            await self._release(keys=[keys.load(worker_id)], args=[kind, amount])

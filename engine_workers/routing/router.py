@@ -21,7 +21,7 @@ import logging
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import msgspec
 from aiokafka.structs import ConsumerRecord
@@ -30,10 +30,11 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from engine_workers.prefix_cache.block_hashes import chain_hashes, policy_salt
-from engine_workers.prefix_cache.index import PrefixIndex, WorkerInfo
+from engine_workers.prefix_cache.index import PrefixIndex
+from schemas.registry import WorkerInfo
 from engine_workers.requests import BadRequest, render_prompt
 from engine_workers.routing.cost_model import choose
-from plumbing.config import Config
+from plumbing.config import Config, RoutingPolicy
 from plumbing.consumer import ConsumerMetrics, ConsumerRunner
 from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
@@ -43,7 +44,6 @@ from schemas.topics import PROMPTS, ROUTED
 log = logging.getLogger(__name__)
 
 ROUTER_GROUP = "router"
-POLICIES = ("cache_aware", "round_robin", "hash")
 
 
 class RouterMetrics:
@@ -73,7 +73,7 @@ class Router:
     redis: Redis
     tokenizer: Any
     registry: CollectorRegistry
-    policy: str = ""
+    policy: RoutingPolicy | None = None  # None: cfg.routing.policy (benches compare policies in one process)
     # Shared with an engine worker in the same process (one metric family per registry).
     dead_letters: DeadLetters | None = None
     consumer_metrics: ConsumerMetrics | None = None
@@ -87,8 +87,8 @@ class Router:
 
     def __post_init__(self) -> None:
         self.policy = self.policy or self.cfg.routing.policy
-        if self.policy not in POLICIES:
-            raise ValueError(f"routing policy must be one of {POLICIES}, not {self.policy!r}")
+        if self.policy not in get_args(RoutingPolicy):
+            raise ValueError(f"routing policy must be one of {get_args(RoutingPolicy)}, not {self.policy!r}")
         self.index = PrefixIndex(self.redis, self.cfg.routing.ttl_s)
         self.metrics = RouterMetrics(self.registry)
         self._turn = itertools.count()
@@ -102,7 +102,7 @@ class Router:
             group_id=self.group_id,
             message_type=PromptRequest,
             handler=self.handle,
-            dead_letters=self.dead_letters or DeadLetters(self.publisher, "router", self.cfg.run_id, self.registry),
+            dead_letters=self.dead_letters or DeadLetters.from_config(self.cfg, self.publisher, "router", self.registry),
             registry=None if self.consumer_metrics else self.registry,
             metrics=self.consumer_metrics,
             max_in_flight=64,

@@ -39,6 +39,7 @@ from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from engine_workers import vllm_patches
 from engine_workers.speculation.draft_switch import DraftSwitch
 from engine_workers.speculation.drafts import FORCED, NGRAM, OutputsCache, propose
 from engine_workers.speculation.step_cost import StepCost
@@ -55,32 +56,6 @@ def _common_prefix(a: Any, b: Any) -> int:
             break
         n += 1
     return n
-
-
-def drafts_without_a_worker_round_trip() -> None:
-    """After each step, have vLLM's engine core ask the scheduler for drafts directly.
-
-    With speculation on, vLLM 0.32's engine core fetches the worker's drafts after every
-    step (`take_draft_token_ids`, one more shared-memory round trip to the worker), but
-    the worker's drafter proposes nothing here: drafts come from this scheduler. The
-    round trip measured 1.0 ms per step (median, batch 8), ~2 % of a step at batch 1-8,
-    which a speculative engine paid even with drafting switched off.
-    """
-    from vllm.v1.engine.core import EngineCore
-
-    original = EngineCore.post_step
-    if getattr(original, "primerl_fixed", False):
-        return
-
-    def post_step(self: Any, model_executed: bool) -> None:
-        propose = getattr(self.scheduler, "propose_drafts", None)
-        if propose is None or self.async_scheduling:
-            return original(self, model_executed)
-        if model_executed:
-            propose()
-
-    post_step.primerl_fixed = True  # type: ignore[attr-defined]
-    EngineCore.post_step = post_step  # type: ignore[method-assign]
 
 
 class _Source:
@@ -111,12 +86,13 @@ class GrammarSpecScheduler(Scheduler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        drafts_without_a_worker_round_trip()
+        vllm_patches.apply(vllm_patches.ENGINE_CORE)  # the engine core asks `propose_drafts` directly
         cfg = dict(self.vllm_config.additional_config or {}).get(CONFIG_KEY, {})
-        self._min_acceptance = float(cfg.get("min_acceptance", 0.3))
-        self._probe_every = int(cfg.get("probe_every", 50))
-        self._stats_path = str(cfg.get("stats_path", ""))
-        self._cost = StepCost(float(cfg.get("fixed_ms", 90.0)), float(cfg.get("per_token_ms", 8.0)))
+        # Written by engine_workers/engine.py from EngineConfig, whose defaults are the only ones.
+        self._min_acceptance = float(cfg["min_acceptance"])
+        self._probe_every = int(cfg["probe_every"])
+        self._stats_path = str(cfg["stats_path"])
+        self._cost = StepCost(float(cfg["fixed_ms"]), float(cfg["per_token_ms"]))
         self._window = int(cfg.get("window", 64))
         self._sources: dict[str, dict[str, _Source]] = {}  # workload -> draft source -> its record
         self._by_prompt = OutputsCache()

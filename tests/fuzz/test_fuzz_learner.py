@@ -1,0 +1,117 @@
+"""Fuzz: the learner (rollout.completions + rollout.rewards, its own consumer loop), in-process.
+
+Both input topics are swapped for private ones (the module's topic constants). The
+trainer is a stand-in whose step records the groups it was given and reports "no
+signal" (no weights written, nothing on rollout.policy): this test is about the
+consumer loop, not the update (tests/test_learner.py covers a real step).
+
+A record that does not decode, or a reward that fails verification, must be
+dead-lettered exactly once; a record that decodes is taken in (a completion of the
+run is in the learner's state, one of another run is skipped), with no letter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+
+import msgspec
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+import learners.worker as learner_module
+from learners.worker import LearnerWorker
+from plumbing.config import Config
+from plumbing.kafka import Publisher
+from plumbing.redis_client import connect_redis
+from schemas import Completion, Reward, RewardStatus, Topic
+from tests.fuzz.harness import DEFAULT_N, Ledger, assert_clean, dlq_watch, heavy_n, make_topic, publish_storm, stop_stage, wait_accounted
+from tests.kafka_helpers import wait_until
+from tests.reward_helpers import make_completion
+from verifier_workers.signing import Keyring, Signer, generate_keypair
+
+
+class _RecordingTrainer:
+    """Trainer stand-in: records each step's groups, changes nothing."""
+
+    def __init__(self) -> None:
+        self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        self.steps: list[list] = []
+
+    def step(self, step, version, groups, current_version):  # noqa: ANN001 - Trainer.step's signature
+        self.steps.append(groups)
+        return None
+
+
+@pytest.mark.parametrize("variant", ["default", pytest.param("heavy", marks=pytest.mark.fuzz)])
+async def test_learner_survives_the_storm_and_accounts_for_every_record(cfg: Config, tmp_path: Path, monkeypatch,
+                                                                        variant: str, pytestconfig) -> None:
+    n = DEFAULT_N if variant == "default" else heavy_n(pytestconfig)
+    run_id = f"fz-learner-{uuid.uuid4().hex[:6]}"
+    cfg.run_id = run_id
+    cfg.learner.groups_per_step = 1
+    completions_topic, rewards_topic = await make_topic(cfg, "completions", 4), await make_topic(cfg, "rewards", 4)
+    monkeypatch.setattr(learner_module, "COMPLETIONS", Topic(completions_topic, 4, Completion, "fuzz"))
+    monkeypatch.setattr(learner_module, "REWARDS", Topic(rewards_topic, 4, Reward, "fuzz"))
+    priv, _ = generate_keypair(tmp_path / "keys", "fuzz-key")
+    signer, ring = Signer.from_file(priv), Keyring.from_dir(tmp_path / "keys")
+    trainer = _RecordingTrainer()
+    redis = connect_redis(cfg)
+    t0 = time.monotonic()
+    async with Publisher(cfg) as pub:
+        learner = LearnerWorker(cfg, trainer, ring, pub, redis, CollectorRegistry(),  # type: ignore[arg-type]
+                                checkpoint=tmp_path / "ckpt" / "learner.ckpt", policies_dir=tmp_path / "policies")
+        task = asyncio.create_task(learner.run())
+        storms = [await publish_storm(cfg, completions_topic, Completion, n, seed=3141, run_id=run_id, tag=f"{run_id}-c"),
+                  await publish_storm(cfg, rewards_topic, Reward, n, seed=1618, run_id=run_id, tag=f"{run_id}-r")]
+        ledger = Ledger(storms)
+        ends = {(s.topic, p): end for s in storms for p, end in s.ends().items()}
+
+        def read_all() -> bool:
+            return all(learner.state.offsets.get(f"{t}:{p}", 0) >= end for (t, p), end in ends.items())
+
+        watches = [await dlq_watch(cfg, ledger).start()]
+
+        def settle() -> bool:
+            """Once the learner read past every fuzz record: what decoded here and got no letter was taken in."""
+            if not read_all():
+                return False
+            for storm in storms:
+                for s in storm.sent:
+                    if s.decoded_id is not None and not ledger.letters.get(s.fuzz_id) and not ledger.outputs.get(s.fuzz_id):
+                        ledger.output_for_fuzz_id(s.fuzz_id)
+            return True
+
+        try:
+            try:
+                report = await wait_accounted(ledger, [task], extra=settle, what=f"learner {variant} n={n}")
+            except AssertionError as err:
+                raise AssertionError(f"{err}\nlearner read up to {learner.state.offsets}, fuzz ends {ends}") from None
+            # A decoded completion of this run is held in the state (waiting for its reward that never comes).
+            held = {s.decoded_id for s in storms[0].sent
+                    if s.decoded_id and s.decoded_run == run_id and not ledger.letters.get(s.fuzz_id)}
+            assert held <= set(learner.state.completions) | {None}, sorted(held - set(learner.state.completions))[:5]
+            good = [msgspec.structs.replace(make_completion(f"<answer>{i}</answer>", reference="1"), run_id=run_id,
+                                            id=f"{run_id}-good/{i}", request_id=f"{run_id}-good", group_id=f"{run_id}-good",
+                                            group_size=2, sample_index=i) for i in range(2)]
+            for c, scalar in zip(good, (1.0, 0.0), strict=True):
+                await pub.publish(completions_topic, c, key=c.group_id.encode())
+                await pub.publish(rewards_topic, signer.sign(Reward(
+                    run_id=run_id, completion_id=c.id, request_id=c.request_id, group_id=c.group_id, prompt_hash="p",
+                    tokens_hash="t", policy_version=0, verifier_id="v", verifier_version="1", components={"correct": scalar},
+                    scalar=scalar, status=RewardStatus.OK)), key=c.group_id.encode())
+            await wait_until(lambda: any(g and g[0].group_id == good[0].group_id for groups in trainer.steps for g in groups),
+                             60, "the good group trained on after the storm")
+            assert not task.done(), f"the learner exited: {task.exception()!r}"
+        finally:
+            await stop_stage(learner.stop, task, watches)
+            await redis.aclose()
+    print(f"\n[fuzz] learner {variant}: n={n} per topic, {time.monotonic() - t0:.1f}s")
+    wrongly_lettered = [s for storm in storms for s in storm.sent
+                        if s.decoded_id and ledger.letters.get(s.fuzz_id)
+                        and not any(l.error_type == "RewardRejected" for l in ledger.letters[s.fuzz_id])]
+    assert not wrongly_lettered, [(s.fuzz_id, s.category, [l.error for l in ledger.letters[s.fuzz_id]]) for s in wrongly_lettered[:5]]
+    assert_clean(report, f"learner {variant}")
