@@ -140,8 +140,9 @@ class ChaosRun:
             await self.observer.stop()
             await asyncio.to_thread(self.stack.stop_all)  # no-op when stopped already
             await asyncio.to_thread(self.stack.stop_servers)
-            if not self.args.keep:  # two 0.5 GB safetensors folders; logs, archive and checkpoint stay
+            if not self.args.keep:  # two 0.5 GB safetensors folders; logs, archive and outcome log stay
                 shutil.rmtree(self.stack.state_dir / "policies", ignore_errors=True)
+                self.stack.checkpoint_path.unlink(missing_ok=True)  # 1.1 GB with AdamW state; read into the report already
 
     async def _supervise(self, feed: asyncio.Task[None]) -> None:
         a = self.args

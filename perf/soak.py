@@ -146,6 +146,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             import shutil
 
             shutil.rmtree(stack.state_dir / "policies", ignore_errors=True)
+            stack.checkpoint_path.unlink(missing_ok=True)  # 1.1 GB with AdamW state
     warmup_s = wall * args.warmup_frac
     verdicts = judge(rows, warmup_s, args.tolerance)
     steps = sum(1 for x in read_outcomes(stack.outcomes_path) if x.get("kind") == "step")
