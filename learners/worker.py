@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from learners.outcome_log import OutcomeLog
 from learners.samples import Sample, StepStats
 from learners.state import REPLAY_WINDOW, LearnerState, load_checkpoint, save_checkpoint
 from learners.trainer import Trainer
@@ -97,6 +98,8 @@ class LearnerWorker:
             self.trainer.optimizer.load_state_dict(opt_state)
             log.info("resumed at step %d, policy v%d, %d partial groups", self.state.step, self.state.version, len(self.state.groups))
         self.replay = _StateReplayGuard(self.state)
+        # Which completion ids each step trained on, and which were dropped and why.
+        self.outcomes = OutcomeLog(self.checkpoint.parent / "outcomes.jsonl")
         self._stopping = asyncio.Event()
         self.assigned = asyncio.Event()
         self.version_published = asyncio.Condition()
@@ -196,6 +199,7 @@ class LearnerWorker:
             return
         del self.state.completions[completion_id], self.state.rewards[completion_id]
         if self.state.version - c.policy_version > self.cfg.learner.max_policy_lag:
+            self.outcomes.dropped("stale", self.state.step, [c.id])
             self._drop_stale(1)
             return
         sample = Sample(
@@ -208,6 +212,7 @@ class LearnerWorker:
         group = self.state.groups.setdefault(c.group_id, [])
         self.state.group_first_seen.setdefault(c.group_id, time.time())
         if any(s.sample_index == sample.sample_index for s in group):
+            self.outcomes.dropped("duplicate_in_group", self.state.step, [c.id])
             return  # a regenerated duplicate of a sample already here
         group.append(sample)
         if len(group) == c.group_size:
@@ -226,6 +231,7 @@ class LearnerWorker:
                 self.state.ready.append(group)
                 self.state.count("groups_partial")
             else:
+                self.outcomes.dropped("group_timeout", self.state.step, [s.completion_id for s in group])
                 self.state.count("groups_dropped")
                 self.state.count("consumed", len(group))
 
@@ -239,6 +245,8 @@ class LearnerWorker:
         groups, self.state.ready = self.state.ready[:n], self.state.ready[n:]
         # Groups can wait in `ready` while other steps run: check the lag again now.
         fresh = [g for g in groups if all(self.state.version - s.policy_version <= self.cfg.learner.max_policy_lag for s in g)]
+        self.outcomes.dropped("stale", self.state.step,
+                              [s.completion_id for g in groups if not any(g is f for f in fresh) for s in g])
         self._drop_stale(sum(len(g) for g in groups) - sum(len(g) for g in fresh))
         groups = fresh
         # Every sample that leaves the buffer counts, trained or not: producers' admission reads it.
@@ -246,6 +254,9 @@ class LearnerWorker:
         step = self.state.step
         # torch blocks for seconds: off the event loop, so Kafka heartbeats go on.
         stats = await asyncio.to_thread(self.trainer.step, step, self.state.version + 1, groups, self.state.version)
+        # Before the checkpoint: a kill in between redoes the step, whose new line supersedes this one.
+        self.outcomes.trained(step, self.state.version + (stats is not None), [s.completion_id for g in groups for s in g],
+                              stats is not None)
         self.state.step += 1
         if stats is None:
             # Every group had equal rewards (or only masked samples): nothing to learn,

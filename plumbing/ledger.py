@@ -15,16 +15,21 @@ the next stage's ledger.
 
 With `fail_open`, a Redis outage does not stop the stage: the body runs unclaimed
 (a redelivery during the outage may then take effect twice, under the same output
-ids) and `unavailable` counts how often.
+ids) and `unavailable` counts how often. Without it, a Redis call that fails is retried
+with backoff for up to `retry_s` (a restarted Redis closes every pooled connection: the
+first command on each fails once) before the error reaches the caller; a failed claim
+renewal is retried at the next renewal, never raised into the body.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager, suppress
+from typing import TypeVar
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -32,6 +37,8 @@ from redis.exceptions import RedisError
 from schemas import keys
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _DONE = b"done"
 
@@ -54,10 +61,12 @@ class Ledger:
     """Processed message ids of one stage."""
 
     def __init__(
-        self, redis: Redis, stage: str, ttl_s: int = 7 * 24 * 3600, claim_ttl_s: int = 15, fail_open: bool = False
+        self, redis: Redis, stage: str, ttl_s: int = 7 * 24 * 3600, claim_ttl_s: int = 15, fail_open: bool = False,
+        retry_s: float = 30.0,
     ) -> None:
         self._redis = redis
         self._fail_open = fail_open
+        self._retry_s = 0.0 if fail_open else retry_s
         self.unavailable = 0
         self._prefix = keys.ledger_prefix(stage)
         self._ttl = ttl_s
@@ -66,10 +75,24 @@ class Ledger:
         self._renew = redis.register_script(_RENEW)
         self._release = redis.register_script(_RELEASE)
 
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, retried on Redis errors with backoff for up to `retry_s`."""
+        deadline = time.monotonic() + self._retry_s
+        delay = 0.05
+        while True:
+            try:
+                return await call()
+            except (RedisError, OSError) as err:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("ledger: Redis call failed (%s: %s); retrying in %.2fs", type(err).__name__, err, delay)
+                await asyncio.sleep(delay)
+                delay = min(1.0, delay * 2)
+
     async def mark(self, msg_id: str) -> None:
         """Record `msg_id` as having taken effect."""
         try:
-            await self._redis.set(self._prefix + msg_id, _DONE, ex=self._ttl)
+            await self._retrying(lambda: self._redis.set(self._prefix + msg_id, _DONE, ex=self._ttl))
         except (RedisError, OSError):
             if not self._fail_open:
                 raise
@@ -98,7 +121,7 @@ class Ledger:
             with suppress(asyncio.CancelledError):
                 await renewer
             try:
-                await self._release(keys=[key], args=[self._token])  # no-op once marked done
+                await self._retrying(lambda: self._release(keys=[key], args=[self._token]))  # no-op once marked done
             except (RedisError, OSError):
                 if not self._fail_open:
                     raise
@@ -106,9 +129,9 @@ class Ledger:
     async def _take(self, key: str, poll_s: float) -> bool:
         """True once we hold the claim, False when the message already took effect."""
         while True:
-            if await self._redis.set(key, self._token, nx=True, ex=self._claim_ttl):
+            if await self._retrying(lambda: self._redis.set(key, self._token, nx=True, ex=self._claim_ttl)):
                 return True
-            value = await self._redis.get(key)
+            value = await self._retrying(lambda: self._redis.get(key))
             if value == _DONE:
                 return False
             if value is not None:
@@ -119,6 +142,7 @@ class Ledger:
             await asyncio.sleep(self._claim_ttl / 3)
             try:
                 await self._renew(keys=[key], args=[self._token, self._claim_ttl])
-            except (RedisError, OSError):
-                if not self._fail_open:
-                    raise
+            except (RedisError, OSError) as err:
+                # Raising here would surface in the body's `finally` and fail a record whose
+                # effect may already be out; the claim may lapse, the next renewal tries again.
+                log.warning("ledger: claim renewal failed (%s); trying again at the next one", type(err).__name__)

@@ -31,7 +31,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The heavy fuzz tests (marker `fuzz`) run only when asked for: `-m fuzz`, --fuzz-n or PRIMERL_FUZZ_N."""
+    """The heavy fuzz tests (marker `fuzz`) run only when asked for: `-m fuzz`, --fuzz-n or PRIMERL_FUZZ_N;
+    the long chaos run (marker `chaos`) only with `-m chaos`."""
+    _skip_long_chaos(config, items)
     asked = "fuzz" in (config.getoption("markexpr") or "").replace("not fuzz", "") or config.getoption("fuzz_n") \
         or os.environ.get("PRIMERL_FUZZ_N")
     if asked:
@@ -102,6 +104,16 @@ class _Servers:
             except Exception as err:  # noqa: BLE001 - best effort at session end
                 log.warning("cleanup failed: %s", err)
         shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def _skip_long_chaos(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The long chaos run only when asked for (`-m chaos`; `make chaos` runs it without pytest)."""
+    if "chaos" in (config.getoption("markexpr") or "").replace("not chaos", ""):
+        return
+    skip = pytest.mark.skip(reason="the long chaos run: `make chaos` or `pytest -m chaos`")
+    for item in items:
+        if item.get_closest_marker("chaos") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

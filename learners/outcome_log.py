@@ -1,0 +1,73 @@
+"""What became of every sample the learner took in: trained in step N, or dropped with a reason.
+
+One JSON line per event, appended to `<checkpoint dir>/outcomes.jsonl` (flushed to the
+OS, so a SIGKILL loses nothing written): `{"kind": "step", "step", "version", "updated",
+"ids"}` for the completion ids a step trained on (written *before* that step's
+checkpoint), `{"kind": "drop", "reason", "step", "ids"}` for samples dropped as stale,
+as a group that timed out with fewer than 2 samples, or as a duplicate of a sample
+already in its group.
+
+A learner killed between a step's line and its checkpoint redoes that step after the
+restart (it resumes from the previous checkpoint) and writes a second line for the same
+step number: the last line of a step number is the one that took effect, and only step
+numbers below the checkpoint's `step` are committed (`committed_steps`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+
+class OutcomeLog:
+    """Appends outcome lines; one open file per learner process."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed with the process
+
+    def _write(self, line: dict[str, Any]) -> None:
+        line["t"] = round(time.time(), 3)
+        self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+        self._file.flush()
+
+    def trained(self, step: int, version: int, ids: list[str], updated: bool) -> None:
+        """Step `step` trained on `ids` (`updated`: the weights changed, a new version)."""
+        self._write({"kind": "step", "step": step, "version": version, "updated": updated, "ids": ids})
+
+    def dropped(self, reason: str, step: int, ids: list[str]) -> None:
+        """`ids` left the buffer untrained, for `reason`."""
+        if ids:
+            self._write({"kind": "drop", "reason": reason, "step": step, "ids": ids})
+
+    def close(self) -> None:
+        """Close the file."""
+        self._file.close()
+
+
+def read_outcomes(path: Path) -> list[dict[str, Any]]:
+    """Every line of an outcome log (a torn last line, from a kill mid-write, is skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def committed_steps(lines: list[dict[str, Any]], checkpoint_step: int | None = None) -> dict[int, dict[str, Any]]:
+    """Step number -> the line that took effect (the last one of that number), for steps
+    below `checkpoint_step` (None: every step seen)."""
+    steps: dict[int, dict[str, Any]] = {}
+    for line in lines:
+        if line.get("kind") == "step":
+            steps[int(line["step"])] = line
+    if checkpoint_step is not None:
+        steps = {s: line for s, line in steps.items() if s < checkpoint_step}
+    return steps
