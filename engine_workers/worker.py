@@ -125,8 +125,17 @@ class EngineWorker:
         if self.engine.kv_events_endpoint:
             background.add(asyncio.create_task(
                 follow_kv_events(self.engine.kv_events_endpoint, self.engine.kv_events_topic, self.blocks), name="KV-event reader"))
-        serving = asyncio.create_task(self.runner.run(), name="consumer")
+        caught_up = asyncio.create_task(self.policy.caught_up.wait(), name="policy catch-up")
+        serving: asyncio.Task[None] | None = None
         try:
+            # Serve only under the newest policy: a restarted engine once served v0 while
+            # it replayed every version (the chaos run's stale samples).
+            await asyncio.wait({caught_up, *background}, timeout=self.cfg.engine.reload_wait_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not caught_up.done():
+                log.warning("policy feed not caught up within %.0fs; serving v%d meanwhile",
+                            self.cfg.engine.reload_wait_s, self.engine.policy_version)
+            serving = asyncio.create_task(self.runner.run(), name="consumer")
             done, _ = await asyncio.wait({serving, *background}, return_when=asyncio.FIRST_COMPLETED)
             if serving not in done:
                 failed = next(iter(done))
@@ -137,6 +146,9 @@ class EngineWorker:
                 raise FatalError(f"{failed.get_name()} ended: {cause!r}") from cause
             await serving  # re-raises its FatalError
         finally:
+            caught_up.cancel()
+            if serving is None:
+                self.runner.stop()
             self.policy.stop()
             for t in background:
                 t.cancel()
