@@ -1,5 +1,5 @@
 # The two commands of the README. Both install what they need first.
-.PHONY: up test fuzz bootstrap
+.PHONY: up test test-fast check fuzz bootstrap
 
 bootstrap:
 	./scripts/bootstrap.sh
@@ -11,6 +11,16 @@ up: bootstrap
 # The whole test suite, real servers and the real engine included.
 test: bootstrap
 	.venv/bin/python -m pytest -v -rs $(PYTEST_ARGS)
+
+# The unit tests only: no servers, no engine (about a minute).
+test-fast: bootstrap
+	.venv/bin/python -m pytest -q -m unit $(PYTEST_ARGS)
+
+# Static checks CI runs before the tests: no stage imports another, ruff, mypy.
+check: bootstrap
+	.venv/bin/python scripts/check_imports.py
+	.venv/bin/ruff check .
+	.venv/bin/mypy
 
 # Issue 17: chaos (1,000 samples, every stage SIGKILLed, Redis restarted empty, broker
 # paused past the session timeout; artifacts/chaos_report.json) and soak (30 minutes of

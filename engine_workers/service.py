@@ -7,7 +7,7 @@ import logging
 
 from engine_workers.deferral import Deferral
 from engine_workers.engine import Engine
-from engine_workers.model_store import resolve_model
+from plumbing.model_store import resolve_model
 from engine_workers.routing.router import Router
 from engine_workers.speculation.metrics import SpeculationCollector
 from engine_workers.worker import EngineWorker

@@ -7,13 +7,13 @@ import logging
 
 import torch
 
-from engine_workers.model_store import resolve_model
+from plumbing.model_store import resolve_model
 from learners.policy_model import PolicyModel
 from learners.trainer import TrainConfig, Trainer
 from learners.worker import LearnerWorker
 from plumbing.config import Config
 from plumbing.stage import StageContext, serve_stage
-from verifier_workers.signing import Keyring
+from plumbing.trust import Keyring
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from plumbing.failures import retry_transient
 from plumbing.kafka import Publisher, consumer_kwargs
 from schemas import Completion, PolicyUpdate, Reward, decode, keys
 from schemas.topics import COMPLETIONS, POLICY, REWARDS
-from verifier_workers.signing import Keyring, RewardRejected, verify_reward
+from plumbing.trust import Keyring, RewardRejected, verify_reward
 
 log = logging.getLogger(__name__)
 

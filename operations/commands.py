@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from plumbing.config import Config
 from plumbing.runtime import run
-from primerl.cli_options import ConfigOpt, StateOpt, command_config, require_servers
+from plumbing.cli_options import ConfigOpt, StateOpt, command_config, require_servers
 
 
 

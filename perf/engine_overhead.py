@@ -21,7 +21,7 @@ import uuid
 import msgspec
 
 from engine_workers.engine import Engine
-from engine_workers.model_store import resolve_model
+from plumbing.model_store import resolve_model
 from engine_workers.requests import build_input
 from engine_workers.service import serve_engine
 from perf.common import ARTIFACTS, percentile, write_csv

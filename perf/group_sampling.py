@@ -17,7 +17,7 @@ import time
 import msgspec
 
 from engine_workers.engine import Engine
-from engine_workers.model_store import resolve_model
+from plumbing.model_store import resolve_model
 from engine_workers.requests import build_input
 from perf.common import ARTIFACTS, write_csv
 from plumbing.config import load_config

@@ -39,7 +39,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from tqdm import tqdm
 
-from engine_workers.model_store import resolve_model
+from plumbing.model_store import resolve_model
 from engine_workers.prefix_cache.index import PrefixIndex
 from engine_workers.routing.router import Router
 from perf.common import ARTIFACTS, percentile, write_csv

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from engine_workers.engine import Engine
 from engine_workers.grammar import structured_outputs
-from engine_workers.model_store import resolve_model
+from plumbing.model_store import resolve_model
 from engine_workers.speculation.conformance import GrammarReplay
 from perf.common import ARTIFACTS, write_csv
 from plumbing.config import EngineConfig

@@ -210,7 +210,7 @@ class Stack:
     async def start_servers(self) -> Config:
         """Broker + Redis on free ports, topics, a verifier key pair; the driver's Config."""
         from plumbing.infra import wait_kafka, wait_redis
-        from verifier_workers.signing import generate_keypair
+        from plumbing.trust import generate_keypair
 
         self._broker_proc, self.broker = start_broker(self.log_dir)
         self._redis_proc, self.redis = start_redis(self.log_dir)

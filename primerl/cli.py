@@ -9,7 +9,7 @@ import typer
 
 from operations.commands import register as register_operations
 from plumbing.runtime import run
-from primerl.cli_options import ConfigOpt, StateOpt, command_config
+from plumbing.cli_options import ConfigOpt, StateOpt, command_config
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="PrimeRL-ServeKit++: event-driven RL rollouts on Kafka, Redis and vLLM.")
 infra_app = typer.Typer(no_args_is_help=True, help="Local broker and Redis.")
@@ -163,7 +163,7 @@ def keys_generate(
     state_dir: StateOpt = None,
 ) -> None:
     """Write an Ed25519 key pair: <key-id>.key (mode 0600) and <key-id>.pub."""
-    from verifier_workers.signing import generate_keypair
+    from plumbing.trust import generate_keypair
 
     cfg = command_config(config, state_dir)
     priv, pub = generate_keypair(out_dir or cfg.keys_dir, key_id)

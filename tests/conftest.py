@@ -32,7 +32,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The heavy fuzz tests (marker `fuzz`) run only when asked for: `-m fuzz`, --fuzz-n or PRIMERL_FUZZ_N;
-    the long chaos run (marker `chaos`) only with `-m chaos`."""
+    the long chaos run (marker `chaos`) only with `-m chaos`. Every test is marked `integration` when it
+    needs the real servers (the `servers` fixture, directly or through another fixture), else `unit`."""
+    real = ("engine", "chaos", "fuzz", "integration")  # the ones that start their own servers or engine are marked
+    for item in items:
+        heavy = "servers" in getattr(item, "fixturenames", ()) or any(item.get_closest_marker(m) for m in real)
+        item.add_marker("integration" if heavy else "unit")
     _skip_long_chaos(config, items)
     asked = "fuzz" in (config.getoption("markexpr") or "").replace("not fuzz", "") or config.getoption("fuzz_n") \
         or os.environ.get("PRIMERL_FUZZ_N")

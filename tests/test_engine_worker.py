@@ -118,7 +118,7 @@ def _perturbed_copy(dest: Path) -> Path:
     import torch
     from safetensors.torch import load_file, save_file
 
-    from engine_workers.model_store import resolve_model
+    from plumbing.model_store import resolve_model
 
     src = Path(resolve_model(None))
     shutil.copytree(src, dest, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -154,7 +154,7 @@ async def test_requests_for_future_policy_versions_never_pin_the_engine(engine, 
     """Issue 17, poison pill 2: more requests for unreachable versions than the engine has slots,
     then more for the next version: good requests keep flowing, the unreachable ones are
     dead-lettered once each with the reason, the next-version ones park and run once it is published."""
-    from engine_workers.model_store import resolve_model
+    from plumbing.model_store import resolve_model
 
     run_id, obs = observed
     current = int(_metric(engine.metrics(), "primerl_engine_policy_version"))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from engine_workers.model_store import resolve_model
+from plumbing.model_store import resolve_model
 from learners.policy_model import Batch, PolicyModel
 from learners.samples import Sample
 from learners.trainer import TrainConfig, Trainer
@@ -24,7 +24,7 @@ from schemas import Reward, RewardStatus
 from schemas.topics import COMPLETIONS, REWARDS
 from tests.kafka_helpers import wait_until
 from tests.reward_helpers import make_completion
-from verifier_workers.signing import Keyring, Signer, generate_keypair
+from plumbing.trust import Keyring, Signer, generate_keypair
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from schemas import CONTENT_TYPE_HEADER, JSON
 from schemas.topics import COMPLETIONS, PROMPTS
 from tests.kafka_helpers import wait_until
 from verifier_workers.rewards import build_registry, close_registry
-from verifier_workers.signing import Signer, generate_keypair
+from plumbing.trust import Signer, generate_keypair
 from verifier_workers.worker import VerifierWorker
 
 pytestmark = pytest.mark.engine

@@ -125,7 +125,7 @@ async def test_a_json_completion_from_an_outside_client_is_scored(cfg: Config, t
     from schemas.topics import COMPLETIONS
     from tests.reward_helpers import make_completion
     from verifier_workers.rewards import build_registry, close_registry
-    from verifier_workers.signing import Signer, generate_keypair
+    from plumbing.trust import Signer, generate_keypair
     from verifier_workers.worker import VerifierWorker
 
     run_id = f"json-{uuid.uuid4().hex[:8]}"

@@ -33,7 +33,7 @@ from tests.kafka_helpers import wait_until
 from tests.ops_helpers import prompts_of_run
 from tests.reward_helpers import make_completion
 from verifier_workers.rewards import build_registry, close_registry
-from verifier_workers.signing import Signer, generate_keypair
+from plumbing.trust import Signer, generate_keypair
 from verifier_workers.worker import VerifierWorker
 
 ROOT = Path(__file__).resolve().parents[1]

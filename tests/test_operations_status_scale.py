@@ -151,7 +151,7 @@ def test_scale_refuses_what_it_cannot_do(cfg: Config, tmp_path: Path) -> None:
 
 async def test_a_learner_is_scaled_up_and_down_for_its_run(cfg: Config, tmp_path: Path) -> None:
     """`scale learner 1 --run-id R` starts the run's learner (group learner-R); 0 stops it cleanly."""
-    from verifier_workers.signing import generate_keypair
+    from plumbing.trust import generate_keypair
 
     cfg.state_dir = tmp_path / "state"
     generate_keypair(cfg.keys_dir, "learner-test-key")  # the learner refuses to start without a keyring

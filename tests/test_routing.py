@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from transformers import AutoTokenizer
 from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
-from engine_workers.model_store import resolve_model
+from plumbing.model_store import resolve_model
 from engine_workers.prefix_cache.block_hashes import cacheable_tokens, chain_hashes, policy_salt
 from engine_workers.prefix_cache.held_blocks import HeldBlocks
 from engine_workers.prefix_cache.index import PrefixIndex, Probe

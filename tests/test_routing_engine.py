@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from engine_workers.model_store import resolve_model
+from plumbing.model_store import resolve_model
 from engine_workers.prefix_cache.block_hashes import chain_hashes, policy_salt
 from engine_workers.prefix_cache.index import PrefixIndex
 from schemas.keys import held_blocks as held_key

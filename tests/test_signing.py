@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from schemas import Reward, RewardStatus
-from verifier_workers.signing import (
+from plumbing.trust import (
     Keyring,
     MemoryReplayGuard,
     RewardRejected,

@@ -7,7 +7,7 @@ import pytest
 import xgrammar
 from transformers import AutoTokenizer
 
-from engine_workers.model_store import resolve_model
+from plumbing.model_store import resolve_model
 from engine_workers.speculation.draft_switch import DraftSwitch
 from engine_workers.speculation.drafts import FORCED, FORCED_PROB, NGRAM, LAST_TOKEN_PROB, OutputsCache, continuations, propose
 from engine_workers.speculation.step_cost import StepCost

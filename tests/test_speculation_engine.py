@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from engine_workers.engine import Engine
 from engine_workers.grammar import structured_outputs
-from engine_workers.model_store import resolve_model
+from plumbing.model_store import resolve_model
 from engine_workers.speculation.conformance import GrammarReplay
 from engine_workers.speculation.metrics import SpeculationCollector
 from plumbing.config import EngineConfig

@@ -21,7 +21,7 @@ from tests.kafka_helpers import dead_letters_matching
 from tests.reward_helpers import make_completion
 from primerl.rewards_reader import RewardsReader
 from verifier_workers.rewards import build_registry, close_registry
-from verifier_workers.signing import Keyring, MemoryReplayGuard, RewardRejected, Signer, generate_keypair, verify_reward
+from plumbing.trust import Keyring, MemoryReplayGuard, RewardRejected, Signer, generate_keypair, verify_reward
 from verifier_workers.worker import VerifierWorker
 
 

@@ -10,7 +10,7 @@ from plumbing.stage import StageContext, serve_stage
 from verifier_workers.rewards import RewardConfig, build_registry, close_registry
 from verifier_workers.rewards.remote import RemoteConfig
 from verifier_workers.sandbox import SandboxLimits
-from verifier_workers.signing import Signer, generate_keypair
+from plumbing.trust import Signer, generate_keypair
 from verifier_workers.worker import VerifierWorker
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from schemas import Completion, Reward
 from schemas.topics import COMPLETIONS, REWARDS
 from verifier_workers.metrics import VerifierMetrics
 from verifier_workers.rewards import RewardFn, score_completion
-from verifier_workers.signing import Signer, digest, token_hash
+from plumbing.trust import Signer, digest, token_hash
 
 log = logging.getLogger(__name__)
 

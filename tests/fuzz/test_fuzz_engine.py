@@ -29,7 +29,7 @@ from transformers import AutoTokenizer
 
 import engine_workers.worker as worker_module
 from engine_workers.engine import SampleDelta, StepOutput
-from engine_workers.model_store import resolve_model
+from plumbing.model_store import resolve_model
 from engine_workers.worker import EngineWorker
 from plumbing.config import Config
 from plumbing.kafka import Publisher

@@ -31,7 +31,7 @@ from schemas import Completion, Reward, RewardStatus, Topic
 from tests.fuzz.harness import DEFAULT_N, Ledger, assert_clean, dlq_watch, heavy_n, make_topic, publish_storm, stop_stage, wait_accounted
 from tests.kafka_helpers import wait_until
 from tests.reward_helpers import make_completion
-from verifier_workers.signing import Keyring, Signer, generate_keypair
+from plumbing.trust import Keyring, Signer, generate_keypair
 
 
 class _RecordingTrainer:

@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from transformers import AutoTokenizer
 
-from engine_workers.model_store import resolve_model
+from plumbing.model_store import resolve_model
 from engine_workers.prefix_cache.held_blocks import HeldBlocks
 from engine_workers.prefix_cache.index import PrefixIndex, WorkerInfo
 from engine_workers.routing.router import Router

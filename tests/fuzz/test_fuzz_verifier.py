@@ -25,7 +25,7 @@ from tests.fuzz.harness import DEFAULT_N, Ledger, Watch, assert_clean, dlq_watch
 from tests.kafka_helpers import wait_until
 from tests.reward_helpers import make_completion
 from verifier_workers.rewards import build_registry, close_registry
-from verifier_workers.signing import Signer, generate_keypair
+from plumbing.trust import Signer, generate_keypair
 from verifier_workers.worker import VerifierWorker
 
 
