@@ -1,11 +1,18 @@
 """What became of every sample the learner took in: trained in step N, or dropped with a reason.
 
 One JSON line per event, appended to `<checkpoint dir>/outcomes.jsonl` (flushed to the
-OS, so a SIGKILL loses nothing written): `{"kind": "step", "step", "version", "updated",
-"ids"}` for the completion ids a step trained on (written *before* that step's
-checkpoint), `{"kind": "drop", "reason", "step", "ids"}` for samples dropped as stale,
-as a group that timed out with fewer than 2 samples, or as a duplicate of a sample
-already in its group.
+OS, so a SIGKILL loses nothing written):
+
+- `{"kind": "step", "step", "version", "updated", "ids", "group_sizes", "reward_ids",
+  "threads"}`: the completion ids a step trained on, *in training order* (groups one
+  after the other, `group_sizes` long each, samples in group order), the id of the
+  Reward each was scored with, and torch's thread count; written *before* that step's
+  checkpoint. This is the step list `primerl replay --stage learner` replays to
+  reproduce the live run's weights byte for byte (operations/replay.py).
+- `{"kind": "drop", "reason", "step", "ids"}`: samples that left the buffer untrained,
+  or a reward it rejected, with the reason the GroupBuffer gave (learners/group_buffer.py:
+  stale, duplicate_in_group, group_timeout, orphan_completion, orphan_reward,
+  binding_mismatch).
 
 A learner killed between a step's line and its checkpoint redoes that step after the
 restart (it resumes from the previous checkpoint) and writes a second line for the same
@@ -34,9 +41,24 @@ class OutcomeLog:
         self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
         self._file.flush()
 
-    def trained(self, step: int, version: int, ids: list[str], updated: bool) -> None:
-        """Step `step` trained on `ids` (`updated`: the weights changed, a new version)."""
-        self._write({"kind": "step", "step": step, "version": version, "updated": updated, "ids": ids})
+    def trained(self, step: int, version: int, ids: list[str], updated: bool, *, group_sizes: list[int] | None = None,
+                reward_ids: list[str] | None = None, threads: int = 0) -> None:
+        """Step `step` trained on `ids`, in training order (`updated`: the weights changed, a new
+        version; `group_sizes`: how the ids split into groups; `reward_ids`: each one's Reward;
+        `threads`: torch's intra-op thread count for the step)."""
+        line: dict[str, Any] = {"kind": "step", "step": step, "version": version, "updated": updated, "ids": ids}
+        if group_sizes is not None:
+            line["group_sizes"] = group_sizes
+        if reward_ids is not None:
+            line["reward_ids"] = reward_ids
+        if threads:
+            line["threads"] = threads
+        self._write(line)
+
+    def trained_groups(self, step: int, version: int, groups: list[list[Any]], updated: bool, threads: int = 0) -> None:
+        """`trained` for a step's groups of Samples: ids, group sizes and reward ids in training order."""
+        self.trained(step, version, [s.completion_id for g in groups for s in g], updated,
+                     group_sizes=[len(g) for g in groups], reward_ids=[s.reward_id for g in groups for s in g], threads=threads)
 
     def dropped(self, reason: str, step: int, ids: list[str]) -> None:
         """`ids` left the buffer untrained, for `reason`."""

@@ -20,6 +20,7 @@ class Sample(msgspec.Struct, frozen=True):
     policy_version: int
     reward: float
     status: RewardStatus
+    reward_id: str = ""  # the Reward message it was scored by (recorded per step, for exact replays)
 
     @property
     def trainable(self) -> bool:

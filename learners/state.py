@@ -1,8 +1,9 @@
 """The learner's durable state, written with the optimizer in one atomic checkpoint.
 
-Offsets and the partial-group buffer live in the same file as the optimizer state,
-so a restarted learner resumes exactly where the checkpoint was taken: records after
-it are re-read and rebuild the buffer, records before it are never counted twice.
+Offsets and the group buffer (learners/group_buffer.py) live in the same file as the
+optimizer state, so a restarted learner resumes exactly where the checkpoint was taken:
+records after it are re-read and rebuild the buffer, records before it are never
+counted twice.
 """
 
 from __future__ import annotations
@@ -14,11 +15,13 @@ from pathlib import Path
 import msgspec
 import torch
 
-from learners.samples import Sample
-from schemas import Completion, Reward
+from learners.group_buffer import BufferState
 
 # Reward ids kept for the replay check; older ones belong to long-finished groups.
 REPLAY_WINDOW = 200_000
+
+# The buffer's fields, which checkpoints before the GroupBuffer held at the top level.
+_LEGACY_BUFFER_FIELDS = ("completions", "rewards", "groups", "group_first_seen", "ready")
 
 
 class LearnerState(msgspec.Struct):
@@ -29,11 +32,7 @@ class LearnerState(msgspec.Struct):
     version: int = 0
     weights_path: str = ""
     offsets: dict[str, int] = {}  # "topic:partition" -> next offset to read
-    completions: dict[str, Completion] = {}  # waiting for their reward
-    rewards: dict[str, Reward] = {}  # verified, waiting for their completion
-    groups: dict[str, list[Sample]] = {}
-    group_first_seen: dict[str, float] = {}
-    ready: list[list[Sample]] = []
+    buffer: BufferState = msgspec.field(default_factory=BufferState)  # pending completions/rewards, partial and ready groups
     seen_rewards: list[str] = []
     counters: dict[str, int] = {}
 
@@ -55,9 +54,20 @@ def save_checkpoint(path: Path, state: LearnerState, optimizer: torch.optim.Opti
     os.replace(tmp, path)
 
 
+def decode_state(raw: bytes) -> LearnerState:
+    """A checkpoint's LearnerState; one written before the GroupBuffer (buffer fields at the
+    top level) is moved into `buffer` (its waiting completions/rewards get no arrival time
+    and start their orphan timeout now: see `LearnerWorker`)."""
+    data = msgspec.msgpack.decode(raw)
+    if isinstance(data, dict) and "buffer" not in data and any(k in data for k in _LEGACY_BUFFER_FIELDS):
+        data["buffer"] = {k: data.pop(k) for k in _LEGACY_BUFFER_FIELDS if k in data}
+        raw = msgspec.msgpack.encode(data)
+    return msgspec.msgpack.decode(raw, type=LearnerState)
+
+
 def load_checkpoint(path: Path) -> tuple[LearnerState, dict] | None:
     """The checkpoint's state and optimizer state dict, or None when there is none."""
     if not path.exists():
         return None
     data = torch.load(path, weights_only=False)
-    return msgspec.msgpack.decode(data["state"], type=LearnerState), data["optimizer"]
+    return decode_state(data["state"]), data["optimizer"]

@@ -1,11 +1,15 @@
 """The learner: rollout.completions + rollout.rewards -> verified, assembled groups -> update -> rollout.policy.
 
-One process per run (group `learner-<run_id>`). Rewards are joined with the
-completions they score; every reward passes `verify_reward` (signature, key, replay)
-and samples older than `max_policy_lag` versions are dropped. Complete groups (or
-groups timed out with >= 2 samples) are trained on once `groups_per_step` are ready;
-the new weights are written as a safetensors folder and announced on rollout.policy,
-and the version goes to Redis, where producers read it for admission control.
+One process per run (group `learner-<run_id>`). This module is the learner's Kafka
+I/O, verification, training calls and publishing; group assembly and the staleness
+rule are the GroupBuffer's (learners/group_buffer.py). Every reward passes
+`verify_reward` (signature, key, replay) before the buffer joins it with the
+completion it scores; samples older than `max_policy_lag` versions are dropped.
+Complete groups (or groups timed out with >= 2 samples) are trained on once
+`groups_per_step` are ready; the new weights are written as a safetensors folder and
+announced on rollout.policy, and the version goes to Redis, where producers read it
+for admission control. Each step's samples (ids, in training order) and every drop go
+to the outcome log (learners/outcome_log.py), from which a replay reproduces the run.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from learners.group_buffer import Drop, GroupBuffer
 from learners.outcome_log import OutcomeLog
 from learners.samples import Sample, StepStats
 from learners.state import REPLAY_WINDOW, LearnerState, load_checkpoint, save_checkpoint
@@ -60,6 +66,8 @@ class _LearnerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.rejected = Counter("primerl_learner_rewards_rejected", "Rewards failing verification", ["reason"], registry=registry)
         self.stale = Counter("primerl_learner_samples_stale", "Samples dropped for exceeding the max policy lag", registry=registry)
+        self.dropped = Counter("primerl_learner_samples_dropped", "Samples (or rewards) that left the buffer untrained, by reason",
+                               ["reason"], registry=registry)
         self.masked = Counter("primerl_learner_samples_masked", "INFRA_FAIL/TIMEOUT samples masked out", registry=registry)
         self.buffer = Gauge("primerl_learner_buffer_samples", "Samples in partial groups", registry=registry)
         self.ready = Gauge("primerl_learner_ready_groups", "Complete groups waiting for a step", registry=registry)
@@ -96,7 +104,13 @@ class LearnerWorker:
                 for f in Path(self.state.weights_path).glob("*.safetensors"):
                     self.trainer.model.lm.load_state_dict(load_file(f), strict=False)
             self.trainer.optimizer.load_state_dict(opt_state)
-            log.info("resumed at step %d, policy v%d, %d partial groups", self.state.step, self.state.version, len(self.state.groups))
+            log.info("resumed at step %d, policy v%d, %d partial groups", self.state.step, self.state.version,
+                     len(self.state.buffer.groups))
+        lc = self.cfg.learner
+        self.buffer = GroupBuffer(max_policy_lag=lc.max_policy_lag, group_timeout_s=lc.group_timeout_s,
+                                  state=self.state.buffer, counters=self.state.counters)
+        if restored is not None:
+            self.buffer.restart_orphan_clocks(time.time())
         self.replay = _StateReplayGuard(self.state)
         # Which completion ids each step trained on, and which were dropped and why.
         self.outcomes = OutcomeLog(self.checkpoint.parent / "outcomes.jsonl")
@@ -133,10 +147,10 @@ class LearnerWorker:
                         if not await self._ingest(consumer, record):
                             break  # stopping while the DLQ was down: the record stays unread
                         self.state.offsets[f"{tp.topic}:{tp.partition}"] = record.offset + 1
-                self._expire_groups()
-                self.metrics.buffer.set(sum(len(g) for g in self.state.groups.values()))
-                self.metrics.ready.set(len(self.state.ready))
-                if len(self.state.ready) >= self.cfg.learner.groups_per_step:
+                self._record(self.buffer.expire(time.time()))
+                self.metrics.buffer.set(self.buffer.partial_samples)
+                self.metrics.ready.set(self.buffer.ready_groups)
+                if self.buffer.ready_groups >= self.cfg.learner.groups_per_step:
                     await self._train_step()
                 if time.monotonic() - version_key_at > 5.0:  # a Redis restarted without its data forgets it
                     await self._set_version_key(quiet=True)
@@ -156,15 +170,13 @@ class LearnerWorker:
             if record.topic == COMPLETIONS.name:
                 completion = decode(record.value or b"", Completion, list(record.headers or ()))
                 if completion.run_id == self.cfg.run_id:
-                    self.state.completions.setdefault(completion.id, completion)
-                    self._join(completion.id)
+                    self._record(self.buffer.add_completion(completion, time.time(), self.state.version))
             else:
                 reward = decode(record.value or b"", Reward, list(record.headers or ()))
                 if reward.run_id != self.cfg.run_id:
                     return True
                 await verify_reward(reward, self.keyring, self.replay)
-                self.state.rewards[reward.completion_id] = reward
-                self._join(reward.completion_id)
+                self._record(self.buffer.add_reward(reward, time.time(), self.state.version))
             return True
         except RewardRejected as err:
             self.metrics.rejected.labels(err.reason).inc()
@@ -192,111 +204,70 @@ class LearnerWorker:
             if paused:
                 consumer.resume(*consumer.paused())
 
-    def _join(self, completion_id: str) -> None:
-        c = self.state.completions.get(completion_id)
-        r = self.state.rewards.get(completion_id)
-        if c is None or r is None:
-            return
-        del self.state.completions[completion_id], self.state.rewards[completion_id]
-        if self.state.version - c.policy_version > self.cfg.learner.max_policy_lag:
-            self.outcomes.dropped("stale", self.state.step, [c.id])
-            self._drop_stale(1)
-            return
-        sample = Sample(
-            completion_id=c.id, group_id=c.group_id, group_size=c.group_size, sample_index=c.sample_index,
-            prompt_token_ids=c.prompt_token_ids, token_ids=c.token_ids, logprobs=c.logprobs,
-            policy_version=c.policy_version, reward=r.scalar, status=r.status,
-        )
-        if not sample.trainable:
-            self.metrics.masked.inc()
-        group = self.state.groups.setdefault(c.group_id, [])
-        self.state.group_first_seen.setdefault(c.group_id, time.time())
-        if any(s.sample_index == sample.sample_index for s in group):
-            self.outcomes.dropped("duplicate_in_group", self.state.step, [c.id])
-            return  # a regenerated duplicate of a sample already here
-        group.append(sample)
-        if len(group) == c.group_size:
-            self.state.ready.append(self.state.groups.pop(c.group_id))
-            self.state.group_first_seen.pop(c.group_id, None)
-
-    def _expire_groups(self) -> None:
-        """Groups incomplete after the timeout: train on them if >= 2 samples, else drop."""
-        now = time.time()
-        for gid, first in list(self.state.group_first_seen.items()):
-            if now - first < self.cfg.learner.group_timeout_s:
+    def _record(self, drops: list[Drop]) -> None:
+        """The buffer's drops into the outcome log and the metrics (its counters it keeps itself)."""
+        for d in drops:
+            self.outcomes.dropped(d.reason, self.state.step, d.ids)
+            if d.reason == "binding_mismatch":
+                self.metrics.rejected.labels(d.reason).inc()
+                log.warning("reward for %s rejected: %s", d.ids[0], d.detail)
                 continue
-            group = self.state.groups.pop(gid, [])
-            del self.state.group_first_seen[gid]
-            if len(group) >= 2:
-                self.state.ready.append(group)
-                self.state.count("groups_partial")
-            else:
-                self.outcomes.dropped("group_timeout", self.state.step, [s.completion_id for s in group])
-                self.state.count("groups_dropped")
-                self.state.count("consumed", len(group))
+            self.metrics.dropped.labels(d.reason).inc(len(d.ids))
+            if d.reason == "stale":
+                self.metrics.stale.inc(len(d.ids))
 
-    def _drop_stale(self, samples: int) -> None:
-        self.metrics.stale.inc(samples)
-        self.state.count("stale", samples)
-        self.state.count("consumed", samples)
+    def _train(self, step: int, groups: list[list[Sample]]) -> tuple[StepStats | None, int]:
+        """The update (in a worker thread) and the torch thread count it ran with."""
+        return self.trainer.step(step, self.state.version + 1, groups, self.state.version), torch.get_num_threads()
 
     async def _train_step(self) -> None:
-        n = self.cfg.learner.groups_per_step
-        groups, self.state.ready = self.state.ready[:n], self.state.ready[n:]
-        # Groups can wait in `ready` while other steps run: check the lag again now.
-        fresh = [g for g in groups if all(self.state.version - s.policy_version <= self.cfg.learner.max_policy_lag for s in g)]
-        self.outcomes.dropped("stale", self.state.step,
-                              [s.completion_id for g in groups if not any(g is f for f in fresh) for s in g])
-        self._drop_stale(sum(len(g) for g in groups) - sum(len(g) for g in fresh))
-        groups = fresh
-        # Every sample that leaves the buffer counts, trained or not: producers' admission reads it.
-        self.state.count("consumed", sum(len(g) for g in groups))
-        step = self.state.step
+        """One step, with or without a learning signal: take, train, record, checkpoint, announce."""
+        taken = self.buffer.take(self.cfg.learner.groups_per_step, self.state.version)
+        self._record(taken.drops)
+        groups = taken.groups
+        self.metrics.masked.inc(sum(not s.trainable for g in groups for s in g))
+        step, version = self.state.step, self.state.version
         # torch blocks for seconds: off the event loop, so Kafka heartbeats go on.
-        stats = await asyncio.to_thread(self.trainer.step, step, self.state.version + 1, groups, self.state.version)
+        stats, threads = await asyncio.to_thread(self._train, step, groups)
+        updated = stats is not None
         # Before the checkpoint: a kill in between redoes the step, whose new line supersedes this one.
-        self.outcomes.trained(step, self.state.version + (stats is not None), [s.completion_id for g in groups for s in g],
-                              stats is not None)
+        self.outcomes.trained_groups(step, version + updated, groups, updated, threads)
         self.state.step += 1
+        checksum, previous = "", self.state.weights_path
         if stats is None:
-            # Every group had equal rewards (or only masked samples): nothing to learn,
-            # the policy stays; the step still counts, so admission moves on.
+            # Every group had equal rewards (or only masked samples): nothing to learn, the
+            # policy stays; the step still counts (its samples are consumed), so admission moves on.
             self.state.count("steps_without_signal")
             log.info("step %d: no group with a learning signal; weights unchanged", step)
-            save_checkpoint(self.checkpoint, self.state, self.trainer.optimizer)
             trainable = [s for g in groups for s in g if s.trainable]
-            self.history.append(StepStats(
-                step=step, policy_version=self.state.version, samples=0, groups=len(groups),
+            stats = StepStats(
+                step=step, policy_version=version, samples=0, groups=len(groups),
                 reward_mean=sum(s.reward for s in trainable) / max(1, len(trainable)), loss=0.0,
-                policy_lag_mean=sum(self.state.version - s.policy_version for s in trainable) / max(1, len(trainable)),
+                policy_lag_mean=sum(version - s.policy_version for s in trainable) / max(1, len(trainable)),
                 clip_frac=0.0, masked_frac=0.0, wall_s=0.0,
-            ))
-            async with self.version_published:
-                self.version_published.notify_all()
-            return
-        version = self.state.version + 1
-        dest = self.policies_dir / f"v{version}"
-        checksum = await asyncio.to_thread(self.trainer.model.save_policy, dest)
-        previous = self.state.weights_path
-        self.state.version, self.state.weights_path = version, str(dest)
+            )
+        else:
+            version += 1
+            dest = self.policies_dir / f"v{version}"
+            checksum = await asyncio.to_thread(self.trainer.model.save_policy, dest)
+            self.state.version, self.state.weights_path = version, str(dest)
         save_checkpoint(self.checkpoint, self.state, self.trainer.optimizer)
-        await self._announce(step, version, str(dest), checksum)
-        await self._set_version_key()
-        # Engines may still be loading the previous folder: remove the one before it.
-        if previous:
-            older = Path(previous).with_name(f"v{version - 2}")
-            shutil.rmtree(older, ignore_errors=True)
+        if updated:
+            await self._announce(step, version, self.state.weights_path, checksum)
+            await self._set_version_key()
+            # Engines may still be loading the previous folder: remove the one before it.
+            if previous:
+                shutil.rmtree(Path(previous).with_name(f"v{version - 2}"), ignore_errors=True)
+            self.metrics.version.set(version)
+            self.metrics.reward_mean.set(stats.reward_mean)
+            self.metrics.lag.set(stats.policy_lag_mean)
+            self.metrics.step_seconds.observe(stats.wall_s)
+            log.info("step %d -> policy v%d: %d samples, reward %.3f, loss %.4f, lag %.2f, %.1fs; buffer %d samples in partial groups, %d groups ready",
+                     step, version, stats.samples, stats.reward_mean, stats.loss, stats.policy_lag_mean, stats.wall_s,
+                     self.buffer.partial_samples, self.buffer.ready_groups)
         self.history.append(stats)
-        self.metrics.version.set(version)
-        self.metrics.reward_mean.set(stats.reward_mean)
-        self.metrics.lag.set(stats.policy_lag_mean)
-        self.metrics.step_seconds.observe(stats.wall_s)
-        log.info("step %d -> policy v%d: %d samples, reward %.3f, loss %.4f, lag %.2f, %.1fs; buffer %d samples in partial groups, %d groups ready",
-                 step, version, stats.samples, stats.reward_mean, stats.loss, stats.policy_lag_mean, stats.wall_s,
-                 sum(len(g) for g in self.state.groups.values()), len(self.state.ready))
         async with self.version_published:
             self.version_published.notify_all()
-
 
     async def _announce(self, step: int, version: int, weights_path: str, checksum: str) -> None:
         """Publish the new version on rollout.policy, riding out a broker outage."""

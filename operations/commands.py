@@ -117,7 +117,10 @@ def replay(
     groups_per_step: Annotated[Optional[int], typer.Option(help="learner: groups per update (default: the learner config's)")] = None,
     model: Annotated[Optional[str], typer.Option(help="learner: starting weights (default: the engine config's model)")] = None,
     save_policies: Annotated[bool, typer.Option(help="learner: write each step's safetensors folder and its file checksum")] = False,
-    threads: Annotated[int, typer.Option(help="learner: torch threads (1: the same bytes on any machine)")] = 1,
+    threads: Annotated[Optional[int], typer.Option(help="learner: torch threads (default: the live learner's, when its steps are replayed, else 1)")] = None,
+    outcomes: Annotated[Optional[Path], typer.Option(help="learner: the live learner's outcome log, whose steps are replayed exactly "
+                                                          "(default: <run log>/outcomes.jsonl, else <state dir>/learner/<run>/outcomes.jsonl)")] = None,
+    recorded_steps: Annotated[bool, typer.Option(help="learner: replay the live learner's recorded steps when found (else assemble groups)")] = True,
     config: ConfigOpt = None,
     state_dir: StateOpt = None,
 ) -> None:
@@ -172,12 +175,21 @@ def replay(
         scores = {r["completion_id"]: (r["replay_scalar"], RewardStatus(r["replay_status"]))
                   for r in pq.read_table(path).to_pylist() if r["replay_scalar"] is not None}
     save_dir = (root / run_dir_name(new_run) / "policies") if save_policies else None
+    if outcomes is not None and not outcomes.is_file():
+        raise typer.BadParameter(f"--outcomes: {outcomes} is not a file")
     result = replay_learner(cfg, log_, new_run, rewards=scores, verifier_version=verifier_version, save_dir=save_dir,
-                            registry=_metrics(cfg), progress=sys.stderr.isatty(), threads=threads)
+                            registry=_metrics(cfg), progress=sys.stderr.isatty(), threads=threads, step_list=outcomes,
+                            use_step_list=recorded_steps)
     path = save_learner_replay(root, result)
-    typer.echo(f"learner replay of {run_id} as {new_run}: {result.groups_total} complete groups ({result.groups_incomplete} incomplete, "
-               f"{result.samples_without_reward} completions without reward, {result.stale_dropped} stale samples dropped), "
-               f"seed {result.seed}, {result.threads} torch thread(s), {result.groups_per_step} groups/step, {result.wall_s:.1f}s")
+    if result.mode == "recorded_steps":
+        typer.echo(f"learner replay of {run_id} as {new_run}: the live learner's {len(result.steps)} updates from {result.step_list} "
+                   f"({result.groups_total} groups, {result.samples_missing} samples missing from the run log, "
+                   f"{result.steps_mismatched} steps whose update differs), seed {result.seed}, {result.threads} torch thread(s), "
+                   f"{result.wall_s:.1f}s")
+    else:
+        typer.echo(f"learner replay of {run_id} as {new_run}: {result.groups_total} complete groups ({result.groups_incomplete} incomplete, "
+                   f"{result.samples_without_reward} completions without reward, {result.stale_dropped} stale samples dropped), "
+                   f"seed {result.seed}, {result.threads} torch thread(s), {result.groups_per_step} groups/step, {result.wall_s:.1f}s")
     for s in result.steps:
         typer.echo(f"  step {s.step}: {s.groups} groups {s.samples} samples reward {s.reward_mean:.3f} loss {s.loss:.6f} weights sha256 {s.weights_sha256}")
     typer.echo(f"final weights sha256 (tensors): {result.final_sha256}")

@@ -10,10 +10,19 @@
   would need new ids to be scored again, and the comparison would wait on a round
   trip; scoring directly is the same code, deterministic, and gives the diff at once.
 - learner: the recorded completions joined with their recorded (or re-scored) rewards
-  are trained on with the learner's Trainer, in the order the broker appended the rewards,
-  `groups_per_step` groups a step, the staleness rule of the learner, a fixed seed
-  and one torch thread; the weights' sha256 after every step is reported, so the
-  same seed and data can be shown to give the same weights byte for byte.
+  are trained on with the learner's Trainer and a fixed seed, in one of two modes:
+  * recorded steps (when the live learner's outcome log is found, see
+    `find_step_list`): every step trains exactly the samples the live step trained,
+    in the same order and groups, scored by the same Reward (its id is recorded), with
+    the live learner's torch thread count. Each new version's safetensors checksum is
+    compared with the PolicyUpdate the live learner published: on the same machine
+    type they are byte-identical (tests/test_learner_replay.py).
+  * assembled (no outcome log): the learner's GroupBuffer joins completions and
+    rewards in the order the broker appended the rewards, hands out `groups_per_step`
+    groups a step and applies its staleness rule, with one torch thread by default.
+    This mode cannot know which groups timed out or how the topics interleaved live,
+    so it reproduces a replay (same seed + data, same bytes), not the live weights.
+  The weights' sha256 after every step is reported in both modes.
 """
 
 from __future__ import annotations
@@ -221,6 +230,8 @@ class StepRecord(msgspec.Struct, kw_only=True):
     reward_mean: float
     loss: float
     weights_sha256: str  # sha256 over the tensors (sorted by name), after the step
+    source_step: int = -1  # recorded steps: the live step replayed
+    version: int = 0  # the policy version this step made
 
 
 class LearnerReplay(msgspec.Struct, kw_only=True):
@@ -242,6 +253,12 @@ class LearnerReplay(msgspec.Struct, kw_only=True):
     original_checksums: dict[int, str]  # PolicyUpdate.checksum (sha256 of the safetensors files) per version
     replay_file_checksums: dict[int, str] = {}  # same measure for the replay, when saved
     wall_s: float = 0.0
+    mode: str = "assembled"  # or "recorded_steps": the live learner's step list, replayed exactly
+    step_list: str = ""  # the outcome log replayed (recorded_steps)
+    samples_missing: int = 0  # recorded steps: samples the run log lacks (the replay cannot be exact)
+    steps_mismatched: int = 0  # recorded steps: steps whose update (new version or none) differs from the live one
+    identical_versions: list[int] = []  # versions whose replayed file checksum equals the live PolicyUpdate's
+    different_versions: list[int] = []  # versions whose checksums differ
 
 
 def tensors_sha256(model: Any) -> str:
@@ -253,99 +270,221 @@ def tensors_sha256(model: Any) -> str:
     return h.hexdigest()
 
 
-def training_groups(log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]] | None = None,
-                    verifier_version: str | None = None) -> tuple[list[list[Any]], int, int]:
-    """(complete groups in the order their last reward was appended, incomplete groups, completions without reward).
+def _rescored(r: Reward, scalar: float, status: RewardStatus) -> Reward:
+    return msgspec.structs.replace(r, scalar=scalar, status=status)
+
+
+def _synthetic_reward(c: Completion, scalar: float, status: RewardStatus) -> Reward:
+    """A re-scored completion's reward (no recorded one to carry the score)."""
+    return Reward(run_id=c.run_id, id=f"rescored:{c.id}", completion_id=c.id, request_id=c.request_id, group_id=c.group_id,
+                  prompt_hash="", tokens_hash="", policy_version=c.policy_version, verifier_id="replay", verifier_version="replay",
+                  components={}, scalar=scalar, status=status)
+
+
+def _scored_rewards(log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]] | None,
+                    verifier_version: str | None) -> list[Reward]:
+    """The rewards to train with, in the order the broker appended them (re-scored ones
+    replace the scores; completions re-scored without a recorded reward come last)."""
+    recorded = [r for r in log_.rewards() if not verifier_version or r.verifier_version == verifier_version]
+    if rewards is None:
+        return recorded
+    out, listed = [], set()
+    for r in recorded:
+        if r.completion_id in rewards and r.completion_id not in listed:
+            listed.add(r.completion_id)
+            out.append(_rescored(r, *rewards[r.completion_id]))
+    out += [_synthetic_reward(c, *rewards[c.id]) for c in log_.completions() if c.id in rewards and c.id not in listed]
+    return out
+
+
+def assemble(log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]] | None = None, verifier_version: str | None = None,
+             *, max_policy_lag: int = 1_000_000) -> tuple[Any, int, int]:
+    """(the learner's GroupBuffer holding the run's complete groups, incomplete groups,
+    completions without reward): every completion taken in first, then the rewards in
+    broker append order (so a group is ready when its last reward was appended; the
+    first reward of a completion scores it); nothing expires.
 
     `rewards` replaces the recorded ones (completion id -> (scalar, status)), e.g. with a
     verifier replay's scores.
     """
-    from learners.samples import Sample
+    from learners.group_buffer import GroupBuffer
 
-    completions = {c.id: c for c in log_.completions()}
-    recorded = log_.rewards()
-    order: list[str] = []  # completion ids in reward append order
-    scores: dict[str, tuple[float, RewardStatus]] = {}
-    for r in recorded:
-        if verifier_version and r.verifier_version != verifier_version:
-            continue
-        if r.completion_id not in scores:
-            scores[r.completion_id] = (r.scalar, r.status)
-            order.append(r.completion_id)
-    if rewards is not None:
-        # The recorded arrival order first, then completions that had no recorded reward.
-        listed = set(order)
-        order = [cid for cid in order + [c for c in completions if c not in listed] if cid in rewards]
-        scores = {cid: rewards[cid] for cid in order}
-    groups: dict[str, list[Sample]] = {}
-    done: list[list[Sample]] = []
-    for cid in order:
+    buffer = GroupBuffer(max_policy_lag=max_policy_lag, group_timeout_s=float("inf"))
+    completions = log_.completions()
+    for c in completions:
+        buffer.add_completion(c, 0.0, 0)
+    scored: set[str] = set()
+    for r in _scored_rewards(log_, rewards, verifier_version):
+        scored.add(r.completion_id)
+        buffer.add_reward(r, 0.0, 0)
+    without = sum(1 for c in completions if c.id not in scored)
+    return buffer, len(buffer.state.groups), without
+
+
+def training_groups(log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]] | None = None,
+                    verifier_version: str | None = None) -> tuple[list[list[Any]], int, int]:
+    """(complete groups in the order their last reward was appended, incomplete groups, completions without reward):
+    `assemble`'s ready groups."""
+    buffer, incomplete, without = assemble(log_, rewards, verifier_version)
+    return list(buffer.state.ready), incomplete, without
+
+
+def find_step_list(cfg: Config, log_: RunLog) -> Path | None:
+    """The live learner's outcome log (its step list) for the run: `<run log>/outcomes.jsonl`
+    (copied in beside the archive), else `<state dir>/learner/<run id>/outcomes.jsonl`
+    (where the learner writes it, beside its checkpoint); None when neither exists."""
+    for path in (log_.path / "outcomes.jsonl", cfg.state_dir / "learner" / log_.run_id / "outcomes.jsonl"):
+        if path.is_file():
+            return path
+    return None
+
+
+def recorded_steps(path: Path) -> list[dict[str, Any]]:
+    """The steps of an outcome log that took effect (the last line of each step number), in step order."""
+    from learners.outcome_log import committed_steps, read_outcomes
+
+    return [line for _, line in sorted(committed_steps(read_outcomes(path)).items())]
+
+
+def _recorded_groups(line: dict[str, Any], completions: dict[str, Completion], by_reward_id: dict[str, Reward],
+                     first_reward: dict[str, Reward], rewards: dict[str, tuple[float, RewardStatus]] | None) -> tuple[list[list[Any]], int]:
+    """A recorded step's groups, rebuilt from the run log (samples made as the learner made them),
+    and how many of its samples the run log lacks."""
+    from learners.group_buffer import binding_mismatch, sample_of
+
+    ids: list[str] = line["ids"]
+    reward_ids: list[str] = line.get("reward_ids") or [""] * len(ids)
+    samples, missing = [], 0
+    for cid, rid in zip(ids, reward_ids, strict=True):
         c = completions.get(cid)
-        if c is None:
+        r = by_reward_id.get(rid) if rid else first_reward.get(cid)
+        if rewards is not None and c is not None and cid in rewards:
+            r = _rescored(r, *rewards[cid]) if r is not None else _synthetic_reward(c, *rewards[cid])
+        if c is None or r is None or binding_mismatch(c, r) is not None:
+            missing += 1
             continue
-        scalar, status = scores[cid]
-        g = groups.setdefault(c.group_id, [])
-        if any(s.sample_index == c.sample_index for s in g):
-            continue
-        g.append(Sample(completion_id=c.id, group_id=c.group_id, group_size=c.group_size, sample_index=c.sample_index,
-                        prompt_token_ids=c.prompt_token_ids, token_ids=c.token_ids, logprobs=c.logprobs,
-                        policy_version=c.policy_version, reward=scalar, status=status))
-        if len(g) == c.group_size:
-            done.append(sorted(groups.pop(c.group_id), key=lambda s: s.sample_index))
-    without = sum(1 for cid in completions if cid not in scores)
-    return done, len(groups), without
+        samples.append(sample_of(c, r))
+    sizes = line.get("group_sizes")
+    groups: list[list[Any]] = []
+    if sizes is None or missing:  # an older log (or holes): consecutive samples of one group id
+        for smp in samples:
+            if groups and groups[-1][0].group_id == smp.group_id:
+                groups[-1].append(smp)
+            else:
+                groups.append([smp])
+    else:
+        i = 0
+        for n in sizes:
+            groups.append(samples[i : i + n])
+            i += n
+    return groups, missing
 
 
 def replay_learner(cfg: Config, log_: RunLog, new_run: str, *, rewards: dict[str, tuple[float, RewardStatus]] | None = None,
                    verifier_version: str | None = None, save_dir: Path | None = None,
-                   registry: CollectorRegistry | None = None, progress: bool = False, threads: int = 1) -> LearnerReplay:
+                   registry: CollectorRegistry | None = None, progress: bool = False, threads: int | None = None,
+                   step_list: Path | None = None, use_step_list: bool = True) -> LearnerReplay:
     """Train a fresh policy on the run's recorded samples (see the module doc); `cfg.learner`
-    gives seed, algorithm and step size, `cfg.engine.model` the starting weights."""
+    gives seed, algorithm and step size, `cfg.engine.model` the starting weights.
+
+    `step_list`: the live learner's outcome log (default: `find_step_list`; `use_step_list=False`
+    assembles groups instead). `threads`: torch threads (default: the live learner's recorded
+    count when replaying its steps, else 1).
+    """
+    import tempfile
+
     import torch
 
     from learners.service import build_trainer
 
     t0 = time.perf_counter()
-    # One thread by default: reductions in a fixed order, the same bytes on any machine. The
-    # live learner uses torch's default (all cores), so matching its bytes needs its count.
+    lc = cfg.learner
+    if use_step_list and step_list is None:
+        step_list = find_step_list(cfg, log_)
+    recorded = recorded_steps(step_list) if use_step_list and step_list is not None else []
+    if threads is None:
+        # The live learner's count: a reduction splits its work by thread, so another count
+        # can give other low bits. One thread otherwise: the same bytes on any machine.
+        threads = next((int(line["threads"]) for line in recorded if line.get("threads")), 1)
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
-    groups, incomplete, without = training_groups(log_, rewards, verifier_version)
-    trainer = build_trainer(cfg)  # seeds torch with cfg.learner.seed
+    trainer = build_trainer(cfg)  # seeds torch with cfg.learner.seed, as the live learner's
     initial = tensors_sha256(trainer.model.lm)
     m_steps = Gauge("primerl_replay_learner_steps", "Replayed update steps done", registry=registry) if registry else None
-    lc = cfg.learner
     version = 0
-    stale = 0
     steps: list[StepRecord] = []
     file_checksums: dict[int, str] = {}
-    bar = tqdm(total=len(groups), unit="group", desc="replay learner", disable=not progress)
-    for i in range(0, len(groups), lc.groups_per_step):
-        batch = groups[i : i + lc.groups_per_step]
-        bar.update(len(batch))
-        fresh = [g for g in batch if all(version - s.policy_version <= lc.max_policy_lag for s in g)]
-        stale += sum(len(g) for g in batch) - sum(len(g) for g in fresh)
-        stats = trainer.step(len(steps), version + 1, fresh, version)
+    scratch = None
+    if recorded and save_dir is None:  # the live checksums are of safetensors files: write ours to compare
+        scratch = tempfile.TemporaryDirectory(prefix="replay-policies-")
+    out_dir = save_dir if save_dir is not None else (Path(scratch.name) if scratch else None)
+
+    def train(step: int, groups: list[list[Any]]) -> bool:
+        nonlocal version
+        stats = trainer.step(step, version + 1, groups, version)
         if stats is None:
-            continue
+            return False
         version += 1
-        steps.append(StepRecord(step=len(steps), groups=len(fresh), samples=stats.samples, reward_mean=stats.reward_mean,
-                                loss=stats.loss, weights_sha256=tensors_sha256(trainer.model.lm)))
+        steps.append(StepRecord(step=len(steps), groups=len(groups), samples=stats.samples, reward_mean=stats.reward_mean,
+                                loss=stats.loss, weights_sha256=tensors_sha256(trainer.model.lm), source_step=step, version=version))
         if m_steps is not None:
             m_steps.set(len(steps))
-        if save_dir is not None:
-            file_checksums[version] = trainer.model.save_policy(save_dir / f"v{version}")
-        log.info("replay step %d: %d groups, %d samples, loss %.5f, weights %s", steps[-1].step, len(fresh), stats.samples,
+        if out_dir is not None:
+            file_checksums[version] = trainer.model.save_policy(out_dir / f"v{version}")
+            if scratch is not None:
+                import shutil
+
+                shutil.rmtree(out_dir / f"v{version}", ignore_errors=True)
+        log.info("replay step %d: %d groups, %d samples, loss %.5f, weights %s", steps[-1].step, len(groups), stats.samples,
                  stats.loss, steps[-1].weights_sha256[:16])
-    bar.close()
+        return True
+
+    missing = mismatched = stale = 0
+    try:
+        if recorded:
+            completions = {c.id: c for c in log_.completions()}
+            all_rewards = log_.rewards()
+            by_id = {r.id: r for r in all_rewards}
+            first: dict[str, Reward] = {}
+            for r in all_rewards:
+                if not verifier_version or r.verifier_version == verifier_version:
+                    first.setdefault(r.completion_id, r)
+            _, incomplete, without = assemble(log_, rewards, verifier_version)
+            groups_total = 0
+            for line in tqdm(recorded, unit="step", desc="replay learner", disable=not progress):
+                groups, lacking = _recorded_groups(line, completions, by_id, first, rewards)
+                missing += lacking
+                groups_total += len(groups)
+                if train(int(line["step"]), groups) != bool(line.get("updated", True)):
+                    mismatched += 1
+        else:
+            buffer, incomplete, without = assemble(log_, rewards, verifier_version, max_policy_lag=lc.max_policy_lag)
+            groups_total = buffer.ready_groups
+            bar = tqdm(total=groups_total, unit="group", desc="replay learner", disable=not progress)
+            step = 0
+            while buffer.ready_groups:
+                before = buffer.ready_groups
+                taken = buffer.take(lc.groups_per_step, version)  # the learner's staleness rule
+                bar.update(before - buffer.ready_groups)
+                stale += sum(len(d.ids) for d in taken.drops)
+                train(step, taken.groups)
+                step += 1
+            bar.close()
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     updates = log_.policy_updates()
+    original = {u.version: u.checksum for u in updates}
+    same = sorted(v for v, c in file_checksums.items() if v in original and original[v] == c)
     return LearnerReplay(
         source_run=log_.run_id, new_run=new_run, seed=lc.seed, threads=threads, groups_per_step=lc.groups_per_step,
-        groups_total=len(groups), groups_incomplete=incomplete, samples_without_reward=without, stale_dropped=stale,
+        groups_total=groups_total, groups_incomplete=incomplete, samples_without_reward=without, stale_dropped=stale,
         steps=steps, initial_sha256=initial, final_sha256=tensors_sha256(trainer.model.lm),
         original_policy_versions=sorted(u.version for u in updates),
-        original_checksums={u.version: u.checksum for u in updates},
-        replay_file_checksums=file_checksums, wall_s=time.perf_counter() - t0,
+        original_checksums=original, replay_file_checksums=file_checksums, wall_s=time.perf_counter() - t0,
+        mode="recorded_steps" if recorded else "assembled", step_list=str(step_list) if recorded else "",
+        samples_missing=missing, steps_mismatched=mismatched, identical_versions=same,
+        different_versions=sorted(v for v, c in file_checksums.items() if v in original and original[v] != c),
     )
 
 
@@ -357,6 +496,7 @@ def save_learner_replay(root: Path, result: LearnerReplay) -> Path:
 
 
 __all__ = [
-    "LearnerReplay", "RescoredRow", "RunLog", "StepRecord", "VerifierDiff", "derived_id", "replay_learner", "replay_prompts",
-    "replayed_prompts", "rescore", "save_learner_replay", "save_rescored", "tensors_sha256", "training_groups", "verifier_diff",
+    "LearnerReplay", "RescoredRow", "RunLog", "StepRecord", "VerifierDiff", "assemble", "derived_id", "find_step_list",
+    "recorded_steps", "replay_learner", "replay_prompts", "replayed_prompts", "rescore", "save_learner_replay", "save_rescored",
+    "tensors_sha256", "training_groups", "verifier_diff",
 ]

@@ -318,9 +318,9 @@ class ChaosRun:
                 for r in obs.records.get(topic, ()):
                     if r.offset >= state.offsets.get(f"{topic}:{r.partition}", 0) and r.msg is not None:
                         unread.add(r.msg.id if topic == COMPLETIONS.name else r.msg.completion_id)
-            waiting |= set(state.completions) | set(state.rewards)
-            buffered |= {s.completion_id for g in state.groups.values() for s in g}
-            buffered |= {s.completion_id for g in state.ready for s in g}
+            waiting |= set(state.buffer.completions) | set(state.buffer.rewards)
+            buffered |= {s.completion_id for g in state.buffer.groups.values() for s in g}
+            buffered |= {s.completion_id for g in state.buffer.ready for s in g}
         outcome: dict[str, str] = {}
         for i in published_set:
             if i in trained:

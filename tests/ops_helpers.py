@@ -1,9 +1,10 @@
-"""Helpers shared by the operations tests: reading a run's prompts back from the topic."""
+"""Helpers shared by the operations tests: reading a run's prompts back from the topic, a tiny model."""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer
 
@@ -40,3 +41,16 @@ async def prompts_of_run(cfg: Config, run_id: str, count: int, timeout_s: float 
     finally:
         await consumer.stop()
     return found
+
+
+def tiny_llama(path: Path) -> str:
+    """A 2-layer Llama with random weights (seed 0) saved at `path`: a starting policy that
+    trains in a second on the CPU."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    return str(path)

@@ -102,12 +102,12 @@ async def test_learner_assembles_groups_across_a_restart_and_rejects_bad_rewards
             await pub.publish(REWARDS.name, r, key=b"A")
         first = learner()
         task = asyncio.create_task(first.run())
-        await wait_until(lambda: len(first.state.groups.get("A", [])) == 2, what="two samples of group A")
+        await wait_until(lambda: len(first.state.buffer.groups.get("A", [])) == 2, what="two samples of group A")
         first.stop()
         await task
 
         second = learner()  # resumes from the checkpoint
-        assert len(second.state.groups["A"]) == 2 and len(second.state.completions) == 2
+        assert len(second.state.buffer.groups["A"]) == 2 and len(second.state.buffer.completions) == 2
         second.state.version = 3  # the policy moved on: group B (v1) is too stale, A (v2) is not
         replayed = early[0]  # the very same signed reward, sent again
         forged = _reward_for(group_a[2], stranger)
@@ -120,14 +120,14 @@ async def test_learner_assembles_groups_across_a_restart_and_rejects_bad_rewards
         for c in group_a[2:]:
             await pub.publish(REWARDS.name, _reward_for(c, signer), key=b"A")
         task = asyncio.create_task(second.run())
-        await wait_until(lambda: len(second.state.ready) == 1 and second.state.counters.get("stale", 0) == 2, what="group A ready")
+        await wait_until(lambda: len(second.state.buffer.ready) == 1 and second.state.counters.get("stale", 0) == 2, what="group A ready")
         await asyncio.sleep(1)
         second.stop()
         await task
-    [ready] = second.state.ready
+    [ready] = second.state.buffer.ready
     assert sorted(s.completion_id for s in ready) == [c.id for c in group_a]
     assert second.state.counters == {"consumed": 2, "rejected_replay": 1, "rejected_bad_signature": 1, "stale": 2}
-    assert "B" not in second.state.groups
+    assert "B" not in second.state.buffer.groups
     await redis.aclose()
 
 

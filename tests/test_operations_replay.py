@@ -30,7 +30,7 @@ from producers.arithmetic import arithmetic_requests
 from schemas import Completion, RewardStatus
 from schemas.topics import COMPLETIONS, PROMPTS
 from tests.kafka_helpers import wait_until
-from tests.ops_helpers import prompts_of_run
+from tests.ops_helpers import prompts_of_run, tiny_llama
 from tests.reward_helpers import make_completion
 from verifier_workers.rewards import build_registry, close_registry
 from plumbing.trust import Signer, generate_keypair
@@ -42,17 +42,9 @@ GROUPS, G = 4, 4
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 2-layer Llama with random weights (fixed seed): the learner replay's starting policy,
-    small enough to train in a second. The real SmolLM2 replay is measured in the README."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
-    path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    return str(path)
+    """The learner replay's starting policy (tests.ops_helpers.tiny_llama). The real SmolLM2
+    replay is measured in the README."""
+    return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def _completions(run_id: str, prompts, model_dir: str) -> list[Completion]:

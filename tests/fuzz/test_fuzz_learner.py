@@ -93,7 +93,7 @@ async def test_learner_survives_the_storm_and_accounts_for_every_record(cfg: Con
             # A decoded completion of this run is held in the state (waiting for its reward that never comes).
             held = {s.decoded_id for s in storms[0].sent
                     if s.decoded_id and s.decoded_run == run_id and not ledger.letters.get(s.fuzz_id)}
-            assert held <= set(learner.state.completions) | {None}, sorted(held - set(learner.state.completions))[:5]
+            assert held <= set(learner.state.buffer.completions) | {None}, sorted(held - set(learner.state.buffer.completions))[:5]
             good = [msgspec.structs.replace(make_completion(f"<answer>{i}</answer>", reference="1"), run_id=run_id,
                                             id=f"{run_id}-good/{i}", request_id=f"{run_id}-good", group_id=f"{run_id}-good",
                                             group_size=2, sample_index=i) for i in range(2)]
