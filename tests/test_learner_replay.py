@@ -30,7 +30,7 @@ from schemas.topics import COMPLETIONS, POLICY, REWARDS
 from tests.kafka_helpers import wait_until
 from tests.ops_helpers import tiny_llama
 from tests.reward_helpers import make_completion
-from verifier_workers.signing import Keyring, Signer, generate_keypair
+from plumbing.trust import Keyring, Signer, generate_keypair
 
 G = 4
 
