@@ -45,9 +45,15 @@ class ParkTimeout(ValueError):
 
 class _Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.parked = Gauge("primerl_deferral_parked", "Requests parked, waiting for their policy version", registry=registry)
-        self.released = Counter("primerl_deferral_released", "Parked requests released to rollout.prompts", registry=registry)
-        self.expired = Counter("primerl_deferral_expired", "Parked requests dead-lettered after park_timeout_s", registry=registry)
+        self.parked = Gauge(
+            "primerl_deferral_parked", "Requests parked, waiting for their policy version", registry=registry
+        )
+        self.released = Counter(
+            "primerl_deferral_released", "Parked requests released to rollout.prompts", registry=registry
+        )
+        self.expired = Counter(
+            "primerl_deferral_expired", "Parked requests dead-lettered after park_timeout_s", registry=registry
+        )
 
 
 @dataclass
@@ -64,9 +70,15 @@ class Deferral:
     def __post_init__(self) -> None:
         self.metrics = _Metrics(self.registry)
         self.runner = ConsumerRunner(
-            self.cfg, topics=[DEFERRED.name], group_id=DEFERRAL_GROUP, message_type=PromptRequest, handler=self.handle,
-            dead_letters=self.dead_letters, registry=None if self.consumer_metrics else self.registry,
-            metrics=self.consumer_metrics, max_in_flight=self.cfg.engine.max_parked,
+            self.cfg,
+            topics=[DEFERRED.name],
+            group_id=DEFERRAL_GROUP,
+            message_type=PromptRequest,
+            handler=self.handle,
+            dead_letters=self.dead_letters,
+            registry=None if self.consumer_metrics else self.registry,
+            metrics=self.consumer_metrics,
+            max_in_flight=self.cfg.engine.max_parked,
         )
 
     async def run(self) -> None:
@@ -88,14 +100,17 @@ class Deferral:
         since = _since(req, record)
         self.metrics.parked.inc()
         try:
-            ready = await self.policy.wait_for(e.policy_run, req.min_policy_version, since + e.park_timeout_s - time.time())
+            ready = await self.policy.wait_for(
+                e.policy_run, req.min_policy_version, since + e.park_timeout_s - time.time()
+            )
         finally:
             self.metrics.parked.dec()
         if not ready:
             self.metrics.expired.inc()
             raise ParkTimeout(
                 f"policy v{req.min_policy_version} not published within engine.park_timeout_s={e.park_timeout_s:.0f}s "
-                f"(newest: v{self.policy.latest(e.policy_run)})")
+                f"(newest: v{self.policy.latest(e.policy_run)})"
+            )
         await self.publisher.publish(PROMPTS.name, msgspec.structs.replace(req, route=None), key=req.routing_key())
         self.metrics.released.inc()
 

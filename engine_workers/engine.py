@@ -88,7 +88,8 @@ class Engine:
             kv_events_config=KVEventsConfig(
                 enable_kv_cache_events=self.cfg.enable_prefix_caching,
                 publisher="zmq" if self.cfg.enable_prefix_caching else "null",
-                endpoint=self.kv_events_endpoint, topic=self.kv_events_topic,
+                endpoint=self.kv_events_endpoint,
+                topic=self.kv_events_topic,
             ),
         )
         t0 = time.perf_counter()
@@ -96,20 +97,29 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.block_size = int(self.llm.vllm_config.cache_config.block_size)
-        log.info("engine ready in %.1fs: %s, max_model_len %d", time.perf_counter() - t0, self.model_path, self.max_model_len)
+        log.info(
+            "engine ready in %.1fs: %s, max_model_len %d", time.perf_counter() - t0, self.model_path, self.max_model_len
+        )
 
     def _speculation_args(self) -> dict[str, Any]:
         """Engine arguments for grammar-aware speculation (its settings travel in `additional_config`)."""
         if not self.cfg.speculation:
             return {}
         self.spec_stats_path = f"{tempfile.gettempdir()}/primerl-spec-{uuid.uuid4().hex[:12]}.json"
-        settings = {"stats_path": self.spec_stats_path, "min_acceptance": self.cfg.spec_min_acceptance,
-                    "probe_every": self.cfg.spec_probe_every, "fixed_ms": self.cfg.spec_step_fixed_ms,
-                    "per_token_ms": self.cfg.spec_step_per_token_ms}
+        settings = {
+            "stats_path": self.spec_stats_path,
+            "min_acceptance": self.cfg.spec_min_acceptance,
+            "probe_every": self.cfg.spec_probe_every,
+            "fixed_ms": self.cfg.spec_step_fixed_ms,
+            "per_token_ms": self.cfg.spec_step_per_token_ms,
+        }
         return {
             "scheduler_cls": "engine_workers.speculation.scheduler.GrammarSpecScheduler",
-            "speculative_config": {"method": "custom_class", "model": "engine_workers.speculation.null_proposer.NullProposer",
-                                   "num_speculative_tokens": self.cfg.num_speculative_tokens},
+            "speculative_config": {
+                "method": "custom_class",
+                "model": "engine_workers.speculation.null_proposer.NullProposer",
+                "num_speculative_tokens": self.cfg.num_speculative_tokens,
+            },
             # vLLM hands this to the scheduler in the engine-core process.
             "additional_config": {"primerl_speculation": settings},
         }

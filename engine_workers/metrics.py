@@ -14,31 +14,49 @@ class EngineMetrics:
         self.requests = Counter("primerl_engine_requests", "Prompt requests by outcome", ["outcome"], registry=registry)
         self.samples = Counter("primerl_engine_samples", "Final completions published", registry=registry)
         self.generated_tokens = Counter("primerl_engine_generated_tokens", "Tokens generated", registry=registry)
-        self.prompt_tokens = Counter("primerl_engine_prompt_tokens", "Prompt tokens of served requests", registry=registry)
+        self.prompt_tokens = Counter(
+            "primerl_engine_prompt_tokens", "Prompt tokens of served requests", registry=registry
+        )
         self.cached_prompt_tokens = Counter(
-            "primerl_engine_cached_prompt_tokens", "Prompt tokens served from the prefix cache (vLLM's count)", registry=registry
+            "primerl_engine_cached_prompt_tokens",
+            "Prompt tokens served from the prefix cache (vLLM's count)",
+            registry=registry,
         )
         self.ttfb = Histogram(
-            "primerl_engine_ttfb_seconds", "Enqueue on the prompts topic to the first token", buckets=_LATENCY_BUCKETS, registry=registry
+            "primerl_engine_ttfb_seconds",
+            "Enqueue on the prompts topic to the first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.e2e = Histogram(
-            "primerl_engine_e2e_seconds", "Enqueue to the final completion acked", buckets=_LATENCY_BUCKETS, registry=registry
+            "primerl_engine_e2e_seconds",
+            "Enqueue to the final completion acked",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.in_flight = Gauge("primerl_engine_in_flight", "Requests in the engine", registry=registry)
         self.policy_version = Gauge("primerl_engine_policy_version", "Policy version being served", registry=registry)
         self.predicted_hits = Counter(
-            "primerl_engine_routed_hits", "Requests the router sent here expecting cached prefix blocks", registry=registry
+            "primerl_engine_routed_hits",
+            "Requests the router sent here expecting cached prefix blocks",
+            registry=registry,
         )
         self.predicted_hits_missed = Counter(
             "primerl_engine_routed_hits_missed",
-            "Of those, requests where vLLM found fewer cached tokens than the router predicted", registry=registry,
+            "Of those, requests where vLLM found fewer cached tokens than the router predicted",
+            registry=registry,
         )
         self.index_sync_failures = Counter(
-            "primerl_engine_index_sync_failures", "Registry heartbeats that failed (Redis down or slow)", registry=registry
+            "primerl_engine_index_sync_failures",
+            "Registry heartbeats that failed (Redis down or slow)",
+            registry=registry,
         )
         self.ledger_unavailable = Gauge(
             "primerl_engine_ledger_unavailable", "Requests handled without the Redis ledger (outage)", registry=registry
         )
         self.reload_seconds = Histogram(
-            "primerl_engine_reload_seconds", "Weight reload time (drain excluded)", buckets=_LATENCY_BUCKETS, registry=registry
+            "primerl_engine_reload_seconds",
+            "Weight reload time (drain excluded)",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )

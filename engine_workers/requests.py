@@ -42,7 +42,9 @@ def build_input(req: PromptRequest, tokenizer: Any, max_model_len: int, max_grou
     """Validate `req` against the model and build the engine input; raises BadRequest."""
     if req.group_size > max_group_size:
         # vLLM would take n=10**9 and hold the engine (and its memory) for it.
-        raise BadRequest(f"group_size {req.group_size} over this engine's limit of {max_group_size} (engine.max_group_size)")
+        raise BadRequest(
+            f"group_size {req.group_size} over this engine's limit of {max_group_size} (engine.max_group_size)"
+        )
     prompt, ids = render_prompt(req, tokenizer)
     s = req.sampling
     if not ids:

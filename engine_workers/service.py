@@ -7,11 +7,11 @@ import logging
 
 from engine_workers.deferral import Deferral
 from engine_workers.engine import Engine
-from plumbing.model_store import resolve_model
 from engine_workers.routing.router import Router
 from engine_workers.speculation.metrics import SpeculationCollector
 from engine_workers.worker import EngineWorker
 from plumbing.config import Config
+from plumbing.model_store import resolve_model
 from plumbing.stage import Stage, StageContext, Supervised, serve_stage
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,34 @@ async def build_engine(ctx: StageContext) -> tuple[EngineWorker, Stage]:
     worker = EngineWorker(cfg, engine, ctx.publisher, redis, ctx.registry)
     embedded: list[Stage] = []
     if cfg.routing.embedded:
-        embedded.append(Router(cfg, ctx.publisher, redis, engine.tokenizer, ctx.registry,
-                               dead_letters=worker.dead_letters.for_stage("router"), consumer_metrics=worker.runner.metrics))
+        embedded.append(
+            Router(
+                cfg,
+                ctx.publisher,
+                redis,
+                engine.tokenizer,
+                ctx.registry,
+                dead_letters=worker.dead_letters.for_stage("router"),
+                consumer_metrics=worker.runner.metrics,
+            )
+        )
     if cfg.engine.deferral_embedded:
-        embedded.append(Deferral(cfg, ctx.publisher, worker.policy, worker.dead_letters.for_stage("deferral"), ctx.registry,
-                                 consumer_metrics=worker.runner.metrics))
-    log.info("engine worker %s on %s (embedded: %s)", worker.worker_id, engine.model_path,
-             ", ".join(type(s).__name__ for s in embedded) or "nothing")
+        embedded.append(
+            Deferral(
+                cfg,
+                ctx.publisher,
+                worker.policy,
+                worker.dead_letters.for_stage("deferral"),
+                ctx.registry,
+                consumer_metrics=worker.runner.metrics,
+            )
+        )
+    log.info(
+        "engine worker %s on %s (embedded: %s)",
+        worker.worker_id,
+        engine.model_path,
+        ", ".join(type(s).__name__ for s in embedded) or "nothing",
+    )
     return worker, Supervised(worker, embedded)
 
 

@@ -67,7 +67,9 @@ class Patch:
 PATCHES: dict[str, Patch] = {}
 
 
-def patch(*, target: str, where: str, vllm: str = VLLM_VERSION, cpu_only: bool = False) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
+def patch(
+    *, target: str, where: str, vllm: str = VLLM_VERSION, cpu_only: bool = False
+) -> Callable[[Callable[[Any], Any]], Callable[[Any], Any]]:
     """Register the decorated builder (original -> replacement) as the patch of its name."""
 
     def register(build: Callable[[Any], Any]) -> Callable[[Any], Any]:
@@ -109,7 +111,8 @@ def check_versions(names: Iterable[str]) -> None:
                 f"vLLM patch {name!r} was written for vLLM {p.vllm_version}, but vLLM {installed} is installed: "
                 f"it replaces {p.target}, which may have changed. Re-read that code in vLLM {installed} "
                 f"(or drop the patch if vLLM fixed it), then update the patch in engine_workers/vllm_patches.py, "
-                f"its version and the vLLM pins in pyproject.toml together.")
+                f"its version and the vLLM pins in pyproject.toml together."
+            )
 
 
 def apply(names: Iterable[str]) -> list[str]:
@@ -185,8 +188,9 @@ def expand_sampling_params_on_cpu(original: Any) -> Any:
     """
     import torch
 
-    def expand_batch_to_tokens(x: Any, cu_num_tokens: Any, num_tokens: int, replace_from: int = 0,
-                               replace_to: int = 0) -> Any:
+    def expand_batch_to_tokens(
+        x: Any, cu_num_tokens: Any, num_tokens: int, replace_from: int = 0, replace_to: int = 0
+    ) -> Any:
         counts = torch.diff(cu_num_tokens.to(torch.int64), prepend=cu_num_tokens.new_zeros(1, dtype=torch.int64))
         x = torch.where(x == replace_from, torch.full_like(x, replace_to), x)
         return x.repeat_interleave(counts, output_size=num_tokens)
@@ -213,9 +217,17 @@ def recovered_tokens_by_inverse_cdf(original: Any) -> Any:
 
     import torch
 
-    def sample_recovered_tokens(max_spec_len: int, num_draft_tokens: list[int], cu_num_draft_tokens: Any,
-                                draft_token_ids: Any, draft_probs: Any, target_probs: Any, sampling_metadata: Any,
-                                device: Any, use_fp64_gumbel: bool = False) -> Any:
+    def sample_recovered_tokens(
+        max_spec_len: int,
+        num_draft_tokens: list[int],
+        cu_num_draft_tokens: Any,
+        draft_token_ids: Any,
+        draft_probs: Any,
+        target_probs: Any,
+        sampling_metadata: Any,
+        device: Any,
+        use_fp64_gumbel: bool = False,
+    ) -> Any:
         dtype = torch.float64 if use_fp64_gumbel else torch.float32
         if draft_probs is None:
             residual = target_probs.to(dtype, copy=True)
@@ -232,8 +244,9 @@ def recovered_tokens_by_inverse_cdf(original: Any) -> Any:
             for i, generator in sampling_metadata.generators.items():
                 n = num_draft_tokens[i]
                 if n:
-                    uniform[starts[i]:starts[i] + n] = torch.rand((n, 1), dtype=dtype, device=device,
-                                                                  generator=generator)
+                    uniform[starts[i] : starts[i] + n] = torch.rand(
+                        (n, 1), dtype=dtype, device=device, generator=generator
+                    )
         # u strictly below the total, so some CDF entry lies above it (rounding of u * total could reach it).
         u = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
         recovered = torch.searchsorted(cdf, u, right=True).squeeze(1)

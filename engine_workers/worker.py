@@ -43,7 +43,6 @@ from engine_workers.engine import Engine, EngineDead
 from engine_workers.metrics import EngineMetrics
 from engine_workers.prefix_cache.held_blocks import HeldBlocks
 from engine_workers.prefix_cache.index import PrefixIndex
-from schemas.registry import WorkerInfo
 from engine_workers.prefix_cache.kv_events import follow_kv_events
 from engine_workers.requests import build_input
 from plumbing.config import Config
@@ -54,6 +53,7 @@ from plumbing.ledger import Ledger
 from plumbing.policy_feed import PolicyFeed
 from schemas import Completion, CompletionChunk, PolicyUpdate, PromptRequest, Timings
 from schemas.completions import completion_id
+from schemas.registry import WorkerInfo
 from schemas.topics import CHUNKS, COMPLETIONS, DEFERRED, ROUTED
 
 log = logging.getLogger(__name__)
@@ -123,18 +123,26 @@ class EngineWorker:
             asyncio.create_task(self._heartbeat(), name="registry heartbeat"),
         }
         if self.engine.kv_events_endpoint:
-            background.add(asyncio.create_task(
-                follow_kv_events(self.engine.kv_events_endpoint, self.engine.kv_events_topic, self.blocks), name="KV-event reader"))
+            background.add(
+                asyncio.create_task(
+                    follow_kv_events(self.engine.kv_events_endpoint, self.engine.kv_events_topic, self.blocks),
+                    name="KV-event reader",
+                )
+            )
         caught_up = asyncio.create_task(self.policy.caught_up.wait(), name="policy catch-up")
         serving: asyncio.Task[None] | None = None
         try:
             # Serve only under the newest policy: a restarted engine once served v0 while
             # it replayed every version (the chaos run's stale samples).
-            await asyncio.wait({caught_up, *background}, timeout=self.cfg.engine.reload_wait_s,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {caught_up, *background}, timeout=self.cfg.engine.reload_wait_s, return_when=asyncio.FIRST_COMPLETED
+            )
             if not caught_up.done():
-                log.warning("policy feed not caught up within %.0fs; serving v%d meanwhile",
-                            self.cfg.engine.reload_wait_s, self.engine.policy_version)
+                log.warning(
+                    "policy feed not caught up within %.0fs; serving v%d meanwhile",
+                    self.cfg.engine.reload_wait_s,
+                    self.engine.policy_version,
+                )
             serving = asyncio.create_task(self.runner.run(), name="consumer")
             done, _ = await asyncio.wait({serving, *background}, return_when=asyncio.FIRST_COMPLETED)
             if serving not in done:
@@ -200,16 +208,22 @@ class EngineWorker:
             try:
                 async with self._version_changed:
                     await asyncio.wait_for(
-                        self._version_changed.wait_for(lambda: self.engine.policy_version >= need), e.reload_wait_s)
+                        self._version_changed.wait_for(lambda: self.engine.policy_version >= need), e.reload_wait_s
+                    )
                 return True
             except TimeoutError:
-                log.warning("request %s: policy v%d published but not loaded here within %.0fs; deferring",
-                            req.id, need, e.reload_wait_s)
+                log.warning(
+                    "request %s: policy v%d published but not loaded here within %.0fs; deferring",
+                    req.id,
+                    need,
+                    e.reload_wait_s,
+                )
         elif need > published + e.max_versions_ahead:
             self.metrics.requests.labels("unschedulable").inc()
             raise Unschedulable(
                 f"min_policy_version {need} is {need - published} versions ahead of the newest published policy "
-                f"(v{published}); engine.max_versions_ahead={e.max_versions_ahead}: it would wait indefinitely")
+                f"(v{published}); engine.max_versions_ahead={e.max_versions_ahead}: it would wait indefinitely"
+            )
         since = req.metadata.get(DEFERRED_SINCE) or f"{time.time():.3f}"
         parked = msgspec.structs.replace(req, route=None, metadata={**req.metadata, DEFERRED_SINCE: since})
         await self.publisher.publish(DEFERRED.name, parked, key=req.routing_key())
@@ -218,7 +232,9 @@ class EngineWorker:
         self.metrics.requests.labels("deferred").inc()
         return False
 
-    async def _generate(self, req: PromptRequest, prompt: str, prompt_ids: list[int], params: object, enqueued_at: float) -> None:
+    async def _generate(
+        self, req: PromptRequest, prompt: str, prompt_ids: list[int], params: object, enqueued_at: float
+    ) -> None:
         version = self.engine.policy_version
         started_at = time.time()
         samples = [_Sample() for _ in range(req.group_size)]
@@ -243,26 +259,52 @@ class EngineWorker:
                     s.finish_reason = d.finish_reason
                 if d.token_ids or d.text:
                     chunk = CompletionChunk(
-                        run_id=req.run_id, request_id=req.id, sample_index=d.index, seq=s.seq,
-                        text=d.text, token_ids=d.token_ids, policy_version=version,
+                        run_id=req.run_id,
+                        request_id=req.id,
+                        sample_index=d.index,
+                        seq=s.seq,
+                        text=d.text,
+                        token_ids=d.token_ids,
+                        policy_version=version,
                     )
                     s.seq += 1
                     acks.append(await self.publisher.send(CHUNKS.name, chunk, key=req.id.encode()))
         finished_at = time.time()
         finals = [
             Completion(
-                id=completion_id(req.id, i), run_id=req.run_id, request_id=req.id, group_id=req.group_id,
-                group_size=req.group_size, sample_index=i, session_id=req.session_id, turn_index=req.turn_index,
-                prompt=prompt, prompt_token_ids=prompt_ids, text="".join(s.text), token_ids=s.token_ids,
-                logprobs=s.logprobs, finish_reason=s.finish_reason or "abort", policy_version=version,
+                id=completion_id(req.id, i),
+                run_id=req.run_id,
+                request_id=req.id,
+                group_id=req.group_id,
+                group_size=req.group_size,
+                sample_index=i,
+                session_id=req.session_id,
+                turn_index=req.turn_index,
+                prompt=prompt,
+                prompt_token_ids=prompt_ids,
+                text="".join(s.text),
+                token_ids=s.token_ids,
+                logprobs=s.logprobs,
+                finish_reason=s.finish_reason or "abort",
+                policy_version=version,
                 worker_id=self.worker_id,
-                timings=Timings(enqueued_at=enqueued_at, started_at=started_at,
-                                first_token_at=s.first_token_at or finished_at, finished_at=finished_at),
-                prompt_tokens=len(prompt_ids), cached_prompt_tokens=cached, task=req.task, reference=req.reference,
-                grammar=req.grammar, route=req.route,
+                timings=Timings(
+                    enqueued_at=enqueued_at,
+                    started_at=started_at,
+                    first_token_at=s.first_token_at or finished_at,
+                    finished_at=finished_at,
+                ),
+                prompt_tokens=len(prompt_ids),
+                cached_prompt_tokens=cached,
+                task=req.task,
+                reference=req.reference,
+                grammar=req.grammar,
+                route=req.route,
                 # The grammar mask allows end-of-sequence only where the grammar is complete,
                 # so a stop (not a length cut, not a stop string) means the output completed it.
-                grammar_completed=None if req.grammar is None else (s.finish_reason == "stop" and not req.sampling.stop),
+                grammar_completed=None
+                if req.grammar is None
+                else (s.finish_reason == "stop" and not req.sampling.stop),
             )
             for i, s in enumerate(samples)
         ]
@@ -294,10 +336,15 @@ class EngineWorker:
     def info(self) -> WorkerInfo:
         """This worker as the registry shows it."""
         return WorkerInfo(
-            worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(),
+            worker_id=self.worker_id,
+            host=socket.gethostname(),
+            pid=os.getpid(),
             partitions=sorted(tp.partition for tp in self.runner.assignment if tp.topic == ROUTED.name),
-            policy_version=self.engine.policy_version, block_size=self.engine.block_size, heartbeat_at=time.time(),
-            prompt_tokens=self._served_prompt_tokens, cached_prompt_tokens=self._served_cached_tokens,
+            policy_version=self.engine.policy_version,
+            block_size=self.engine.block_size,
+            heartbeat_at=time.time(),
+            prompt_tokens=self._served_prompt_tokens,
+            cached_prompt_tokens=self._served_cached_tokens,
             in_flight=self.admission.running,
         )
 

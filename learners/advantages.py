@@ -22,7 +22,9 @@ def zero_variance(rewards: list[float], tol: float = 1e-9) -> bool:
     return max(rewards) - min(rewards) <= tol if rewards else True
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation over token positions.
 
     rewards, values, mask: [batch, T]; mask is 1 on response tokens. The value after

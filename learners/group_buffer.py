@@ -77,9 +77,17 @@ class Taken(msgspec.Struct, frozen=True):
 def sample_of(c: Completion, r: Reward) -> Sample:
     """The sample of a completion scored by its reward (the one place a sample is made)."""
     return Sample(
-        completion_id=c.id, group_id=c.group_id, group_size=c.group_size, sample_index=c.sample_index,
-        prompt_token_ids=c.prompt_token_ids, token_ids=c.token_ids, logprobs=c.logprobs,
-        policy_version=c.policy_version, reward=r.scalar, status=r.status, reward_id=r.id,
+        completion_id=c.id,
+        group_id=c.group_id,
+        group_size=c.group_size,
+        sample_index=c.sample_index,
+        prompt_token_ids=c.prompt_token_ids,
+        token_ids=c.token_ids,
+        logprobs=c.logprobs,
+        policy_version=c.policy_version,
+        reward=r.scalar,
+        status=r.status,
+        reward_id=r.id,
     )
 
 
@@ -97,8 +105,15 @@ def binding_mismatch(c: Completion, r: Reward) -> str | None:
 class GroupBuffer:
     """See the module doc. `counters` is bumped in place (the learner passes its durable ones)."""
 
-    def __init__(self, *, max_policy_lag: int, group_timeout_s: float, orphan_timeout_s: float | None = None,
-                 state: BufferState | None = None, counters: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_policy_lag: int,
+        group_timeout_s: float,
+        orphan_timeout_s: float | None = None,
+        state: BufferState | None = None,
+        counters: dict[str, int] | None = None,
+    ) -> None:
         self.max_policy_lag = max_policy_lag
         self.group_timeout_s = group_timeout_s
         self.orphan_timeout_s = group_timeout_s if orphan_timeout_s is None else orphan_timeout_s

@@ -42,7 +42,9 @@ def clipped_surrogate(
     return loss, stats
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2) -> torch.Tensor:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip_eps: float = 0.2
+) -> torch.Tensor:
     """PPO's clipped value loss, averaged over unmasked tokens."""
     clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
     per_token = torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)

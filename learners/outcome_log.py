@@ -41,8 +41,17 @@ class OutcomeLog:
         self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
         self._file.flush()
 
-    def trained(self, step: int, version: int, ids: list[str], updated: bool, *, group_sizes: list[int] | None = None,
-                reward_ids: list[str] | None = None, threads: int = 0) -> None:
+    def trained(
+        self,
+        step: int,
+        version: int,
+        ids: list[str],
+        updated: bool,
+        *,
+        group_sizes: list[int] | None = None,
+        reward_ids: list[str] | None = None,
+        threads: int = 0,
+    ) -> None:
         """Step `step` trained on `ids`, in training order (`updated`: the weights changed, a new
         version; `group_sizes`: how the ids split into groups; `reward_ids`: each one's Reward;
         `threads`: torch's intra-op thread count for the step)."""
@@ -57,8 +66,15 @@ class OutcomeLog:
 
     def trained_groups(self, step: int, version: int, groups: list[list[Any]], updated: bool, threads: int = 0) -> None:
         """`trained` for a step's groups of Samples: ids, group sizes and reward ids in training order."""
-        self.trained(step, version, [s.completion_id for g in groups for s in g], updated,
-                     group_sizes=[len(g) for g in groups], reward_ids=[s.reward_id for g in groups for s in g], threads=threads)
+        self.trained(
+            step,
+            version,
+            [s.completion_id for g in groups for s in g],
+            updated,
+            group_sizes=[len(g) for g in groups],
+            reward_ids=[s.reward_id for g in groups for s in g],
+            threads=threads,
+        )
 
     def dropped(self, reason: str, step: int, ids: list[str]) -> None:
         """`ids` left the buffer untrained, for `reason`."""

@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-_COPY = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+_COPY = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 class Batch:
@@ -23,7 +30,9 @@ class Batch:
     Position t of `mask`/`old_logp` refers to predicting token t+1 of `input_ids`.
     """
 
-    def __init__(self, prompts: list[list[int]], completions: list[list[int]], old_logps: list[list[float]], pad_id: int) -> None:
+    def __init__(
+        self, prompts: list[list[int]], completions: list[list[int]], old_logps: list[list[float]], pad_id: int
+    ) -> None:
         seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
         width = max(len(s) for s in seqs)
         n = len(seqs)
@@ -56,7 +65,9 @@ class PolicyModel(nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Log-prob of every next token [n, T-1] and values [n, T-1] (None without a head)."""
-        out = self.lm(input_ids=batch.input_ids, attention_mask=batch.attention, output_hidden_states=self.value_head is not None)
+        out = self.lm(
+            input_ids=batch.input_ids, attention_mask=batch.attention, output_hidden_states=self.value_head is not None
+        )
         logits = out.logits[:, :-1].float()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
         values = None

@@ -7,11 +7,11 @@ import logging
 
 import torch
 
-from plumbing.model_store import resolve_model
 from learners.policy_model import PolicyModel
 from learners.trainer import TrainConfig, Trainer
 from learners.worker import LearnerWorker
 from plumbing.config import Config
+from plumbing.model_store import resolve_model
 from plumbing.stage import StageContext, serve_stage
 from plumbing.trust import Keyring
 
@@ -45,7 +45,12 @@ async def build_learner(ctx: StageContext) -> tuple[LearnerWorker, LearnerWorker
         raise RuntimeError(f"no verifier public keys in {cfg.keys_dir}: the learner would reject every reward")
     trainer = await asyncio.to_thread(build_trainer, cfg)
     worker = LearnerWorker(
-        cfg, trainer, keyring, ctx.publisher, ctx.need_redis(), ctx.registry,
+        cfg,
+        trainer,
+        keyring,
+        ctx.publisher,
+        ctx.need_redis(),
+        ctx.registry,
         checkpoint=cfg.state_dir / "learner" / cfg.run_id / "learner.ckpt",
         # Absolute: engines resolve it from their own working directory.
         policies_dir=(cfg.state_dir / "policies" / cfg.run_id).resolve(),

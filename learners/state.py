@@ -32,7 +32,9 @@ class LearnerState(msgspec.Struct):
     version: int = 0
     weights_path: str = ""
     offsets: dict[str, int] = {}  # "topic:partition" -> next offset to read
-    buffer: BufferState = msgspec.field(default_factory=BufferState)  # pending completions/rewards, partial and ready groups
+    buffer: BufferState = msgspec.field(
+        default_factory=BufferState
+    )  # pending completions/rewards, partial and ready groups
     seen_rewards: list[str] = []
     counters: dict[str, int] = {}
 

@@ -34,9 +34,18 @@ class TrainConfig(msgspec.Struct, frozen=True, kw_only=True):
     def from_learner(cls, lc: LearnerConfig) -> TrainConfig:
         """The trainer's view of the learner config."""
         return cls(
-            algo=lc.algo, lr=lc.lr, clip_eps=lc.clip_eps, mask_ratio=lc.mask_ratio, scale_by_std=not lc.dr_grpo,
-            filter_zero_variance=lc.filter_zero_variance, gamma=lc.gamma, lam=lc.lam, kl_coef=lc.kl_coef,
-            value_coef=lc.value_coef, max_grad_norm=lc.max_grad_norm, micro_batch=lc.micro_batch,
+            algo=lc.algo,
+            lr=lc.lr,
+            clip_eps=lc.clip_eps,
+            mask_ratio=lc.mask_ratio,
+            scale_by_std=not lc.dr_grpo,
+            filter_zero_variance=lc.filter_zero_variance,
+            gamma=lc.gamma,
+            lam=lc.lam,
+            kl_coef=lc.kl_coef,
+            value_coef=lc.value_coef,
+            max_grad_norm=lc.max_grad_norm,
+            micro_batch=lc.micro_batch,
         )
 
 
@@ -47,7 +56,9 @@ class Trainer:
         self.model = model
         self.cfg = cfg
         self.reference = reference
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0
+        )
 
     def prepare(self, groups: list[list[Sample]]) -> tuple[list[Sample], list[float]]:
         """Trainable samples and their GRPO advantages (per sample, broadcast over its tokens)."""
@@ -62,7 +73,12 @@ class Trainer:
         return samples, advs
 
     def _loss(self, samples: list[Sample], advs: list[float]) -> tuple[torch.Tensor, dict[str, float]]:
-        batch = Batch([s.prompt_token_ids for s in samples], [s.token_ids for s in samples], [s.logprobs for s in samples], self.model.pad_id)
+        batch = Batch(
+            [s.prompt_token_ids for s in samples],
+            [s.token_ids for s in samples],
+            [s.logprobs for s in samples],
+            self.model.pad_id,
+        )
         logp, values = self.model(batch)
         if self.cfg.algo == "ppo":
             assert values is not None, "PPO needs the value head"
@@ -76,11 +92,17 @@ class Trainer:
                 mean = (adv * batch.mask).sum() / n
                 std = (((adv - mean) ** 2 * batch.mask).sum() / n).sqrt()
                 adv = (adv - mean) / (std + 1e-6) * batch.mask
-            loss, stats = clipped_surrogate(logp, batch.old_logp, adv, batch.mask, clip_eps=self.cfg.clip_eps, mask_ratio=self.cfg.mask_ratio)
-            loss = loss + self.cfg.value_coef * value_loss(values, values.detach(), returns, batch.mask, self.cfg.clip_eps)
+            loss, stats = clipped_surrogate(
+                logp, batch.old_logp, adv, batch.mask, clip_eps=self.cfg.clip_eps, mask_ratio=self.cfg.mask_ratio
+            )
+            loss = loss + self.cfg.value_coef * value_loss(
+                values, values.detach(), returns, batch.mask, self.cfg.clip_eps
+            )
         else:
             adv = torch.tensor(advs, dtype=logp.dtype).unsqueeze(1)
-            loss, stats = clipped_surrogate(logp, batch.old_logp, adv, batch.mask, clip_eps=self.cfg.clip_eps, mask_ratio=self.cfg.mask_ratio)
+            loss, stats = clipped_surrogate(
+                logp, batch.old_logp, adv, batch.mask, clip_eps=self.cfg.clip_eps, mask_ratio=self.cfg.mask_ratio
+            )
         if self.cfg.kl_coef and self.reference is not None:
             with torch.no_grad():
                 ref_logp, _ = self.reference(batch)
@@ -119,7 +141,8 @@ class Trainer:
             policy_version=version,
             samples=len(samples),
             groups=len(groups),
-            reward_mean=sum(s.reward for s in all_samples if s.trainable) / max(1, sum(s.trainable for s in all_samples)),
+            reward_mean=sum(s.reward for s in all_samples if s.trainable)
+            / max(1, sum(s.trainable for s in all_samples)),
             loss=total,
             policy_lag_mean=sum(current_version - s.policy_version for s in samples) / len(samples),
             clip_frac=stats_acc["clip_frac"],

@@ -37,9 +37,9 @@ from plumbing.config import Config
 from plumbing.dead_letters import DeadLetters
 from plumbing.failures import retry_transient
 from plumbing.kafka import Publisher, consumer_kwargs
+from plumbing.trust import Keyring, RewardRejected, verify_reward
 from schemas import Completion, PolicyUpdate, Reward, decode, keys
 from schemas.topics import COMPLETIONS, POLICY, REWARDS
-from plumbing.trust import Keyring, RewardRejected, verify_reward
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +64,28 @@ class _StateReplayGuard:
 
 class _LearnerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.rejected = Counter("primerl_learner_rewards_rejected", "Rewards failing verification", ["reason"], registry=registry)
-        self.stale = Counter("primerl_learner_samples_stale", "Samples dropped for exceeding the max policy lag", registry=registry)
-        self.dropped = Counter("primerl_learner_samples_dropped", "Samples (or rewards) that left the buffer untrained, by reason",
-                               ["reason"], registry=registry)
-        self.masked = Counter("primerl_learner_samples_masked", "INFRA_FAIL/TIMEOUT samples masked out", registry=registry)
+        self.rejected = Counter(
+            "primerl_learner_rewards_rejected", "Rewards failing verification", ["reason"], registry=registry
+        )
+        self.stale = Counter(
+            "primerl_learner_samples_stale", "Samples dropped for exceeding the max policy lag", registry=registry
+        )
+        self.dropped = Counter(
+            "primerl_learner_samples_dropped",
+            "Samples (or rewards) that left the buffer untrained, by reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.masked = Counter(
+            "primerl_learner_samples_masked", "INFRA_FAIL/TIMEOUT samples masked out", registry=registry
+        )
         self.buffer = Gauge("primerl_learner_buffer_samples", "Samples in partial groups", registry=registry)
         self.ready = Gauge("primerl_learner_ready_groups", "Complete groups waiting for a step", registry=registry)
         self.version = Gauge("primerl_learner_policy_version", "Latest published policy version", registry=registry)
         self.reward_mean = Gauge("primerl_learner_reward_mean", "Mean reward of the last step", registry=registry)
-        self.lag = Gauge("primerl_learner_policy_lag_mean", "Mean policy lag of the last step's samples", registry=registry)
+        self.lag = Gauge(
+            "primerl_learner_policy_lag_mean", "Mean policy lag of the last step's samples", registry=registry
+        )
         self.step_seconds = Histogram("primerl_learner_step_seconds", "Update step time", registry=registry)
 
 
@@ -104,11 +116,19 @@ class LearnerWorker:
                 for f in Path(self.state.weights_path).glob("*.safetensors"):
                     self.trainer.model.lm.load_state_dict(load_file(f), strict=False)
             self.trainer.optimizer.load_state_dict(opt_state)
-            log.info("resumed at step %d, policy v%d, %d partial groups", self.state.step, self.state.version,
-                     len(self.state.buffer.groups))
+            log.info(
+                "resumed at step %d, policy v%d, %d partial groups",
+                self.state.step,
+                self.state.version,
+                len(self.state.buffer.groups),
+            )
         lc = self.cfg.learner
-        self.buffer = GroupBuffer(max_policy_lag=lc.max_policy_lag, group_timeout_s=lc.group_timeout_s,
-                                  state=self.state.buffer, counters=self.state.counters)
+        self.buffer = GroupBuffer(
+            max_policy_lag=lc.max_policy_lag,
+            group_timeout_s=lc.group_timeout_s,
+            state=self.state.buffer,
+            counters=self.state.counters,
+        )
         if restored is not None:
             self.buffer.restart_orphan_clocks(time.time())
         self.replay = _StateReplayGuard(self.state)
@@ -241,10 +261,16 @@ class LearnerWorker:
             log.info("step %d: no group with a learning signal; weights unchanged", step)
             trainable = [s for g in groups for s in g if s.trainable]
             stats = StepStats(
-                step=step, policy_version=version, samples=0, groups=len(groups),
-                reward_mean=sum(s.reward for s in trainable) / max(1, len(trainable)), loss=0.0,
+                step=step,
+                policy_version=version,
+                samples=0,
+                groups=len(groups),
+                reward_mean=sum(s.reward for s in trainable) / max(1, len(trainable)),
+                loss=0.0,
                 policy_lag_mean=sum(version - s.policy_version for s in trainable) / max(1, len(trainable)),
-                clip_frac=0.0, masked_frac=0.0, wall_s=0.0,
+                clip_frac=0.0,
+                masked_frac=0.0,
+                wall_s=0.0,
             )
         else:
             version += 1
@@ -262,16 +288,27 @@ class LearnerWorker:
             self.metrics.reward_mean.set(stats.reward_mean)
             self.metrics.lag.set(stats.policy_lag_mean)
             self.metrics.step_seconds.observe(stats.wall_s)
-            log.info("step %d -> policy v%d: %d samples, reward %.3f, loss %.4f, lag %.2f, %.1fs; buffer %d samples in partial groups, %d groups ready",
-                     step, version, stats.samples, stats.reward_mean, stats.loss, stats.policy_lag_mean, stats.wall_s,
-                     self.buffer.partial_samples, self.buffer.ready_groups)
+            log.info(
+                "step %d -> policy v%d: %d samples, reward %.3f, loss %.4f, lag %.2f, %.1fs; buffer %d samples in partial groups, %d groups ready",
+                step,
+                version,
+                stats.samples,
+                stats.reward_mean,
+                stats.loss,
+                stats.policy_lag_mean,
+                stats.wall_s,
+                self.buffer.partial_samples,
+                self.buffer.ready_groups,
+            )
         self.history.append(stats)
         async with self.version_published:
             self.version_published.notify_all()
 
     async def _announce(self, step: int, version: int, weights_path: str, checksum: str) -> None:
         """Publish the new version on rollout.policy, riding out a broker outage."""
-        update = PolicyUpdate(run_id=self.cfg.run_id, version=version, weights_path=weights_path, step=max(0, step), checksum=checksum)
+        update = PolicyUpdate(
+            run_id=self.cfg.run_id, version=version, weights_path=weights_path, step=max(0, step), checksum=checksum
+        )
         await retry_transient(lambda: self.publisher.publish(POLICY.name, update), f"announcing policy v{version}")
 
     async def _set_version_key(self, quiet: bool = False) -> None:
@@ -280,7 +317,11 @@ class LearnerWorker:
             await self.redis.set(keys.policy_version(self.cfg.run_id), self.state.version)
         except (RedisError, OSError) as err:
             if not quiet:
-                log.warning("could not record policy v%d in Redis (%s); retried every 5 s", self.state.version, type(err).__name__)
+                log.warning(
+                    "could not record policy v%d in Redis (%s); retried every 5 s",
+                    self.state.version,
+                    type(err).__name__,
+                )
 
 
 class _SeekToCheckpoint(ConsumerRebalanceListener):

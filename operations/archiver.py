@@ -53,14 +53,34 @@ ARCHIVER_GROUP = "archiver"
 
 class _Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.archived = Counter("primerl_archiver_records", "Records written to the run log", ["topic"], registry=registry)
-        self.undecodable = Counter("primerl_archiver_undecodable", "Records archived raw because they did not decode", ["topic"], registry=registry)
-        self.skipped = Counter("primerl_archiver_duplicates_skipped", "Redelivered records already in the run log", registry=registry)
+        self.archived = Counter(
+            "primerl_archiver_records", "Records written to the run log", ["topic"], registry=registry
+        )
+        self.undecodable = Counter(
+            "primerl_archiver_undecodable",
+            "Records archived raw because they did not decode",
+            ["topic"],
+            registry=registry,
+        )
+        self.skipped = Counter(
+            "primerl_archiver_duplicates_skipped", "Redelivered records already in the run log", registry=registry
+        )
         self.files = Counter("primerl_archiver_files", "Parquet files written", registry=registry)
-        self.flush_seconds = Histogram("primerl_archiver_flush_seconds", "Time to write and commit one flush", registry=registry)
-        self.buffered = Gauge("primerl_archiver_buffered_records", "Records waiting for the next flush", registry=registry)
-        self.write_failures = Counter("primerl_archiver_write_failures", "Flushes that could not be written (retried)", registry=registry)
-        self.lag = Gauge("primerl_consumer_lag", "Records behind the partition end (approximate on Tansu)", ["group"], registry=registry)
+        self.flush_seconds = Histogram(
+            "primerl_archiver_flush_seconds", "Time to write and commit one flush", registry=registry
+        )
+        self.buffered = Gauge(
+            "primerl_archiver_buffered_records", "Records waiting for the next flush", registry=registry
+        )
+        self.write_failures = Counter(
+            "primerl_archiver_write_failures", "Flushes that could not be written (retried)", registry=registry
+        )
+        self.lag = Gauge(
+            "primerl_consumer_lag",
+            "Records behind the partition end (approximate on Tansu)",
+            ["group"],
+            registry=registry,
+        )
 
 
 @dataclass
@@ -75,7 +95,9 @@ class _Pending:
 class Archiver:
     """See the module doc. `flushes` counts completed flushes (tests wait on it)."""
 
-    def __init__(self, cfg: Config, registry: CollectorRegistry, *, group_id: str = ARCHIVER_GROUP, root: Path | None = None) -> None:
+    def __init__(
+        self, cfg: Config, registry: CollectorRegistry, *, group_id: str = ARCHIVER_GROUP, root: Path | None = None
+    ) -> None:
         self.cfg = cfg
         self.group_id = group_id
         self.root = root or cfg.archive.root
@@ -186,8 +208,13 @@ class Archiver:
         self._retry_at = time.monotonic() + delay
         self._consumer.pause(*self._consumer.assignment())
         self.metrics.write_failures.inc()
-        log.error("archiver: cannot write the run log (%s: %s); consumption paused, retry %d in %.1fs",
-                  type(err).__name__, err, self._backoff.attempt, delay)
+        log.error(
+            "archiver: cannot write the run log (%s: %s); consumption paused, retry %d in %.1fs",
+            type(err).__name__,
+            err,
+            self._backoff.attempt,
+            delay,
+        )
 
     def _write(self, work: dict[TopicPartition, _Pending]) -> None:
         touched: dict[str, list[tuple[str, str, dict[str, Any]]]] = defaultdict(list)

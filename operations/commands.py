@@ -14,11 +14,9 @@ from typing import Annotated, Optional
 import typer
 from prometheus_client import CollectorRegistry
 
+from plumbing.cli_options import ConfigOpt, StateOpt, command_config, require_servers
 from plumbing.config import Config
 from plumbing.runtime import run
-from plumbing.cli_options import ConfigOpt, StateOpt, command_config, require_servers
-
-
 
 
 def _metrics(cfg: Config) -> CollectorRegistry:
@@ -40,11 +38,17 @@ def publish(
     top_k: Annotated[int, typer.Option(help="top-k sampling (-1: off)")] = -1,
     max_tokens: Annotated[int, typer.Option(help="tokens per sample at most")] = 128,
     stop: Annotated[Optional[list[str]], typer.Option(help="stop string (repeatable)")] = None,
-    grammar_kind: Annotated[Optional[str], typer.Option(help="default output grammar kind (regex, json_schema, choice, ...)")] = None,
+    grammar_kind: Annotated[
+        Optional[str], typer.Option(help="default output grammar kind (regex, json_schema, choice, ...)")
+    ] = None,
     grammar_spec: Annotated[str, typer.Option(help="the default grammar's spec")] = "",
-    system_prompt: Annotated[Optional[str], typer.Option(help="system turn prepended to chat rows that have none")] = None,
+    system_prompt: Annotated[
+        Optional[str], typer.Option(help="system turn prepended to chat rows that have none")
+    ] = None,
     rate: Annotated[float, typer.Option(help="requests per second at most (0: as fast as the broker acks)")] = 0.0,
-    strict: Annotated[bool, typer.Option(help="stop at the first bad row instead of reporting it and going on")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="stop at the first bad row instead of reporting it and going on")
+    ] = False,
     dry_run: Annotated[bool, typer.Option(help="validate and report, publish nothing")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
     config: ConfigOpt = None,
@@ -65,9 +69,14 @@ def publish(
     except ValueError as err:
         raise typer.BadParameter(f"--grammar-kind: {err}") from err
     defaults = FileDefaults(
-        run_id=run_id or f"run-{uuid.uuid4().hex[:8]}", task=task, group_size=group_size,
-        sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop or []),
-        grammar=grammar, system_prompt=system_prompt,
+        run_id=run_id or f"run-{uuid.uuid4().hex[:8]}",
+        task=task,
+        group_size=group_size,
+        sampling=SamplingParams(
+            temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens, stop=stop or []
+        ),
+        grammar=grammar,
+        system_prompt=system_prompt,
     )
     try:
         requests, errors = read_prompt_file(file, defaults, strict=strict)
@@ -80,9 +89,13 @@ def publish(
         typer.echo(f"no valid rows in {file} ({len(errors)} bad)", err=True)
         raise typer.Exit(1)
     if dry_run:
-        typer.echo(f"dry run: {len(requests)} valid rows ({sum(r.group_size for r in requests)} samples), {len(errors)} bad; run {defaults.run_id}")
+        typer.echo(
+            f"dry run: {len(requests)} valid rows ({sum(r.group_size for r in requests)} samples), {len(errors)} bad; run {defaults.run_id}"
+        )
         raise typer.Exit(2 if errors else 0)
-    report = run(publish_requests(cfg, requests, rate=rate, progress=progress and sys.stderr.isatty(), registry=_metrics(cfg)))
+    report = run(
+        publish_requests(cfg, requests, rate=rate, progress=progress and sys.stderr.isatty(), registry=_metrics(cfg))
+    )
     typer.echo(
         f"published {report.requests} requests ({report.samples} samples) of run {report.run_id} to {report.topic} "
         f"in {report.seconds:.2f}s ({report.rate:.0f} req/s); {len(errors)} bad rows skipped"
@@ -107,20 +120,45 @@ def archive(
 def replay(
     run_id: Annotated[str, typer.Argument(help="the archived run to replay")],
     stage: Annotated[str, typer.Option(help="prompts | verifier | learner")] = "verifier",
-    new_run_id: Annotated[Optional[str], typer.Option(help="run id of the replay (default: <run>-replay-<random>)")] = None,
+    new_run_id: Annotated[
+        Optional[str], typer.Option(help="run id of the replay (default: <run>-replay-<random>)")
+    ] = None,
     root: Annotated[Optional[Path], typer.Option(help="run-log folder (default: artifacts/runs)")] = None,
-    task: Annotated[Optional[str], typer.Option(help="verifier: score with this task's reward function instead of each completion's own")] = None,
-    verifier_version: Annotated[Optional[str], typer.Option(help="use only the recorded rewards of this verifier version")] = None,
-    rescored: Annotated[bool, typer.Option(help="learner: train on a verifier replay's scores (run it first, same --new-run-id)")] = False,
+    task: Annotated[
+        Optional[str],
+        typer.Option(help="verifier: score with this task's reward function instead of each completion's own"),
+    ] = None,
+    verifier_version: Annotated[
+        Optional[str], typer.Option(help="use only the recorded rewards of this verifier version")
+    ] = None,
+    rescored: Annotated[
+        bool, typer.Option(help="learner: train on a verifier replay's scores (run it first, same --new-run-id)")
+    ] = False,
     rate: Annotated[float, typer.Option(help="prompts: requests per second at most (0: no limit)")] = 0.0,
     seed: Annotated[Optional[int], typer.Option(help="learner: seed (default: the learner config's)")] = None,
-    groups_per_step: Annotated[Optional[int], typer.Option(help="learner: groups per update (default: the learner config's)")] = None,
-    model: Annotated[Optional[str], typer.Option(help="learner: starting weights (default: the engine config's model)")] = None,
-    save_policies: Annotated[bool, typer.Option(help="learner: write each step's safetensors folder and its file checksum")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="learner: torch threads (default: the live learner's, when its steps are replayed, else 1)")] = None,
-    outcomes: Annotated[Optional[Path], typer.Option(help="learner: the live learner's outcome log, whose steps are replayed exactly "
-                                                          "(default: <run log>/outcomes.jsonl, else <state dir>/learner/<run>/outcomes.jsonl)")] = None,
-    recorded_steps: Annotated[bool, typer.Option(help="learner: replay the live learner's recorded steps when found (else assemble groups)")] = True,
+    groups_per_step: Annotated[
+        Optional[int], typer.Option(help="learner: groups per update (default: the learner config's)")
+    ] = None,
+    model: Annotated[
+        Optional[str], typer.Option(help="learner: starting weights (default: the engine config's model)")
+    ] = None,
+    save_policies: Annotated[
+        bool, typer.Option(help="learner: write each step's safetensors folder and its file checksum")
+    ] = False,
+    threads: Annotated[
+        Optional[int],
+        typer.Option(help="learner: torch threads (default: the live learner's, when its steps are replayed, else 1)"),
+    ] = None,
+    outcomes: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="learner: the live learner's outcome log, whose steps are replayed exactly "
+            "(default: <run log>/outcomes.jsonl, else <state dir>/learner/<run>/outcomes.jsonl)"
+        ),
+    ] = None,
+    recorded_steps: Annotated[
+        bool, typer.Option(help="learner: replay the live learner's recorded steps when found (else assemble groups)")
+    ] = True,
     config: ConfigOpt = None,
     state_dir: StateOpt = None,
 ) -> None:
@@ -146,25 +184,44 @@ def replay(
         typer.echo(str(err), err=True)
         raise typer.Exit(1) from err
     if stage == "prompts":
-        report = run(replay_prompts(cfg, log_, new_run, rate=rate, progress=sys.stderr.isatty(), registry=_metrics(cfg)))
-        typer.echo(f"replayed {report.requests} prompt requests ({report.samples} samples) of {run_id} as run {new_run} "
-                   f"in {report.seconds:.2f}s; ids derived from ({new_run}, original id)")
+        report = run(
+            replay_prompts(cfg, log_, new_run, rate=rate, progress=sys.stderr.isatty(), registry=_metrics(cfg))
+        )
+        typer.echo(
+            f"replayed {report.requests} prompt requests ({report.samples} samples) of {run_id} as run {new_run} "
+            f"in {report.seconds:.2f}s; ids derived from ({new_run}, original id)"
+        )
         return
     if stage == "verifier":
         rows = run(rescore(log_, task=task, verifier_version=verifier_version))
         diff = verifier_diff(rows)
         out = save_rescored(root, new_run, rows, diff, run_id)
-        typer.echo(f"re-scored {len(rows)} completions of {run_id} (run {new_run}; per completion: {out}/replay_verifier.parquet)")
-        typer.echo(f"{'original verifier':40s} {'replay verifier':28s} {'n':>5s} {'orig mean':>9s} {'new mean':>9s} {'changed':>7s} {'status chg':>10s} {'max |d|':>7s}")
+        typer.echo(
+            f"re-scored {len(rows)} completions of {run_id} (run {new_run}; per completion: {out}/replay_verifier.parquet)"
+        )
+        typer.echo(
+            f"{'original verifier':40s} {'replay verifier':28s} {'n':>5s} {'orig mean':>9s} {'new mean':>9s} {'changed':>7s} {'status chg':>10s} {'max |d|':>7s}"
+        )
         for d in diff:
-            typer.echo(f"{d.original_verifier[:40]:40s} {d.replay_verifier[:28]:28s} {d.completions:5d} {d.original_mean:9.4f} "
-                       f"{d.replay_mean:9.4f} {d.changed:7d} {d.status_changed:10d} {d.max_abs_diff:7.4f}")
+            typer.echo(
+                f"{d.original_verifier[:40]:40s} {d.replay_verifier[:28]:28s} {d.completions:5d} {d.original_mean:9.4f} "
+                f"{d.replay_mean:9.4f} {d.changed:7d} {d.status_changed:10d} {d.max_abs_diff:7.4f}"
+            )
         return
     from operations.run_log import run_dir_name
     from schemas import RewardStatus
 
-    cfg = cfg.derive(**{k: v for k, v in {"learner.seed": seed, "learner.groups_per_step": groups_per_step,
-                                           "engine.model": model}.items() if v is not None})
+    cfg = cfg.derive(
+        **{
+            k: v
+            for k, v in {
+                "learner.seed": seed,
+                "learner.groups_per_step": groups_per_step,
+                "engine.model": model,
+            }.items()
+            if v is not None
+        }
+    )
     scores = None
     if rescored:
         import pyarrow.parquet as pq
@@ -172,26 +229,45 @@ def replay(
         path = root / run_dir_name(new_run) / "replay_verifier.parquet"
         if not path.exists():
             raise typer.BadParameter(f"--rescored: {path} missing; run --stage verifier --new-run-id {new_run} first")
-        scores = {r["completion_id"]: (r["replay_scalar"], RewardStatus(r["replay_status"]))
-                  for r in pq.read_table(path).to_pylist() if r["replay_scalar"] is not None}
+        scores = {
+            r["completion_id"]: (r["replay_scalar"], RewardStatus(r["replay_status"]))
+            for r in pq.read_table(path).to_pylist()
+            if r["replay_scalar"] is not None
+        }
     save_dir = (root / run_dir_name(new_run) / "policies") if save_policies else None
     if outcomes is not None and not outcomes.is_file():
         raise typer.BadParameter(f"--outcomes: {outcomes} is not a file")
-    result = replay_learner(cfg, log_, new_run, rewards=scores, verifier_version=verifier_version, save_dir=save_dir,
-                            registry=_metrics(cfg), progress=sys.stderr.isatty(), threads=threads, step_list=outcomes,
-                            use_step_list=recorded_steps)
+    result = replay_learner(
+        cfg,
+        log_,
+        new_run,
+        rewards=scores,
+        verifier_version=verifier_version,
+        save_dir=save_dir,
+        registry=_metrics(cfg),
+        progress=sys.stderr.isatty(),
+        threads=threads,
+        step_list=outcomes,
+        use_step_list=recorded_steps,
+    )
     path = save_learner_replay(root, result)
     if result.mode == "recorded_steps":
-        typer.echo(f"learner replay of {run_id} as {new_run}: the live learner's {len(result.steps)} updates from {result.step_list} "
-                   f"({result.groups_total} groups, {result.samples_missing} samples missing from the run log, "
-                   f"{result.steps_mismatched} steps whose update differs), seed {result.seed}, {result.threads} torch thread(s), "
-                   f"{result.wall_s:.1f}s")
+        typer.echo(
+            f"learner replay of {run_id} as {new_run}: the live learner's {len(result.steps)} updates from {result.step_list} "
+            f"({result.groups_total} groups, {result.samples_missing} samples missing from the run log, "
+            f"{result.steps_mismatched} steps whose update differs), seed {result.seed}, {result.threads} torch thread(s), "
+            f"{result.wall_s:.1f}s"
+        )
     else:
-        typer.echo(f"learner replay of {run_id} as {new_run}: {result.groups_total} complete groups ({result.groups_incomplete} incomplete, "
-                   f"{result.samples_without_reward} completions without reward, {result.stale_dropped} stale samples dropped), "
-                   f"seed {result.seed}, {result.threads} torch thread(s), {result.groups_per_step} groups/step, {result.wall_s:.1f}s")
+        typer.echo(
+            f"learner replay of {run_id} as {new_run}: {result.groups_total} complete groups ({result.groups_incomplete} incomplete, "
+            f"{result.samples_without_reward} completions without reward, {result.stale_dropped} stale samples dropped), "
+            f"seed {result.seed}, {result.threads} torch thread(s), {result.groups_per_step} groups/step, {result.wall_s:.1f}s"
+        )
     for s in result.steps:
-        typer.echo(f"  step {s.step}: {s.groups} groups {s.samples} samples reward {s.reward_mean:.3f} loss {s.loss:.6f} weights sha256 {s.weights_sha256}")
+        typer.echo(
+            f"  step {s.step}: {s.groups} groups {s.samples} samples reward {s.reward_mean:.3f} loss {s.loss:.6f} weights sha256 {s.weights_sha256}"
+        )
     typer.echo(f"final weights sha256 (tensors): {result.final_sha256}")
     for version, checksum in sorted(result.original_checksums.items()):
         mine = result.replay_file_checksums.get(version)
@@ -206,7 +282,9 @@ def scale(
     run_id: Annotated[Optional[str], typer.Option(help="learner: the run it learns from")] = None,
     wait: Annotated[bool, typer.Option(help="wait until new workers have joined their group")] = True,
     start_timeout: Annotated[float, typer.Option(help="seconds a new worker may take to serve")] = 240.0,
-    stop_timeout: Annotated[float, typer.Option(help="seconds a stopped worker may take to finish its in-flight work")] = 120.0,
+    stop_timeout: Annotated[
+        float, typer.Option(help="seconds a stopped worker may take to finish its in-flight work")
+    ] = 120.0,
     config: ConfigOpt = None,
     state_dir: StateOpt = None,
 ) -> None:
@@ -217,7 +295,9 @@ def scale(
     cfg = command_config(config, state_dir)
     require_servers(cfg)
     try:
-        result = do_scale(cfg, kind, count, run_id=run_id or "", wait=wait, start_timeout_s=start_timeout, stop_timeout_s=stop_timeout)
+        result = do_scale(
+            cfg, kind, count, run_id=run_id or "", wait=wait, start_timeout_s=start_timeout, stop_timeout_s=stop_timeout
+        )
     except (ValueError, RuntimeError, TimeoutError) as err:
         typer.echo(f"scale {kind} {count}: {err}", err=True)
         raise typer.Exit(1) from err
@@ -231,7 +311,9 @@ def scale(
 
 
 def status(
-    all_groups: Annotated[bool, typer.Option("--all", help="every consumer group, not only the workers' and the archiver's")] = False,
+    all_groups: Annotated[
+        bool, typer.Option("--all", help="every consumer group, not only the workers' and the archiver's")
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     config: ConfigOpt = None,
     state_dir: StateOpt = None,

@@ -170,7 +170,9 @@ def iter_raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | Exception,
         raise ValueError(f"unknown prompt file type {suffix!r}: use .jsonl, .parquet or .csv")
 
 
-def read_prompt_file(path: Path, defaults: FileDefaults, *, strict: bool = False) -> tuple[list[PromptRequest], list[RowError]]:
+def read_prompt_file(
+    path: Path, defaults: FileDefaults, *, strict: bool = False
+) -> tuple[list[PromptRequest], list[RowError]]:
     """Every valid row's request and every bad row's error; `strict` raises at the first bad row."""
     requests: list[PromptRequest] = []
     errors: list[RowError] = []

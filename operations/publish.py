@@ -38,12 +38,21 @@ class PublishReport(msgspec.Struct, kw_only=True):
 
 
 async def publish_requests(
-    cfg: Config, requests: list[PromptRequest], *, rate: float = 0.0, progress: bool = True, topic: str = PROMPTS.name,
+    cfg: Config,
+    requests: list[PromptRequest],
+    *,
+    rate: float = 0.0,
+    progress: bool = True,
+    topic: str = PROMPTS.name,
     registry: CollectorRegistry | None = None,
 ) -> PublishReport:
     """Publish `requests` keyed by their routing key, at most `rate` per second (0: no limit);
     returns once every one is acknowledged. `registry` gets a counter of acknowledged requests."""
-    acked = Counter("primerl_publish_requests", "Prompt requests acknowledged by the broker", registry=registry) if registry else None
+    acked = (
+        Counter("primerl_publish_requests", "Prompt requests acknowledged by the broker", registry=registry)
+        if registry
+        else None
+    )
     partitions: TallyCounter[int] = TallyCounter()
     bar = tqdm(total=len(requests), unit="req", desc="publish", disable=not progress)
     t0 = time.monotonic()

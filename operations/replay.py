@@ -96,20 +96,29 @@ def replayed_prompts(log_: RunLog, new_run: str) -> list[PromptRequest]:
     """The run's prompt requests under `new_run`: new derived ids, groups and sessions kept together."""
     out = []
     for req in log_.prompts():
-        out.append(msgspec.structs.replace(
-            req,
-            id=derived_id(new_run, req.id),
-            run_id=new_run,
-            group_id=derived_id(new_run, req.group_id),
-            session_id=derived_id(new_run, req.session_id) if req.session_id else None,
-            created_at=time.time(),
-            metadata={**req.metadata, "replay_of": f"{log_.run_id}/{req.id}"},
-        ))
+        out.append(
+            msgspec.structs.replace(
+                req,
+                id=derived_id(new_run, req.id),
+                run_id=new_run,
+                group_id=derived_id(new_run, req.group_id),
+                session_id=derived_id(new_run, req.session_id) if req.session_id else None,
+                created_at=time.time(),
+                metadata={**req.metadata, "replay_of": f"{log_.run_id}/{req.id}"},
+            )
+        )
     return out
 
 
-async def replay_prompts(cfg: Config, log_: RunLog, new_run: str, *, rate: float = 0.0, progress: bool = True,
-                         registry: CollectorRegistry | None = None) -> PublishReport:
+async def replay_prompts(
+    cfg: Config,
+    log_: RunLog,
+    new_run: str,
+    *,
+    rate: float = 0.0,
+    progress: bool = True,
+    registry: CollectorRegistry | None = None,
+) -> PublishReport:
     """Publish the run's prompts again under `new_run`."""
     reqs = replayed_prompts(log_, new_run)
     if not reqs:
@@ -174,14 +183,19 @@ async def rescore(log_: RunLog, *, task: str | None = None, verifier_version: st
                 scalar, status, error = score.scalar, score.status.value, None
             except UnknownTask as err:
                 scalar, status, error = None, "UNKNOWN_TASK", str(err)
-            rows.append(RescoredRow(
-                completion_id=c.id, task=target.task,
-                original_verifier=orig.verifier_version if orig else None,
-                original_scalar=orig.scalar if orig else None,
-                original_status=orig.status.value if orig else None,
-                replay_verifier=f"{fn.name}@{fn.version}" if fn else target.task,
-                replay_scalar=scalar, replay_status=status, error=error,
-            ))
+            rows.append(
+                RescoredRow(
+                    completion_id=c.id,
+                    task=target.task,
+                    original_verifier=orig.verifier_version if orig else None,
+                    original_scalar=orig.scalar if orig else None,
+                    original_status=orig.status.value if orig else None,
+                    replay_verifier=f"{fn.name}@{fn.version}" if fn else target.task,
+                    replay_scalar=scalar,
+                    replay_status=status,
+                    error=error,
+                )
+            )
     finally:
         await close_registry(fns)
     return rows
@@ -194,15 +208,23 @@ def verifier_diff(rows: list[RescoredRow]) -> list[VerifierDiff]:
         by[(r.original_verifier or "(no original reward)", r.replay_verifier)].append(r)
     out = []
     for (orig, rep), rs in sorted(by.items()):
-        pairs = [(r.original_scalar, r.replay_scalar) for r in rs if r.original_scalar is not None and r.replay_scalar is not None]
-        out.append(VerifierDiff(
-            original_verifier=orig, replay_verifier=rep, completions=len(rs),
-            original_mean=sum(o for o, _ in pairs) / len(pairs) if pairs else float("nan"),
-            replay_mean=sum(n for _, n in pairs) / len(pairs) if pairs else float("nan"),
-            changed=sum(o != n for o, n in pairs) + sum(r.replay_scalar is None for r in rs),
-            status_changed=sum(r.original_status != r.replay_status for r in rs),
-            max_abs_diff=max((abs(o - n) for o, n in pairs), default=0.0),
-        ))
+        pairs = [
+            (r.original_scalar, r.replay_scalar)
+            for r in rs
+            if r.original_scalar is not None and r.replay_scalar is not None
+        ]
+        out.append(
+            VerifierDiff(
+                original_verifier=orig,
+                replay_verifier=rep,
+                completions=len(rs),
+                original_mean=sum(o for o, _ in pairs) / len(pairs) if pairs else float("nan"),
+                replay_mean=sum(n for _, n in pairs) / len(pairs) if pairs else float("nan"),
+                changed=sum(o != n for o, n in pairs) + sum(r.replay_scalar is None for r in rs),
+                status_changed=sum(r.original_status != r.replay_status for r in rs),
+                max_abs_diff=max((abs(o - n) for o, n in pairs), default=0.0),
+            )
+        )
     return out
 
 
@@ -276,13 +298,26 @@ def _rescored(r: Reward, scalar: float, status: RewardStatus) -> Reward:
 
 def _synthetic_reward(c: Completion, scalar: float, status: RewardStatus) -> Reward:
     """A re-scored completion's reward (no recorded one to carry the score)."""
-    return Reward(run_id=c.run_id, id=f"rescored:{c.id}", completion_id=c.id, request_id=c.request_id, group_id=c.group_id,
-                  prompt_hash="", tokens_hash="", policy_version=c.policy_version, verifier_id="replay", verifier_version="replay",
-                  components={}, scalar=scalar, status=status)
+    return Reward(
+        run_id=c.run_id,
+        id=f"rescored:{c.id}",
+        completion_id=c.id,
+        request_id=c.request_id,
+        group_id=c.group_id,
+        prompt_hash="",
+        tokens_hash="",
+        policy_version=c.policy_version,
+        verifier_id="replay",
+        verifier_version="replay",
+        components={},
+        scalar=scalar,
+        status=status,
+    )
 
 
-def _scored_rewards(log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]] | None,
-                    verifier_version: str | None) -> list[Reward]:
+def _scored_rewards(
+    log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]] | None, verifier_version: str | None
+) -> list[Reward]:
     """The rewards to train with, in the order the broker appended them (re-scored ones
     replace the scores; completions re-scored without a recorded reward come last)."""
     recorded = [r for r in log_.rewards() if not verifier_version or r.verifier_version == verifier_version]
@@ -297,8 +332,13 @@ def _scored_rewards(log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]]
     return out
 
 
-def assemble(log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]] | None = None, verifier_version: str | None = None,
-             *, max_policy_lag: int = 1_000_000) -> tuple[Any, int, int]:
+def assemble(
+    log_: RunLog,
+    rewards: dict[str, tuple[float, RewardStatus]] | None = None,
+    verifier_version: str | None = None,
+    *,
+    max_policy_lag: int = 1_000_000,
+) -> tuple[Any, int, int]:
     """(the learner's GroupBuffer holding the run's complete groups, incomplete groups,
     completions without reward): every completion taken in first, then the rewards in
     broker append order (so a group is ready when its last reward was appended; the
@@ -321,8 +361,9 @@ def assemble(log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]] | None
     return buffer, len(buffer.state.groups), without
 
 
-def training_groups(log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]] | None = None,
-                    verifier_version: str | None = None) -> tuple[list[list[Any]], int, int]:
+def training_groups(
+    log_: RunLog, rewards: dict[str, tuple[float, RewardStatus]] | None = None, verifier_version: str | None = None
+) -> tuple[list[list[Any]], int, int]:
     """(complete groups in the order their last reward was appended, incomplete groups, completions without reward):
     `assemble`'s ready groups."""
     buffer, incomplete, without = assemble(log_, rewards, verifier_version)
@@ -346,8 +387,13 @@ def recorded_steps(path: Path) -> list[dict[str, Any]]:
     return [line for _, line in sorted(committed_steps(read_outcomes(path)).items())]
 
 
-def _recorded_groups(line: dict[str, Any], completions: dict[str, Completion], by_reward_id: dict[str, Reward],
-                     first_reward: dict[str, Reward], rewards: dict[str, tuple[float, RewardStatus]] | None) -> tuple[list[list[Any]], int]:
+def _recorded_groups(
+    line: dict[str, Any],
+    completions: dict[str, Completion],
+    by_reward_id: dict[str, Reward],
+    first_reward: dict[str, Reward],
+    rewards: dict[str, tuple[float, RewardStatus]] | None,
+) -> tuple[list[list[Any]], int]:
     """A recorded step's groups, rebuilt from the run log (samples made as the learner made them),
     and how many of its samples the run log lacks."""
     from learners.group_buffer import binding_mismatch, sample_of
@@ -380,10 +426,20 @@ def _recorded_groups(line: dict[str, Any], completions: dict[str, Completion], b
     return groups, missing
 
 
-def replay_learner(cfg: Config, log_: RunLog, new_run: str, *, rewards: dict[str, tuple[float, RewardStatus]] | None = None,
-                   verifier_version: str | None = None, save_dir: Path | None = None,
-                   registry: CollectorRegistry | None = None, progress: bool = False, threads: int | None = None,
-                   step_list: Path | None = None, use_step_list: bool = True) -> LearnerReplay:
+def replay_learner(
+    cfg: Config,
+    log_: RunLog,
+    new_run: str,
+    *,
+    rewards: dict[str, tuple[float, RewardStatus]] | None = None,
+    verifier_version: str | None = None,
+    save_dir: Path | None = None,
+    registry: CollectorRegistry | None = None,
+    progress: bool = False,
+    threads: int | None = None,
+    step_list: Path | None = None,
+    use_step_list: bool = True,
+) -> LearnerReplay:
     """Train a fresh policy on the run's recorded samples (see the module doc); `cfg.learner`
     gives seed, algorithm and step size, `cfg.engine.model` the starting weights.
 
@@ -410,7 +466,9 @@ def replay_learner(cfg: Config, log_: RunLog, new_run: str, *, rewards: dict[str
     torch.use_deterministic_algorithms(True)
     trainer = build_trainer(cfg)  # seeds torch with cfg.learner.seed, as the live learner's
     initial = tensors_sha256(trainer.model.lm)
-    m_steps = Gauge("primerl_replay_learner_steps", "Replayed update steps done", registry=registry) if registry else None
+    m_steps = (
+        Gauge("primerl_replay_learner_steps", "Replayed update steps done", registry=registry) if registry else None
+    )
     version = 0
     steps: list[StepRecord] = []
     file_checksums: dict[int, str] = {}
@@ -425,8 +483,18 @@ def replay_learner(cfg: Config, log_: RunLog, new_run: str, *, rewards: dict[str
         if stats is None:
             return False
         version += 1
-        steps.append(StepRecord(step=len(steps), groups=len(groups), samples=stats.samples, reward_mean=stats.reward_mean,
-                                loss=stats.loss, weights_sha256=tensors_sha256(trainer.model.lm), source_step=step, version=version))
+        steps.append(
+            StepRecord(
+                step=len(steps),
+                groups=len(groups),
+                samples=stats.samples,
+                reward_mean=stats.reward_mean,
+                loss=stats.loss,
+                weights_sha256=tensors_sha256(trainer.model.lm),
+                source_step=step,
+                version=version,
+            )
+        )
         if m_steps is not None:
             m_steps.set(len(steps))
         if out_dir is not None:
@@ -435,8 +503,14 @@ def replay_learner(cfg: Config, log_: RunLog, new_run: str, *, rewards: dict[str
                 import shutil
 
                 shutil.rmtree(out_dir / f"v{version}", ignore_errors=True)
-        log.info("replay step %d: %d groups, %d samples, loss %.5f, weights %s", steps[-1].step, len(groups), stats.samples,
-                 stats.loss, steps[-1].weights_sha256[:16])
+        log.info(
+            "replay step %d: %d groups, %d samples, loss %.5f, weights %s",
+            steps[-1].step,
+            len(groups),
+            stats.samples,
+            stats.loss,
+            steps[-1].weights_sha256[:16],
+        )
         return True
 
     missing = mismatched = stale = 0
@@ -477,13 +551,27 @@ def replay_learner(cfg: Config, log_: RunLog, new_run: str, *, rewards: dict[str
     original = {u.version: u.checksum for u in updates}
     same = sorted(v for v, c in file_checksums.items() if v in original and original[v] == c)
     return LearnerReplay(
-        source_run=log_.run_id, new_run=new_run, seed=lc.seed, threads=threads, groups_per_step=lc.groups_per_step,
-        groups_total=groups_total, groups_incomplete=incomplete, samples_without_reward=without, stale_dropped=stale,
-        steps=steps, initial_sha256=initial, final_sha256=tensors_sha256(trainer.model.lm),
+        source_run=log_.run_id,
+        new_run=new_run,
+        seed=lc.seed,
+        threads=threads,
+        groups_per_step=lc.groups_per_step,
+        groups_total=groups_total,
+        groups_incomplete=incomplete,
+        samples_without_reward=without,
+        stale_dropped=stale,
+        steps=steps,
+        initial_sha256=initial,
+        final_sha256=tensors_sha256(trainer.model.lm),
         original_policy_versions=sorted(u.version for u in updates),
-        original_checksums=original, replay_file_checksums=file_checksums, wall_s=time.perf_counter() - t0,
-        mode="recorded_steps" if recorded else "assembled", step_list=str(step_list) if recorded else "",
-        samples_missing=missing, steps_mismatched=mismatched, identical_versions=same,
+        original_checksums=original,
+        replay_file_checksums=file_checksums,
+        wall_s=time.perf_counter() - t0,
+        mode="recorded_steps" if recorded else "assembled",
+        step_list=str(step_list) if recorded else "",
+        samples_missing=missing,
+        steps_mismatched=mismatched,
+        identical_versions=same,
         different_versions=sorted(v for v, c in file_checksums.items() if v in original and original[v] != c),
     )
 
@@ -496,7 +584,22 @@ def save_learner_replay(root: Path, result: LearnerReplay) -> Path:
 
 
 __all__ = [
-    "LearnerReplay", "RescoredRow", "RunLog", "StepRecord", "VerifierDiff", "assemble", "derived_id", "find_step_list",
-    "recorded_steps", "replay_learner", "replay_prompts", "replayed_prompts", "rescore", "save_learner_replay", "save_rescored",
-    "tensors_sha256", "training_groups", "verifier_diff",
+    "LearnerReplay",
+    "RescoredRow",
+    "RunLog",
+    "StepRecord",
+    "VerifierDiff",
+    "assemble",
+    "derived_id",
+    "find_step_list",
+    "recorded_steps",
+    "replay_learner",
+    "replay_prompts",
+    "replayed_prompts",
+    "rescore",
+    "save_learner_replay",
+    "save_rescored",
+    "tensors_sha256",
+    "training_groups",
+    "verifier_diff",
 ]

@@ -31,32 +31,34 @@ from schemas.topics import TOPICS
 
 UNDECODABLE = "_undecodable"
 
-SCHEMA = pa.schema([
-    ("topic", pa.string()),
-    ("partition", pa.int32()),
-    ("offset", pa.int64()),
-    ("timestamp_ms", pa.int64()),
-    ("key", pa.binary()),
-    ("headers", pa.list_(pa.struct([("name", pa.string()), ("value", pa.binary())]))),
-    ("value", pa.binary()),  # the record's bytes as they were on the wire
-    ("error", pa.string()),  # why it did not decode; null when it did
-    # Decoded key fields (null where the message type has no such field).
-    ("kind", pa.string()),
-    ("id", pa.string()),
-    ("run_id", pa.string()),
-    ("created_at", pa.float64()),
-    ("request_id", pa.string()),
-    ("group_id", pa.string()),
-    ("completion_id", pa.string()),
-    ("sample_index", pa.int32()),
-    ("policy_version", pa.int64()),
-    ("task", pa.string()),
-    ("verifier_version", pa.string()),
-    ("key_id", pa.string()),
-    ("scalar", pa.float64()),
-    ("status", pa.string()),
-    ("stage", pa.string()),
-])
+SCHEMA = pa.schema(
+    [
+        ("topic", pa.string()),
+        ("partition", pa.int32()),
+        ("offset", pa.int64()),
+        ("timestamp_ms", pa.int64()),
+        ("key", pa.binary()),
+        ("headers", pa.list_(pa.struct([("name", pa.string()), ("value", pa.binary())]))),
+        ("value", pa.binary()),  # the record's bytes as they were on the wire
+        ("error", pa.string()),  # why it did not decode; null when it did
+        # Decoded key fields (null where the message type has no such field).
+        ("kind", pa.string()),
+        ("id", pa.string()),
+        ("run_id", pa.string()),
+        ("created_at", pa.float64()),
+        ("request_id", pa.string()),
+        ("group_id", pa.string()),
+        ("completion_id", pa.string()),
+        ("sample_index", pa.int32()),
+        ("policy_version", pa.int64()),
+        ("task", pa.string()),
+        ("verifier_version", pa.string()),
+        ("key_id", pa.string()),
+        ("scalar", pa.float64()),
+        ("status", pa.string()),
+        ("stage", pa.string()),
+    ]
+)
 
 _FILE = re.compile(r"^p(?P<partition>\d+)-(?P<first>\d+)-(?P<last>\d+)\.parquet$")
 _SAFE = re.compile(r"[^A-Za-z0-9._=-]")
@@ -85,9 +87,14 @@ def record_row(record: ConsumerRecord) -> tuple[str, dict[str, Any]]:
     value = record.value or b""
     headers = [(k, bytes(v)) for k, v in (record.headers or ())]
     row: dict[str, Any] = {
-        "topic": record.topic, "partition": record.partition, "offset": record.offset,
-        "timestamp_ms": record.timestamp, "key": record.key,
-        "headers": [{"name": k, "value": v} for k, v in headers], "value": value, "error": None,
+        "topic": record.topic,
+        "partition": record.partition,
+        "offset": record.offset,
+        "timestamp_ms": record.timestamp,
+        "key": record.key,
+        "headers": [{"name": k, "value": v} for k, v in headers],
+        "value": value,
+        "error": None,
     }
     topic = TOPICS.get(record.topic)
     if topic is None:
@@ -124,12 +131,25 @@ def _key_fields(msg: Message) -> dict[str, Any]:
     if isinstance(msg, PromptRequest):
         out.update(request_id=msg.id, group_id=msg.group_id, task=msg.task)
     elif isinstance(msg, Completion):
-        out.update(request_id=msg.request_id, group_id=msg.group_id, completion_id=msg.id, sample_index=msg.sample_index,
-                   policy_version=msg.policy_version, task=msg.task)
+        out.update(
+            request_id=msg.request_id,
+            group_id=msg.group_id,
+            completion_id=msg.id,
+            sample_index=msg.sample_index,
+            policy_version=msg.policy_version,
+            task=msg.task,
+        )
     elif isinstance(msg, Reward):
-        out.update(request_id=msg.request_id, group_id=msg.group_id, completion_id=msg.completion_id,
-                   policy_version=msg.policy_version, verifier_version=msg.verifier_version, key_id=msg.key_id,
-                   scalar=msg.scalar, status=msg.status.value)
+        out.update(
+            request_id=msg.request_id,
+            group_id=msg.group_id,
+            completion_id=msg.completion_id,
+            policy_version=msg.policy_version,
+            verifier_version=msg.verifier_version,
+            key_id=msg.key_id,
+            scalar=msg.scalar,
+            status=msg.status.value,
+        )
     elif isinstance(msg, PolicyUpdate):
         out.update(policy_version=msg.version)
     elif isinstance(msg, DeadLetter):
@@ -182,7 +202,6 @@ def read_topic(run_path: Path, topic: str, columns: list[str] | None = None) -> 
     if not files:
         return SCHEMA.empty_table().select(columns) if columns else SCHEMA.empty_table()
     return pa.concat_tables(pq.read_table(f, columns=columns, schema=SCHEMA) for f in files)
-
 
 
 def read_messages(run_path: Path, topic: str) -> Iterator[tuple[dict[str, Any], Message]]:

@@ -27,8 +27,10 @@ from pathlib import Path
 import msgspec
 
 from plumbing.config import Config
-from plumbing.local_servers import start_ticks  # the pid-recycling guard infra records use too
-from plumbing.local_servers import free_port
+from plumbing.local_servers import (
+    free_port,
+    start_ticks,  # the pid-recycling guard infra records use too
+)
 
 ROLES = ("engine", "verifier", "learner")
 # The log line that says a worker has joined its group and is serving.
@@ -92,8 +94,14 @@ def _write_workers(state_dir: Path, workers: list[WorkerProcess]) -> None:
     os.replace(tmp, path)
 
 
-def start_worker(cfg: Config, role: str, *, run_id: str = "", extra_env: dict[str, str] | None = None,
-                 extra_args: list[str] | None = None) -> WorkerProcess:
+def start_worker(
+    cfg: Config,
+    role: str,
+    *,
+    run_id: str = "",
+    extra_env: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+) -> WorkerProcess:
     """Start one `primerl <role>` in a new session (process group); returns its record."""
     port = free_port()
     log_dir = cfg.state_dir / "logs"
@@ -107,9 +115,19 @@ def start_worker(cfg: Config, role: str, *, run_id: str = "", extra_env: dict[st
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     log_file = log_dir / f"{role}-{int(time.time() * 1000)}-{port}.log"
     with open(log_file, "ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    return WorkerProcess(role=role, pid=proc.pid, start_ticks=start_ticks(proc.pid) or 0, cmdline=cmd, log_file=str(log_file),
-                         metrics_port=port, started_at=time.time(), run_id=run_id)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+    return WorkerProcess(
+        role=role,
+        pid=proc.pid,
+        start_ticks=start_ticks(proc.pid) or 0,
+        cmdline=cmd,
+        log_file=str(log_file),
+        metrics_port=port,
+        started_at=time.time(),
+        run_id=run_id,
+    )
 
 
 def wait_ready(worker: WorkerProcess, timeout_s: float) -> None:
@@ -123,7 +141,9 @@ def wait_ready(worker: WorkerProcess, timeout_s: float) -> None:
             return
         if not worker.alive():
             _reap(worker.pid)
-            raise RuntimeError(f"{worker.role} pid {worker.pid} exited during start-up:\n" + "\n".join(text.splitlines()[-30:]))
+            raise RuntimeError(
+                f"{worker.role} pid {worker.pid} exited during start-up:\n" + "\n".join(text.splitlines()[-30:])
+            )
         time.sleep(0.5)
     raise TimeoutError(f"{worker.role} pid {worker.pid} not serving after {timeout_s}s (log: {worker.log_file})")
 
@@ -166,8 +186,17 @@ def _kill_group_leftovers(pgid: int) -> None:
         pass
 
 
-def scale(cfg: Config, role: str, count: int, *, run_id: str = "", wait: bool = True, start_timeout_s: float = 240,
-          stop_timeout_s: float = 120, extra_env: dict[str, str] | None = None) -> ScaleResult:
+def scale(
+    cfg: Config,
+    role: str,
+    count: int,
+    *,
+    run_id: str = "",
+    wait: bool = True,
+    start_timeout_s: float = 240,
+    stop_timeout_s: float = 120,
+    extra_env: dict[str, str] | None = None,
+) -> ScaleResult:
     """Start or stop `role` workers (the ones this state dir recorded) until `count` run."""
     if role not in ROLES:
         raise ValueError(f"unknown kind {role!r}: one of {', '.join(ROLES)}")
@@ -177,7 +206,9 @@ def scale(cfg: Config, role: str, count: int, *, run_id: str = "", wait: bool = 
         if not run_id:
             raise ValueError("scale learner needs the run id (--run-id)")
         if count > 1:
-            raise ValueError("one learner per run: the group learner-<run_id> holds that run's groups and optimizer state")
+            raise ValueError(
+                "one learner per run: the group learner-<run_id> holds that run's groups and optimizer state"
+            )
     with _locked(cfg.state_dir):
         everyone = read_workers(cfg.state_dir)
         mine = [w for w in everyone if w.role == role and (role != "learner" or w.run_id == run_id)]

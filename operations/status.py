@@ -26,12 +26,11 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.protocol.group import MemberAssignment
 from redis.asyncio import Redis
 
-from schemas import keys
-from schemas.registry import WorkerInfo
 from plumbing.config import Config
 from plumbing.kafka import common_kwargs
+from schemas import keys
+from schemas.registry import WorkerInfo
 from schemas.topics import COMPLETIONS, DLQ, PROMPTS, REWARDS, ROUTED, TOPICS
-
 
 
 class Member(msgspec.Struct, kw_only=True):
@@ -104,7 +103,9 @@ def _members(raw: list[Any]) -> list[Member]:
     return out
 
 
-async def consumer_groups(cfg: Config, include_all: bool = False, candidates: list[str] | None = None) -> list[GroupStatus]:
+async def consumer_groups(
+    cfg: Config, include_all: bool = False, candidates: list[str] | None = None
+) -> list[GroupStatus]:
     """Every group this system runs (all groups with `include_all`), described with lag.
 
     `candidates` are groups to look for even when the broker does not list them: Tansu
@@ -144,7 +145,9 @@ async def consumer_groups(cfg: Config, include_all: bool = False, candidates: li
             if g.startswith("learner-"):
                 lag = {}  # a learner keeps its offsets in its checkpoint, not in the group: no lag to compute
             state, members = described.get(g, ("Unknown", []))
-            out.append(GroupStatus(group_id=g, state=state, members=members, topics=sorted(sums), lag=lag, committed=sums))
+            out.append(
+                GroupStatus(group_id=g, state=state, members=members, topics=sorted(sums), lag=lag, committed=sums)
+            )
         return out
     finally:
         await consumer.stop()
@@ -207,16 +210,29 @@ async def collect_status(cfg: Config, redis: Redis, include_all: bool = False) -
     )
     notes = []
     if any(m.partitions == [] for g in groups for m in g.members):
-        notes.append("the broker did not report member assignments (Tansu does not): partitions below come from the worker registry")
-    notes.append("lag and the dead-letter count come from end offsets, which the local Tansu broker reports approximately "
-                 "for multi-record batches; exact on Apache Kafka")
-    notes.append("Tansu may go on describing members of consumers that have exited (it was seen keeping a finished learner's "
-                 "member as Stable): the registry's heartbeats say which workers are alive")
+        notes.append(
+            "the broker did not report member assignments (Tansu does not): partitions below come from the worker registry"
+        )
+    notes.append(
+        "lag and the dead-letter count come from end offsets, which the local Tansu broker reports approximately "
+        "for multi-record batches; exact on Apache Kafka"
+    )
+    notes.append(
+        "Tansu may go on describing members of consumers that have exited (it was seen keeping a finished learner's "
+        "member as Stable): the registry's heartbeats say which workers are alive"
+    )
     if any(g.group_id.startswith("learner-") for g in groups):
         notes.append("learner groups show no lag: a learner keeps its offsets in its checkpoint, not in the group")
-    return StatusReport(groups=groups, workers=workers, bad_registry_entries=bad, dead_letters=dlq,
-                        cache_hit_rate=cache_hit_rate(workers), policy_versions=versions,
-                        notes=notes, taken_at=time.time())
+    return StatusReport(
+        groups=groups,
+        workers=workers,
+        bad_registry_entries=bad,
+        dead_letters=dlq,
+        cache_hit_rate=cache_hit_rate(workers),
+        policy_versions=versions,
+        notes=notes,
+        taken_at=time.time(),
+    )
 
 
 def render(report: StatusReport) -> str:
@@ -237,12 +253,33 @@ def render(report: StatusReport) -> str:
         groups.add_row(g.group_id, g.state, str(len(g.members)), parts[:60], ", ".join(g.topics) or "-", lag)
     console.print(groups)
     workers = Table(title="live workers (Redis registry)")
-    for col in ("role", "worker", "host", "pid", "partitions", "policy", "heartbeat age", "prompt tok", "cached tok", "load tok"):
+    for col in (
+        "role",
+        "worker",
+        "host",
+        "pid",
+        "partitions",
+        "policy",
+        "heartbeat age",
+        "prompt tok",
+        "cached tok",
+        "load tok",
+    ):
         workers.add_column(col)
     now = time.time()
     for w in report.workers:
-        workers.add_row(w.role, w.worker_id, w.host, str(w.pid), ",".join(map(str, w.partitions)) or "-", str(w.policy_version),
-                        f"{now - w.heartbeat_at:.1f}s", str(w.prompt_tokens), str(w.cached_prompt_tokens), f"{w.load_tokens:g}")
+        workers.add_row(
+            w.role,
+            w.worker_id,
+            w.host,
+            str(w.pid),
+            ",".join(map(str, w.partitions)) or "-",
+            str(w.policy_version),
+            f"{now - w.heartbeat_at:.1f}s",
+            str(w.prompt_tokens),
+            str(w.cached_prompt_tokens),
+            f"{w.load_tokens:g}",
+        )
     console.print(workers)
     rate = "n/a (no prompt tokens yet)" if report.cache_hit_rate is None else f"{report.cache_hit_rate:.3f}"
     console.print(f"dead letters: {report.dead_letters}    prefix-cache hit rate (live engines): {rate}")

@@ -51,9 +51,23 @@ from schemas.topics import COMPLETIONS, DLQ, POLICY, PROMPTS, REWARDS, ROUTED
 log = logging.getLogger("perf.chaos")
 
 # Error types of a server being away (not of bad input).
-INFRA_ERRORS = {"ConnectionError", "TimeoutError", "RedisError", "OSError", "KafkaTimeoutError", "KafkaConnectionError",
-                "RequestTimedOutError", "NodeNotReadyError", "NotLeaderForPartitionError", "BusyLoadingError",
-                "ConnectionRefusedError", "BrokenPipeError", "ConnectionResetError", "CancelledError", "FatalError"}
+INFRA_ERRORS = {
+    "ConnectionError",
+    "TimeoutError",
+    "RedisError",
+    "OSError",
+    "KafkaTimeoutError",
+    "KafkaConnectionError",
+    "RequestTimedOutError",
+    "NodeNotReadyError",
+    "NotLeaderForPartitionError",
+    "BusyLoadingError",
+    "ConnectionRefusedError",
+    "BrokenPipeError",
+    "ConnectionResetError",
+    "CancelledError",
+    "FatalError",
+}
 FAULT_KINDS = tuple(f"kill:{k}" for k in KINDS) + ("redis_restart", "broker_pause")
 # Where a stage's work shows up: its output topic (learner: its outcome log; archiver: files).
 OUTPUT_TOPIC = {"router": ROUTED.name, "engine": COMPLETIONS.name, "verifier": REWARDS.name}
@@ -94,9 +108,15 @@ class ChaosRun:
         run_id = args.run_id or f"chaos-{uuid.uuid4().hex[:6]}"
         self.work_dir = Path(args.work_dir or (ARTIFACTS / "chaos" / run_id)).resolve()
         self.settings = StackSettings(
-            run_id=run_id, work_dir=self.work_dir, group_size=args.group_size, prompts_per_batch=args.prompts_per_batch,
-            groups_per_step=args.groups_per_step, max_tokens=args.max_tokens, max_policy_lag=args.max_policy_lag,
-            group_timeout_s=args.group_timeout_s, seed=args.seed,
+            run_id=run_id,
+            work_dir=self.work_dir,
+            group_size=args.group_size,
+            prompts_per_batch=args.prompts_per_batch,
+            groups_per_step=args.groups_per_step,
+            max_tokens=args.max_tokens,
+            max_policy_lag=args.max_policy_lag,
+            group_timeout_s=args.group_timeout_s,
+            seed=args.seed,
         )
         self.stack = Stack(self.settings)
         self.plan = schedule(args.seed, max(args.faults, len(FAULT_KINDS))) if args.faults > 0 else []
@@ -119,7 +139,10 @@ class ChaosRun:
         self.observer = Observer(cfg, self.settings.run_id)
         try:
             await self.stack.start_stages()
-            self.say("all stages ready: " + ", ".join(f"{k} pid {s.proc.pid}" for k, s in self.stack.stages.items() if s.proc))
+            self.say(
+                "all stages ready: "
+                + ", ".join(f"{k} pid {s.proc.pid}" for k, s in self.stack.stages.items() if s.proc)
+            )
             await self.observer.start()
             self.feeder = Feeder(cfg, self.settings, self.stack.outcomes_path, self.observer)
             self.t0 = time.time()
@@ -142,7 +165,9 @@ class ChaosRun:
             await asyncio.to_thread(self.stack.stop_servers)
             if not self.args.keep:  # two 0.5 GB safetensors folders; logs, archive and outcome log stay
                 shutil.rmtree(self.stack.state_dir / "policies", ignore_errors=True)
-                self.stack.checkpoint_path.unlink(missing_ok=True)  # 1.1 GB with AdamW state; read into the report already
+                self.stack.checkpoint_path.unlink(
+                    missing_ok=True
+                )  # 1.1 GB with AdamW state; read into the report already
 
     async def _supervise(self, feed: asyncio.Task[None]) -> None:
         a = self.args
@@ -159,7 +184,9 @@ class ChaosRun:
             if consumed != last_consumed:
                 last_consumed, consumed_since = consumed, now
             nxt = len(self.faults)
-            stable = not self._busy and not self._pending_restart and all(s.ready_at for s in self.stack.stages.values())
+            stable = (
+                not self._busy and not self._pending_restart and all(s.ready_at for s in self.stack.stages.values())
+            )
             due = consumed >= thresholds[nxt] if nxt < len(self.plan) else False
             if feed.done() and now - consumed_since > a.drain_idle_s / 2:
                 due = True  # the learner is stuck short of the mark: fire the rest anyway
@@ -195,8 +222,13 @@ class ChaosRun:
         for kind, st in self.stack.stages.items():
             if not st.alive() and kind not in self._pending_restart:
                 code = st.proc.returncode if st.proc else None
-                crash = {"stage": kind, "at_s": round(now - self.t0, 1), "exit_code": code, "log_tail": st.log_tail(15),
-                         "log_file": str(st.log_file)}
+                crash = {
+                    "stage": kind,
+                    "at_s": round(now - self.t0, 1),
+                    "exit_code": code,
+                    "log_tail": st.log_tail(15),
+                    "log_file": str(st.log_file),
+                }
                 self.crashes.append(crash)
                 if self.faults:
                     self.faults[-1].crashes_after.append(kind)
@@ -243,7 +275,9 @@ class ChaosRun:
             f.processes_killed = await asyncio.to_thread(st.kill)
             delay = self.rng.uniform(0.5, 2.0)
             self._pending_restart[stage] = (time.time() + delay, f)
-            self.say(f"FAULT {len(self.faults)}/{len(self.plan)}: SIGKILL {stage} ({f.processes_killed} processes); restart in {delay:.1f}s")
+            self.say(
+                f"FAULT {len(self.faults)}/{len(self.plan)}: SIGKILL {stage} ({f.processes_killed} processes); restart in {delay:.1f}s"
+            )
         elif kind == "redis_restart":
             self._busy = True
             self.say(f"FAULT {len(self.faults)}/{len(self.plan)}: redis-server SIGKILLed, restarting empty on its port")
@@ -254,8 +288,10 @@ class ChaosRun:
             self.say(f"redis back (empty) after {took:.1f}s")
         elif kind == "broker_pause":
             self._busy = True
-            self.say(f"FAULT {len(self.faults)}/{len(self.plan)}: broker SIGSTOP for {self.args.pause_s:.0f}s "
-                     f"(session timeout {self.stack.cfg.kafka.session_timeout_ms / 1000:.0f}s)")
+            self.say(
+                f"FAULT {len(self.faults)}/{len(self.plan)}: broker SIGSTOP for {self.args.pause_s:.0f}s "
+                f"(session timeout {self.stack.cfg.kafka.session_timeout_ms / 1000:.0f}s)"
+            )
             self.stack.pause_broker()
 
             async def resume() -> None:
@@ -290,10 +326,15 @@ class ChaosRun:
     def _progress(self, consumed: int) -> None:
         obs = self.observer
         steps = sum(1 for line in read_outcomes(self.stack.outcomes_path) if line.get("kind") == "step")
-        states = " ".join(f"{k}:{'up' if s.ready_at else ('down' if not s.alive() else 'starting')}" for k, s in self.stack.stages.items())
-        self.say(f"published {self.feeder.samples}/{self.args.samples}  completions {len(obs.completion_ids)}  "
-                 f"rewarded {len(obs.reward_completion_ids)}  consumed {consumed}  steps {steps}  "
-                 f"faults {len(self.faults)}/{len(self.plan)}  dead-lettered {len(obs.dead_sample_ids)}  crashes {len(self.crashes)}  [{states}]")
+        states = " ".join(
+            f"{k}:{'up' if s.ready_at else ('down' if not s.alive() else 'starting')}"
+            for k, s in self.stack.stages.items()
+        )
+        self.say(
+            f"published {self.feeder.samples}/{self.args.samples}  completions {len(obs.completion_ids)}  "
+            f"rewarded {len(obs.reward_completion_ids)}  consumed {consumed}  steps {steps}  "
+            f"faults {len(self.faults)}/{len(self.plan)}  dead-lettered {len(obs.dead_sample_ids)}  crashes {len(self.crashes)}  [{states}]"
+        )
 
     # --- the report ---------------------------------------------------------------------
     def report(self) -> dict[str, Any]:
@@ -361,17 +402,32 @@ class ChaosRun:
             return "published, never routed"
 
         dup_records = {
-            PROMPTS.name: _dups([r.msg for r in obs.records.get(PROMPTS.name, ()) if isinstance(r.msg, PromptRequest)],
-                                lambda m: m.id, lambda m: m.id),
-            ROUTED.name: _dups([r.msg for r in obs.records.get(ROUTED.name, ()) if isinstance(r.msg, PromptRequest)],
-                               lambda m: m.id, lambda m: m.id),
-            COMPLETIONS.name: _dups([m for ms in completions_by_id.values() for m in ms], lambda m: m.id,
-                                    lambda m: (tuple(m.token_ids), m.policy_version)),
-            REWARDS.name: _dups([m for ms in rewards_by_key.values() for m in ms], lambda m: (m.completion_id, m.verifier_version),
-                                lambda m: (m.scalar, m.status.value, m.tokens_hash)),
+            PROMPTS.name: _dups(
+                [r.msg for r in obs.records.get(PROMPTS.name, ()) if isinstance(r.msg, PromptRequest)],
+                lambda m: m.id,
+                lambda m: m.id,
+            ),
+            ROUTED.name: _dups(
+                [r.msg for r in obs.records.get(ROUTED.name, ()) if isinstance(r.msg, PromptRequest)],
+                lambda m: m.id,
+                lambda m: m.id,
+            ),
+            COMPLETIONS.name: _dups(
+                [m for ms in completions_by_id.values() for m in ms],
+                lambda m: m.id,
+                lambda m: (tuple(m.token_ids), m.policy_version),
+            ),
+            REWARDS.name: _dups(
+                [m for ms in rewards_by_key.values() for m in ms],
+                lambda m: (m.completion_id, m.verifier_version),
+                lambda m: (m.scalar, m.status.value, m.tokens_hash),
+            ),
         }
-        reward_dups = {f"{cid} [{vv}]": sorted({(m.scalar, m.status.value) for m in ms}, key=str)
-                       for (cid, vv), ms in rewards_by_key.items() if len({(m.scalar, m.status.value, m.tokens_hash) for m in ms}) > 1}
+        reward_dups = {
+            f"{cid} [{vv}]": sorted({(m.scalar, m.status.value) for m in ms}, key=str)
+            for (cid, vv), ms in rewards_by_key.items()
+            if len({(m.scalar, m.status.value, m.tokens_hash) for m in ms}) > 1
+        }
         trained_twice = {i: n for i, n in trained.items() if n > 1}
         checksums: dict[int, set[str]] = defaultdict(set)
         for r in obs.records.get(POLICY.name, ()):
@@ -379,8 +435,11 @@ class ChaosRun:
                 checksums[r.msg.version].add(r.msg.checksum)
         policy_dups = {v: sorted(c) for v, c in checksums.items() if len(c) > 1}
         # A reward whose tokens are not those of the completion the learner kept (a regenerated completion).
-        mismatched = sum(1 for (cid, _), ms in rewards_by_key.items()
-                         if cid in completions_by_id and len({tuple(c.token_ids) for c in completions_by_id[cid]}) > 1)
+        mismatched = sum(
+            1
+            for (cid, _), ms in rewards_by_key.items()
+            if cid in completions_by_id and len({tuple(c.token_ids) for c in completions_by_id[cid]}) > 1
+        )
 
         dead = Counter(reason for reasons in obs.dead_sample_ids.values() for reason in reasons)
         dlq_records = obs.records.get(DLQ.name, [])
@@ -389,9 +448,17 @@ class ChaosRun:
         kills = Counter(f.kind.split(":", 1)[1] for f in self.faults if f.kind.startswith("kill:"))
         report: dict[str, Any] = {
             "run_id": self.settings.run_id,
-            "settings": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.settings).items() if k != "extra_env"},
-                         "samples_target": self.args.samples, "pause_s": self.args.pause_s,
-                         "session_timeout_s": self.stack.cfg.kafka.session_timeout_ms / 1000, "seed": self.args.seed},
+            "settings": {
+                **{
+                    k: (str(v) if isinstance(v, Path) else v)
+                    for k, v in asdict(self.settings).items()
+                    if k != "extra_env"
+                },
+                "samples_target": self.args.samples,
+                "pause_s": self.args.pause_s,
+                "session_timeout_s": self.stack.cfg.kafka.session_timeout_ms / 1000,
+                "seed": self.args.seed,
+            },
             "wall_s": round(self.wall_s, 1),
             "kills": {k: kills.get(k, 0) for k in KINDS},
             "redis_restarts": sum(f.kind == "redis_restart" for f in self.faults),
@@ -415,35 +482,63 @@ class ChaosRun:
                 "samples_trained_twice": len(trained_twice),
                 "policy_versions_with_two_checksums": len(policy_dups),
                 "rewards_for_regenerated_completions": mismatched,
-                "examples": {"rewards": dict(list(reward_dups.items())[:10]), "trained": dict(list(trained_twice.items())[:10]),
-                             "policy": policy_dups},
+                "examples": {
+                    "rewards": dict(list(reward_dups.items())[:10]),
+                    "trained": dict(list(trained_twice.items())[:10]),
+                    "policy": policy_dups,
+                },
             },
-            "dead_letters": {"records": len(dlq_records) + len(obs.records.get("dlq_other", [])),
-                             "of_this_run": len(dlq_records), "by_stage_error": dict(Counter(
-                                 f"{r.msg.stage}:{r.msg.error_type}" for r in dlq_records + obs.records.get("dlq_other", []) if r.msg)),
-                             "examples": [f"{r.msg.stage} {r.msg.source_topic}: {r.msg.error_type}: {r.msg.error[:160]}"
-                                          for r in dlq_records[:8] if r.msg]},
-            "learner": {"checkpoint_step": ckpt_step, "policy_version": state.version if state else None,
-                        "steps_committed": len(steps), "step_lines": sum(1 for x in lines if x.get("kind") == "step"),
-                        "steps_redone_after_a_kill": sum(1 for x in lines if x.get("kind") == "step") - len(
-                            {x["step"] for x in lines if x.get("kind") == "step"}),
-                        "counters": dict(state.counters) if state else {},
-                        "policy_versions_published": sorted(checksums)},
-            "feeder": {"batches": self.feeder.batches, "forced_batches": self.feeder.forced, "publish_retries": self.feeder.publish_errors},
+            "dead_letters": {
+                "records": len(dlq_records) + len(obs.records.get("dlq_other", [])),
+                "of_this_run": len(dlq_records),
+                "by_stage_error": dict(
+                    Counter(
+                        f"{r.msg.stage}:{r.msg.error_type}"
+                        for r in dlq_records + obs.records.get("dlq_other", [])
+                        if r.msg
+                    )
+                ),
+                "examples": [
+                    f"{r.msg.stage} {r.msg.source_topic}: {r.msg.error_type}: {r.msg.error[:160]}"
+                    for r in dlq_records[:8]
+                    if r.msg
+                ],
+            },
+            "learner": {
+                "checkpoint_step": ckpt_step,
+                "policy_version": state.version if state else None,
+                "steps_committed": len(steps),
+                "step_lines": sum(1 for x in lines if x.get("kind") == "step"),
+                "steps_redone_after_a_kill": sum(1 for x in lines if x.get("kind") == "step")
+                - len({x["step"] for x in lines if x.get("kind") == "step"}),
+                "counters": dict(state.counters) if state else {},
+                "policy_versions_published": sorted(checksums),
+            },
+            "feeder": {
+                "batches": self.feeder.batches,
+                "forced_batches": self.feeder.forced,
+                "publish_retries": self.feeder.publish_errors,
+            },
             "faults": [_fault_json(f) for f in self.faults],
             "recovery_s": recovery,
             "archive": self._archive_check(),
             "exit_codes_at_stop": self.exit_codes,
         }
-        report["targets"] = {"lost_is_zero": len(lost) == 0, "duplicate_effects_is_zero": report["duplicate_effects"]["total"] == 0,
-                             "every_kind_faulted": all(kills.get(k, 0) for k in KINDS) and report["redis_restarts"] > 0
-                             and report["broker_pauses"] > 0}
+        report["targets"] = {
+            "lost_is_zero": len(lost) == 0,
+            "duplicate_effects_is_zero": report["duplicate_effects"]["total"] == 0,
+            "every_kind_faulted": all(kills.get(k, 0) for k in KINDS)
+            and report["redis_restarts"] > 0
+            and report["broker_pauses"] > 0,
+        }
         # Good records dead-lettered because a server was briefly away: not lost by the
         # definition above (they carry a reason), but never trained. Reported, not in `pass`.
         infra = {i: r for i, r in obs.dead_sample_ids.items() if any(x.split(":", 1)[1] in INFRA_ERRORS for x in r)}
         report["samples"]["dead_lettered_by_infrastructure_errors"] = len(infra)
         report["targets"]["no_good_sample_dead_lettered_for_an_outage"] = not infra
-        report["pass"] = all(v for k, v in report["targets"].items() if k != "no_good_sample_dead_lettered_for_an_outage")
+        report["pass"] = all(
+            v for k, v in report["targets"].items() if k != "no_good_sample_dead_lettered_for_an_outage"
+        )
         return report
 
     def _attribute(self, dlq_records: list[Any]) -> None:
@@ -455,7 +550,11 @@ class ChaosRun:
     def _recovery(self, lines: list[dict[str, Any]]) -> dict[str, Any]:
         obs = self.observer
         step_times = sorted(x["t"] for x in lines if x.get("kind") == "step")
-        files = sorted(p.stat().st_mtime for p in self.stack.archive_root.rglob("*.parquet")) if self.stack.archive_root.exists() else []
+        files = (
+            sorted(p.stat().st_mtime for p in self.stack.archive_root.rglob("*.parquet"))
+            if self.stack.archive_root.exists()
+            else []
+        )
 
         def first(times: list[float], t: float) -> float | None:
             return next((x for x in times if x > t), None)
@@ -488,7 +587,9 @@ class ChaosRun:
             if not fs:
                 continue
             keys = {k for f in fs for k in f.recovery}
-            out[kind] = {k: _summary([f.recovery[k] for f in fs if f.recovery.get(k) is not None]) for k in sorted(keys)}
+            out[kind] = {
+                k: _summary([f.recovery[k] for f in fs if f.recovery.get(k) is not None]) for k in sorted(keys)
+            }
         return out
 
     def _archive_check(self) -> dict[str, Any]:
@@ -505,8 +606,12 @@ class ChaosRun:
                 t = pq.read_table(path, columns=["partition", "offset"])
                 seen.update(zip(t.column("partition").to_pylist(), t.column("offset").to_pylist(), strict=True))
             observed = {(r.partition, r.offset) for r in self.observer.records.get(topic, ())}
-            out[topic] = {"archived": sum(seen.values()), "observed": len(observed),
-                          "archived_twice": sum(1 for n in seen.values() if n > 1), "missing": len(observed - set(seen))}
+            out[topic] = {
+                "archived": sum(seen.values()),
+                "observed": len(observed),
+                "archived_twice": sum(1 for n in seen.values() if n > 1),
+                "missing": len(observed - set(seen)),
+            }
         return out
 
 
@@ -517,7 +622,12 @@ def _dups(msgs: list[Any], key: Any, content: Any) -> dict[str, int]:
         by[key(m)].append(content(m))
     identical = sum(len(v) - len(set(v)) for v in by.values())
     differing = sum(len(set(v)) - 1 for v in by.values())
-    return {"records": len(msgs), "distinct": len(by), "identical_redeliveries": identical, "differing_content": differing}
+    return {
+        "records": len(msgs),
+        "distinct": len(by),
+        "identical_redeliveries": identical,
+        "differing_content": differing,
+    }
 
 
 def _summary(values: list[float]) -> dict[str, float] | None:
@@ -527,8 +637,15 @@ def _summary(values: list[float]) -> dict[str, float] | None:
 
 
 def _fault_json(f: Fault) -> dict[str, Any]:
-    return {"kind": f.kind, "at_s": f.at_s, "target_busy": f.target_busy, "processes_killed": f.processes_killed, "recovery": f.recovery,
-            "dead_letters_after": f.dead_letters_after, "crashes_after": f.crashes_after}
+    return {
+        "kind": f.kind,
+        "at_s": f.at_s,
+        "target_busy": f.target_busy,
+        "processes_killed": f.processes_killed,
+        "recovery": f.recovery,
+        "dead_letters_after": f.dead_letters_after,
+        "crashes_after": f.crashes_after,
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -536,16 +653,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=1000, help="samples to publish (rounded up to whole batches)")
     p.add_argument("--faults", type=int, default=12, help="faults to inject (at least one of each of the 7 kinds)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pause-s", type=float, default=10.0, help="broker SIGSTOP length (longer than the 6 s session timeout)")
+    p.add_argument(
+        "--pause-s", type=float, default=10.0, help="broker SIGSTOP length (longer than the 6 s session timeout)"
+    )
     p.add_argument("--min-gap-s", type=float, default=10.0, help="seconds between faults at least")
-    p.add_argument("--busy-wait-s", type=float, default=30.0, help="a due fault waits this long for its target to be busy")
+    p.add_argument(
+        "--busy-wait-s", type=float, default=30.0, help="a due fault waits this long for its target to be busy"
+    )
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--prompts-per-batch", type=int, default=8)
     p.add_argument("--groups-per-step", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=12)
     p.add_argument("--max-policy-lag", type=int, default=1)
     p.add_argument("--group-timeout-s", type=float, default=40.0)
-    p.add_argument("--drain-idle-s", type=float, default=90.0, help="end once the learner consumed nothing new this long")
+    p.add_argument(
+        "--drain-idle-s", type=float, default=90.0, help="end once the learner consumed nothing new this long"
+    )
     p.add_argument("--drain-timeout-s", type=float, default=400.0)
     p.add_argument("--max-wall-s", type=float, default=3600.0)
     p.add_argument("--progress-s", type=float, default=10.0)
@@ -565,11 +688,15 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     s, d = report["samples"], report["duplicate_effects"]
-    print(f"\nkills {report['kills']}, redis restarts {report['redis_restarts']}, broker pauses {report['broker_pauses']}, "
-          f"crashes {len(report['crashes'])}")
+    print(
+        f"\nkills {report['kills']}, redis restarts {report['redis_restarts']}, broker pauses {report['broker_pauses']}, "
+        f"crashes {len(report['crashes'])}"
+    )
     print(f"samples: published {s['published']}, outcomes {s['outcomes']}, LOST {s['lost']}")
-    print(f"duplicate records: { {t: v['identical_redeliveries'] + v['differing_content'] for t, v in report['duplicate_records'].items()} }, "
-          f"duplicate effects {d['total']}; dead letters {report['dead_letters']['by_stage_error']}")
+    print(
+        f"duplicate records: { {t: v['identical_redeliveries'] + v['differing_content'] for t, v in report['duplicate_records'].items()} }, "
+        f"duplicate effects {d['total']}; dead letters {report['dead_letters']['by_stage_error']}"
+    )
     print(f"recovery: {json.dumps(report['recovery_s'])}")
     print(f"{'PASS' if report['pass'] else 'FAIL'} {report['targets']}; report: {out}")
     return 0 if report["pass"] else 1

@@ -21,12 +21,12 @@ import uuid
 import msgspec
 
 from engine_workers.engine import Engine
-from plumbing.model_store import resolve_model
 from engine_workers.requests import build_input
 from engine_workers.service import serve_engine
 from perf.common import ARTIFACTS, percentile, write_csv
 from plumbing.config import Config, load_config
 from plumbing.infra import infra_for_run
+from plumbing.model_store import resolve_model
 from plumbing.runtime import run, setup_logging
 from primerl.embedded import publish_prompts, start_stage
 from primerl.observe import RunObserver
@@ -76,7 +76,15 @@ async def raw_vllm(cfg: Config, args: argparse.Namespace) -> Row:
         wall = time.perf_counter() - t0
     finally:
         engine.shutdown()
-    return Row("raw_vllm", len(reqs), len(reqs) * args.group_size, tokens, tokens / wall, percentile(ttfbs, 50), percentile(ttfbs, 95))
+    return Row(
+        "raw_vllm",
+        len(reqs),
+        len(reqs) * args.group_size,
+        tokens,
+        tokens / wall,
+        percentile(ttfbs, 50),
+        percentile(ttfbs, 95),
+    )
 
 
 async def pipeline(cfg: Config, args: argparse.Namespace) -> Row:
@@ -98,7 +106,9 @@ async def pipeline(cfg: Config, args: argparse.Namespace) -> Row:
         await serving
     ttfbs = [(v.first_chunk_at - t0) * 1000 for v in obs.requests.values()]
     tokens = sum(len(c.token_ids) for c in obs.finals())
-    return Row("pipeline", len(reqs), len(obs.finals()), tokens, tokens / wall, percentile(ttfbs, 50), percentile(ttfbs, 95))
+    return Row(
+        "pipeline", len(reqs), len(obs.finals()), tokens, tokens / wall, percentile(ttfbs, 50), percentile(ttfbs, 95)
+    )
 
 
 def plot(rows: list[Row], path: str) -> None:
@@ -148,4 +158,6 @@ if __name__ == "__main__":
     raw = [r for r in rows if r.mode == "raw_vllm"]
     pipe = [r for r in rows if r.mode == "pipeline"]
     ratio = sum(p.tokens_per_s for p in pipe) / sum(r.tokens_per_s for r in raw)
-    print(f"pipeline/raw tokens/s = {ratio:.3f}; TTFB p95 raw {[round(r.ttfb_p95_ms) for r in raw]} pipeline {[round(p.ttfb_p95_ms) for p in pipe]}")
+    print(
+        f"pipeline/raw tokens/s = {ratio:.3f}; TTFB p95 raw {[round(r.ttfb_p95_ms) for r in raw]} pipeline {[round(p.ttfb_p95_ms) for p in pipe]}"
+    )

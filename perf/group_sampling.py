@@ -17,10 +17,10 @@ import time
 import msgspec
 
 from engine_workers.engine import Engine
-from plumbing.model_store import resolve_model
 from engine_workers.requests import build_input
 from perf.common import ARTIFACTS, write_csv
 from plumbing.config import load_config
+from plumbing.model_store import resolve_model
 from plumbing.runtime import run, setup_logging
 from producers.arithmetic import arithmetic_requests
 
@@ -39,8 +39,14 @@ class Row(msgspec.Struct):
 
 async def _one_mode(engine: Engine, mode: str, repeat: int, args: argparse.Namespace) -> Row:
     # A fresh prompt set per repeat, so no mode profits from the other's cache.
-    reqs = arithmetic_requests("bench", args.prompts, args.group_size, seed=1000 + repeat * 2 + (mode == "separate"),
-                               max_tokens=args.max_tokens, grammar=None)
+    reqs = arithmetic_requests(
+        "bench",
+        args.prompts,
+        args.group_size,
+        seed=1000 + repeat * 2 + (mode == "separate"),
+        max_tokens=args.max_tokens,
+        grammar=None,
+    )
     jobs = []
     for r in reqs:
         inp = build_input(r, engine.tokenizer, engine.max_model_len)
@@ -91,8 +97,11 @@ def plot(rows: list[Row], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([f"{r.mode}\n#{r.repeat + 1}" for r in rows], [r.tokens_per_s for r in rows],
-           color=["tab:blue" if r.mode == "n_equals_g" else "tab:gray" for r in rows])
+    ax.bar(
+        [f"{r.mode}\n#{r.repeat + 1}" for r in rows],
+        [r.tokens_per_s for r in rows],
+        color=["tab:blue" if r.mode == "n_equals_g" else "tab:gray" for r in rows],
+    )
     ax.set_ylabel("generated tokens/s")
     ax.set_title("GRPO group: n=G in one request vs G requests")
     fig.tight_layout()

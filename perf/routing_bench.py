@@ -39,21 +39,23 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from tqdm import tqdm
 
-from plumbing.model_store import resolve_model
 from engine_workers.prefix_cache.index import PrefixIndex
 from engine_workers.routing.router import Router
 from perf.common import ARTIFACTS, percentile, write_csv
 from plumbing.config import Config, load_config
 from plumbing.infra import infra_for_run
 from plumbing.kafka import Publisher
+from plumbing.model_store import resolve_model
 from plumbing.runtime import run, setup_logging
 from primerl.observe import RunObserver
 from schemas import ChatMessage, Completion, PromptRequest, SamplingParams
 from schemas.topics import PROMPTS
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ("search result file line error value table index cache token block query answer tool call step plan note "
-         "config server client request reply stream batch group policy model weight reward score check test").split()
+WORDS = (
+    "search result file line error value table index cache token block query answer tool call step plan note "
+    "config server client request reply stream batch group policy model weight reward score check test"
+).split()
 
 
 class Row(msgspec.Struct):
@@ -88,12 +90,16 @@ def _text(rng: random.Random, tokens: int) -> str:
 class Phase:
     """One policy at one context size: its workload, publish times and results."""
 
-    def __init__(self, cfg: Config, pub: Publisher, obs: RunObserver, context: int, seed: int, args: argparse.Namespace) -> None:
+    def __init__(
+        self, cfg: Config, pub: Publisher, obs: RunObserver, context: int, seed: int, args: argparse.Namespace
+    ) -> None:
         self.cfg, self.pub, self.obs, self.context, self.args = cfg, pub, obs, context, args
         self.rng = random.Random(seed)
         self.run_id = obs.run_id
         self.published: dict[str, float] = {}
-        self.bar = tqdm(total=args.sessions * args.turns + args.groups * args.group_size, desc=f"{context} tok", leave=False)
+        self.bar = tqdm(
+            total=args.sessions * args.turns + args.groups * args.group_size, desc=f"{context} tok", leave=False
+        )
 
     async def _send(self, req: PromptRequest) -> Completion:
         self.published[req.id] = time.time()
@@ -108,30 +114,48 @@ class Phase:
         sid = uuid.uuid4().hex[:12]
         messages = [ChatMessage("system", system), ChatMessage("user", "Task: " + _text(self.rng, int(c * 0.4)))]
         for turn in range(self.args.turns):
-            req = PromptRequest(run_id=self.run_id, messages=list(messages), session_id=sid,
-                                turn_index=turn, sampling=SamplingParams(max_tokens=self.args.max_tokens))
+            req = PromptRequest(
+                run_id=self.run_id,
+                messages=list(messages),
+                session_id=sid,
+                turn_index=turn,
+                sampling=SamplingParams(max_tokens=self.args.max_tokens),
+            )
             done = await self._send(req)
-            messages += [ChatMessage("assistant", done.text), ChatMessage("user", "Tool output: " + _text(self.rng, int(c * 0.08)))]
+            messages += [
+                ChatMessage("assistant", done.text),
+                ChatMessage("user", "Tool output: " + _text(self.rng, int(c * 0.08))),
+            ]
 
     async def group(self, system: str) -> None:
         gid = uuid.uuid4().hex[:12]
         question = _text(self.rng, int(self.context * 0.65))
-        reqs = [PromptRequest(run_id=self.run_id, messages=[ChatMessage("system", system), ChatMessage("user", question)],
-                              group_id=gid, sampling=SamplingParams(max_tokens=self.args.max_tokens))
-                for _ in range(self.args.group_size)]
+        reqs = [
+            PromptRequest(
+                run_id=self.run_id,
+                messages=[ChatMessage("system", system), ChatMessage("user", question)],
+                group_id=gid,
+                sampling=SamplingParams(max_tokens=self.args.max_tokens),
+            )
+            for _ in range(self.args.group_size)
+        ]
         await asyncio.gather(*(self._send(r) for r in reqs))
 
     async def run(self) -> tuple[float, list[Completion]]:
         # Shared across this phase's sessions and groups: a system prompt of a quarter of the context.
         system = "You are an agent. Rules: " + _text(self.rng, int(self.context * 0.25))
         t0 = time.time()
-        await asyncio.gather(*(self.session(system) for _ in range(self.args.sessions)),
-                             *(self.group(system) for _ in range(self.args.groups)))
+        await asyncio.gather(
+            *(self.session(system) for _ in range(self.args.sessions)),
+            *(self.group(system) for _ in range(self.args.groups)),
+        )
         self.bar.close()
         return time.time() - t0, self.obs.finals()
 
 
-def summarise(context: int, policy: str, wall_s: float, finals: list[Completion], phase: Phase) -> tuple[Row, Predictions]:
+def summarise(
+    context: int, policy: str, wall_s: float, finals: list[Completion], phase: Phase
+) -> tuple[Row, Predictions]:
     """The CSV rows of one phase."""
     ttfb = [(phase.obs.requests[c.request_id].first_chunk_at - phase.published[c.request_id]) * 1000 for c in finals]
     e2e = [(phase.obs.requests[c.request_id].final_at - phase.published[c.request_id]) * 1000 for c in finals]
@@ -140,9 +164,13 @@ def summarise(context: int, policy: str, wall_s: float, finals: list[Completion]
     hits = [c for c in finals if c.route is not None and c.route.predicted_cached_tokens > 0]
     missed = [c for c in hits if c.cached_prompt_tokens < c.route.predicted_cached_tokens]  # type: ignore[union-attr]
     row = Row(
-        context=context, policy=policy, requests=len(finals),
+        context=context,
+        policy=policy,
+        requests=len(finals),
         tokens_per_s=sum(len(c.token_ids) for c in finals) / wall_s,
-        ttfb_p50_ms=percentile(ttfb, 50), ttfb_p95_ms=percentile(ttfb, 95), e2e_p95_ms=percentile(e2e, 95),
+        ttfb_p50_ms=percentile(ttfb, 50),
+        ttfb_p95_ms=percentile(ttfb, 95),
+        e2e_p95_ms=percentile(e2e, 95),
         cache_hit_rate=sum(c.cached_prompt_tokens for c in finals) / max(1, sum(c.prompt_tokens for c in finals)),
         load_max_over_mean=max(loads) / (sum(loads) / len(loads)),
     )
@@ -153,12 +181,25 @@ def start_engines(cfg: Config, log_dir: Path) -> list[subprocess.Popen[bytes]]:
     """Two engine workers, one core each, no embedded router."""
     procs = []
     for core in (0, 1):
-        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": cfg.bootstrap, "REDIS_URL": cfg.redis_url,
-               "VLLM_CPU_OMP_THREADS_BIND": str(core), "VLLM_CPU_KVCACHE_SPACE": "2", "PRIMERL_METRICS__PORT": "0"}
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": cfg.bootstrap,
+            "REDIS_URL": cfg.redis_url,
+            "VLLM_CPU_OMP_THREADS_BIND": str(core),
+            "VLLM_CPU_KVCACHE_SPACE": "2",
+            "PRIMERL_METRICS__PORT": "0",
+        }
         with open(log_dir / f"engine-{core}.log", "wb") as out:
-            procs.append(subprocess.Popen(
-                ["taskset", "-c", str(core), sys.executable, "-m", "primerl", "engine", "--no-router"],
-                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    ["taskset", "-c", str(core), sys.executable, "-m", "primerl", "engine", "--no-router"],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
     return procs
 
 
@@ -239,8 +280,12 @@ def plot(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.8))
-    panels = [("tokens_per_s", "generated tokens/s"), ("ttfb_p95_ms", "TTFB p95 (ms)"),
-              ("cache_hit_rate", "cache hit rate (vLLM)"), ("load_max_over_mean", "load max/mean")]
+    panels = [
+        ("tokens_per_s", "generated tokens/s"),
+        ("ttfb_p95_ms", "TTFB p95 (ms)"),
+        ("cache_hit_rate", "cache hit rate (vLLM)"),
+        ("load_max_over_mean", "load max/mean"),
+    ]
     for ax, (field_name, title) in zip(axes, panels, strict=True):
         for policy in ("round_robin", "cache_aware"):
             pts = [(r.context, getattr(r, field_name)) for r in rows if r.policy == policy]

@@ -55,8 +55,14 @@ def judge(rows: list[dict[str, Any]], warmup_s: float, tolerance: float) -> dict
             base = statistics.median(r[metric] for r in after[:3])
             worst = max(after[3:], key=lambda r: abs(r[metric] - base))
             drift = abs(worst[metric] - base) / base if base else 0.0
-            res[metric] = {"baseline": round(base, 1), "min": min(r[metric] for r in after), "max": max(r[metric] for r in after),
-                           "last": after[-1][metric], "max_drift": round(drift, 4), "at_s": worst["t_s"]}
+            res[metric] = {
+                "baseline": round(base, 1),
+                "min": min(r[metric] for r in after),
+                "max": max(r[metric] for r in after),
+                "last": after[-1][metric],
+                "max_drift": round(drift, 4),
+                "at_s": worst["t_s"],
+            }
             ok = ok and drift <= tolerance
         res["pass"] = ok
         out[proc] = res
@@ -91,8 +97,15 @@ def plot(rows: list[dict[str, Any]], warmup_s: float, path: Path) -> None:
 async def soak(args: argparse.Namespace) -> dict[str, Any]:
     run_id = args.run_id or f"soak-{uuid.uuid4().hex[:6]}"
     work_dir = Path(args.work_dir or (ARTIFACTS / "soak" / run_id)).resolve()
-    s = StackSettings(run_id=run_id, work_dir=work_dir, group_size=args.group_size, prompts_per_batch=args.prompts_per_batch,
-                      groups_per_step=args.groups_per_step, max_tokens=args.max_tokens, seed=args.seed)
+    s = StackSettings(
+        run_id=run_id,
+        work_dir=work_dir,
+        group_size=args.group_size,
+        prompts_per_batch=args.prompts_per_batch,
+        groups_per_step=args.groups_per_step,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+    )
     stack = Stack(s)
     cfg = await stack.start_servers()
     observer = Observer(cfg, run_id)
@@ -108,19 +121,36 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         feed = asyncio.create_task(feeder.run(None, stop))
         t0 = time.time()
         duration = args.minutes * 60
-        print(f"[soak] run {run_id}: {args.minutes} min, sampling every {args.interval_s}s; work dir {work_dir}", flush=True)
+        print(
+            f"[soak] run {run_id}: {args.minutes} min, sampling every {args.interval_s}s; work dir {work_dir}",
+            flush=True,
+        )
         last_print = 0.0
         while time.time() - t0 < duration:
             now = time.time()
             pids = {k: st.proc.pid for k, st in stack.stages.items() if st.proc} | stack.server_pids()
             for name, pid in pids.items():
                 rss, fds, n = tree_usage(pid)
-                rows.append({"t_s": round(now - t0, 1), "process": name, "pid": pid, "rss_mb": round(rss / 2**20, 1), "fds": fds,
-                             "processes": n})
+                rows.append(
+                    {
+                        "t_s": round(now - t0, 1),
+                        "process": name,
+                        "pid": pid,
+                        "rss_mb": round(rss / 2**20, 1),
+                        "fds": fds,
+                        "processes": n,
+                    }
+                )
             for k, st in stack.stages.items():
                 if not st.alive():
-                    crashes.append({"stage": k, "at_s": round(now - t0, 1), "exit_code": st.proc.returncode if st.proc else None,
-                                    "log_tail": st.log_tail(15)})
+                    crashes.append(
+                        {
+                            "stage": k,
+                            "at_s": round(now - t0, 1),
+                            "exit_code": st.proc.returncode if st.proc else None,
+                            "log_tail": st.log_tail(15),
+                        }
+                    )
             if crashes:
                 print(f"[soak] a stage exited: {[c['stage'] for c in crashes]}; stopping", flush=True)
                 break
@@ -129,9 +159,12 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             if now - last_print >= 60:
                 last_print = now
                 steps = sum(1 for x in read_outcomes(stack.outcomes_path) if x.get("kind") == "step")
-                latest = {r["process"]: f"{r['rss_mb']:.0f}MiB/{r['fds']}fd" for r in rows[-len(pids):]}
-                print(f"[soak {now - t0:5.0f}s] published {feeder.samples} completions {len(observer.completion_ids)} "
-                      f"steps {steps} | {latest}", flush=True)
+                latest = {r["process"]: f"{r['rss_mb']:.0f}MiB/{r['fds']}fd" for r in rows[-len(pids) :]}
+                print(
+                    f"[soak {now - t0:5.0f}s] published {feeder.samples} completions {len(observer.completion_ids)} "
+                    f"steps {steps} | {latest}",
+                    flush=True,
+                )
             await asyncio.sleep(args.interval_s)
         stop.set()
         feed.cancel()
@@ -151,9 +184,16 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     verdicts = judge(rows, warmup_s, args.tolerance)
     steps = sum(1 for x in read_outcomes(stack.outcomes_path) if x.get("kind") == "step")
     summary = {
-        "run_id": run_id, "minutes": round(wall / 60, 2), "interval_s": args.interval_s, "warmup_s": round(warmup_s, 1),
-        "tolerance": args.tolerance, "samples_published": feeder.samples if feeder else 0,
-        "completions": len(observer.completion_ids), "learner_steps": steps, "crashes": crashes, "processes": verdicts,
+        "run_id": run_id,
+        "minutes": round(wall / 60, 2),
+        "interval_s": args.interval_s,
+        "warmup_s": round(warmup_s, 1),
+        "tolerance": args.tolerance,
+        "samples_published": feeder.samples if feeder else 0,
+        "completions": len(observer.completion_ids),
+        "learner_steps": steps,
+        "crashes": crashes,
+        "processes": verdicts,
         "pass": not crashes and all(v["pass"] for v in verdicts.values() if v["judged"]),
     }
     csv_path, png_path = Path(args.out_csv), Path(args.out_png)
@@ -194,11 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     summary = asyncio.run(soak(args))
     for proc, v in summary["processes"].items():
         if "rss_mb" in v:
-            print(f"{proc:9s} {'judged' if v['judged'] else 'not judged'}: RSS {v['rss_mb']['baseline']:.0f} MiB, drift "
-                  f"{v['rss_mb']['max_drift']:.1%}; fds {v['fds']['baseline']:.0f}, drift {v['fds']['max_drift']:.1%} -> "
-                  f"{'ok' if v['pass'] else 'OVER'}")
-    print(f"{'PASS' if summary['pass'] else 'FAIL'}: {summary['minutes']} min, {summary['samples_published']} samples, "
-          f"{summary['learner_steps']} learner steps; {args.out_csv}, {args.out_png}")
+            print(
+                f"{proc:9s} {'judged' if v['judged'] else 'not judged'}: RSS {v['rss_mb']['baseline']:.0f} MiB, drift "
+                f"{v['rss_mb']['max_drift']:.1%}; fds {v['fds']['baseline']:.0f}, drift {v['fds']['max_drift']:.1%} -> "
+                f"{'ok' if v['pass'] else 'OVER'}"
+            )
+    print(
+        f"{'PASS' if summary['pass'] else 'FAIL'}: {summary['minutes']} min, {summary['samples_published']} samples, "
+        f"{summary['learner_steps']} learner steps; {args.out_csv}, {args.out_png}"
+    )
     return 0 if summary["pass"] else 1
 
 

@@ -28,20 +28,34 @@ from tqdm import tqdm
 
 from engine_workers.engine import Engine
 from engine_workers.grammar import structured_outputs
-from plumbing.model_store import resolve_model
 from engine_workers.speculation.conformance import GrammarReplay
 from perf.common import ARTIFACTS, write_csv
 from plumbing.config import EngineConfig
+from plumbing.model_store import resolve_model
 from plumbing.runtime import run, setup_logging
 from schemas import Grammar, GrammarKind
 from schemas.prompts import ANSWER_FORMAT_REGEX
 
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"},
-          "city": {"type": "string", "maxLength": 16}, "member": {"type": "boolean"}},
-          "required": ["name", "age", "city", "member"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 16},
+        "age": {"type": "integer"},
+        "city": {"type": "string", "maxLength": 16},
+        "member": {"type": "boolean"},
+    },
+    "required": ["name", "age", "city", "member"],
+    "additionalProperties": False,
+}
 WORKLOADS = {
-    "json_schema": (Grammar(GrammarKind.JSON_SCHEMA, json.dumps(SCHEMA)), "Write a JSON record for customer number {i}."),
-    "math_answer": (Grammar(GrammarKind.ANSWER_FORMAT), "What is {i} + {j}? Think briefly, then answer as <answer>N</answer>."),
+    "json_schema": (
+        Grammar(GrammarKind.JSON_SCHEMA, json.dumps(SCHEMA)),
+        "Write a JSON record for customer number {i}.",
+    ),
+    "math_answer": (
+        Grammar(GrammarKind.ANSWER_FORMAT),
+        "What is {i} + {j}? Think briefly, then answer as <answer>N</answer>.",
+    ),
     "free_text": (None, "Tell a short story about a cat called number {i}."),
 }
 
@@ -66,7 +80,9 @@ def violates(grammar: Grammar | None, text: str, finished: bool) -> bool:
         return False
     if grammar.kind is GrammarKind.JSON_SCHEMA:
         try:
-            jsonschema.validate(json.loads(text, strict=False), json.loads(grammar.spec))  # xgrammar admits raw control chars
+            jsonschema.validate(
+                json.loads(text, strict=False), json.loads(grammar.spec)
+            )  # xgrammar admits raw control chars
         except (ValueError, jsonschema.ValidationError):
             return True
         return False
@@ -85,8 +101,13 @@ async def phase(engine: Engine, replay: GrammarReplay, workload: str, batch: int
     # closed batch would time mostly its longest sample).
     in_flight = asyncio.Semaphore(batch // group)
     tok = engine.tokenizer
-    params = SamplingParams(n=group, temperature=1.0, max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA,
-                            structured_outputs=structured_outputs(grammar) if grammar else None)
+    params = SamplingParams(
+        n=group,
+        temperature=1.0,
+        max_tokens=max_tokens,
+        output_kind=RequestOutputKind.DELTA,
+        structured_outputs=structured_outputs(grammar) if grammar else None,
+    )
     before = engine.speculation_stats()
     samples: dict[tuple[int, int], dict] = {}
 
@@ -96,12 +117,16 @@ async def phase(engine: Engine, replay: GrammarReplay, workload: str, batch: int
 
     async def sample(p: int) -> None:
         text = template.format(i=seed * 100 + p, j=(seed * 7 + p) % 20)
-        ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False),
-                         add_special_tokens=False)
+        ids = tok.encode(
+            tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )
         async for step in engine.stream(ids, params, f"{workload}-{batch}-{seed}-{p}"):
             now = time.perf_counter()
             for d in step.deltas:
-                s = samples.setdefault((p, d.index), {"tokens": [], "text": [], "first": 0.0, "last": 0.0, "finish": None})
+                s = samples.setdefault(
+                    (p, d.index), {"tokens": [], "text": [], "first": 0.0, "last": 0.0, "finish": None}
+                )
                 if d.token_ids:
                     s["first"] = s["first"] or now
                     s["last"] = now
@@ -125,13 +150,25 @@ async def phase(engine: Engine, replay: GrammarReplay, workload: str, batch: int
     if grammar is not None:
         ok = sum(replay.accepted(grammar, s["tokens"]) for s in samples.values())
         mask_ratio = ok / max(1, tokens)
-        violations = sum(1 for s in samples.values()
-                         if replay.accepted(grammar, s["tokens"]) < len(s["tokens"]) or violates(grammar, "".join(s["text"]), s["finish"] == "stop"))
+        violations = sum(
+            1
+            for s in samples.values()
+            if replay.accepted(grammar, s["tokens"]) < len(s["tokens"])
+            or violates(grammar, "".join(s["text"]), s["finish"] == "stop")
+        )
     else:
         mask_ratio, violations = float("nan"), 0
-    return Row(workload, batch, "on" if engine.cfg.speculation else "off", tokens / wall,
-               1000 * sum(tpots) / max(1, len(tpots)), accepted / drafted if drafted else 0.0,
-               delta.get("forced_emitted", 0) / max(1, delta.get("generated", 0)) if after else 0.0, mask_ratio, violations)
+    return Row(
+        workload,
+        batch,
+        "on" if engine.cfg.speculation else "off",
+        tokens / wall,
+        1000 * sum(tpots) / max(1, len(tpots)),
+        accepted / drafted if drafted else 0.0,
+        delta.get("forced_emitted", 0) / max(1, delta.get("generated", 0)) if after else 0.0,
+        mask_ratio,
+        violations,
+    )
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -139,7 +176,10 @@ async def bench(args: argparse.Namespace) -> None:
     model = resolve_model(None)
     engines = {}
     for mode in ("off", "on"):
-        e = Engine(EngineConfig(kv_cache_gib=2, speculation=mode == "on", num_speculative_tokens=args.k, dtype=args.dtype), model)
+        e = Engine(
+            EngineConfig(kv_cache_gib=2, speculation=mode == "on", num_speculative_tokens=args.k, dtype=args.dtype),
+            model,
+        )
         await e.start()
         engines[mode] = e
     replay = GrammarReplay(engines["off"].tokenizer)
@@ -151,7 +191,7 @@ async def bench(args: argparse.Namespace) -> None:
     jobs = [(w, b, r) for r in range(args.warmup + args.repeats) for w in args.workloads for b in args.batches]
     try:
         for i, (workload, batch, rep) in enumerate(tqdm(jobs, desc="phases")):
-            for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
+            for mode in ("off", "on") if i % 2 == 0 else ("on", "off"):
                 row = await phase(engines[mode], replay, workload, batch, args.max_tokens, seed=rep * 1000 + i)
                 tqdm.write(("warm-up " if rep < args.warmup else "") + msgspec.json.encode(row).decode())
                 (rows if rep >= args.warmup else warm).append(row)
@@ -167,7 +207,9 @@ async def bench(args: argparse.Namespace) -> None:
 def _mean_over_repeats(rows: list[Row], warm: list[Row]) -> list[Row]:
     """Rows averaged over repeats; grammar violations summed over every round, warm-up included."""
     out = []
-    keys = sorted({(r.workload, r.batch, r.speculation) for r in rows}, key=lambda k: (list(WORKLOADS).index(k[0]), k[1], k[2]))
+    keys = sorted(
+        {(r.workload, r.batch, r.speculation) for r in rows}, key=lambda k: (list(WORKLOADS).index(k[0]), k[1], k[2])
+    )
     for key in keys:
         rs = [r for r in rows if (r.workload, r.batch, r.speculation) == key]
         mean = {f: sum(getattr(r, f) for r in rs) / len(rs) for f in Row.__struct_fields__[3:-1]}

@@ -97,8 +97,15 @@ class Stage:
         self.expected_exit = False
         self.ready_at = 0.0
         with open(self.log_file, "wb") as out:
-            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                cwd=ROOT,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.started_at = time.time()
 
     def alive(self) -> bool:
@@ -109,7 +116,11 @@ class Stage:
         """True once the current process's log shows its ready line (records when)."""
         if self.ready_at:
             return True
-        if self.log_file is not None and self.log_file.exists() and READY[self.kind] in self.log_file.read_text(errors="replace"):
+        if (
+            self.log_file is not None
+            and self.log_file.exists()
+            and READY[self.kind] in self.log_file.read_text(errors="replace")
+        ):
             self.ready_at = time.time()
             return True
         return False
@@ -269,7 +280,9 @@ class Stack:
         while not all(st.check_ready() for st in self.stages.values()):
             for st in self.stages.values():
                 if not st.alive():
-                    raise RuntimeError(f"{st.kind} exited during start-up ({st.proc.returncode if st.proc else '?'}):\n{st.log_tail()}")
+                    raise RuntimeError(
+                        f"{st.kind} exited during start-up ({st.proc.returncode if st.proc else '?'}):\n{st.log_tail()}"
+                    )
             if time.monotonic() > deadline:
                 late = [k for k, st in self.stages.items() if not st.ready_at]
                 raise TimeoutError(f"stages not ready after {timeout_s}s: {late}")
@@ -336,7 +349,9 @@ class ObservedRecord:
 
     __slots__ = ("topic", "partition", "offset", "timestamp", "arrived", "msg", "raw")
 
-    def __init__(self, topic: str, partition: int, offset: int, timestamp: float, arrived: float, msg: Any, raw: bytes) -> None:
+    def __init__(
+        self, topic: str, partition: int, offset: int, timestamp: float, arrived: float, msg: Any, raw: bytes
+    ) -> None:
         self.topic, self.partition, self.offset = topic, partition, offset
         self.timestamp, self.arrived, self.msg, self.raw = timestamp, arrived, msg, raw
 
@@ -358,8 +373,9 @@ class Observer:
     async def start(self) -> None:
         from plumbing.kafka import common_kwargs
 
-        self._consumer = AIOKafkaConsumer(**common_kwargs(self.cfg), group_id=None, enable_auto_commit=False,
-                                          auto_offset_reset="earliest")
+        self._consumer = AIOKafkaConsumer(
+            **common_kwargs(self.cfg), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+        )
         await self._consumer.start()
         tps = [TopicPartition(t, p) for t in OBSERVED for p in range(TOPICS[t].partitions)]
         self._consumer.assign(tps)
@@ -456,8 +472,16 @@ def learner_consumed(path: Path) -> set[str]:
 class Feeder:
     """Publishes prompt batches of the arithmetic task under admission control."""
 
-    def __init__(self, cfg: Config, s: StackSettings, outcomes: Path, observer: Observer, *, ahead: int | None = None,
-                 max_wait_s: float | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        s: StackSettings,
+        outcomes: Path,
+        observer: Observer,
+        *,
+        ahead: int | None = None,
+        max_wait_s: float | None = None,
+    ) -> None:
         self.cfg = cfg
         self.s = s
         self.outcomes = outcomes
@@ -488,15 +512,22 @@ class Feeder:
                 waited = 0.0
                 while self.consumed() < (self.batches - self.ahead + 1) * self.per_batch and not stop.is_set():
                     if waited > self.max_wait_s:
-                        log.warning("admission: fewer samples consumed than published; feeding batch %d anyway", self.batches)
+                        log.warning(
+                            "admission: fewer samples consumed than published; feeding batch %d anyway", self.batches
+                        )
                         self.forced += 1
                         break
                     await asyncio.sleep(0.5)
                     waited += 0.5
                 if stop.is_set():
                     return
-                reqs = arithmetic_requests(self.s.run_id, self.s.prompts_per_batch, self.s.group_size,
-                                           seed=self.s.seed * 100_003 + self.batches, max_tokens=self.s.max_tokens)
+                reqs = arithmetic_requests(
+                    self.s.run_id,
+                    self.s.prompts_per_batch,
+                    self.s.group_size,
+                    seed=self.s.seed * 100_003 + self.batches,
+                    max_tokens=self.s.max_tokens,
+                )
                 while True:
                     try:
                         await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in reqs])

@@ -12,7 +12,9 @@ from plumbing.config import Config, load_config
 from plumbing.runtime import setup_logging
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file")]
-StateOpt = Annotated[Optional[Path], typer.Option("--state-dir", help="where infra state, worker records and logs live")]
+StateOpt = Annotated[
+    Optional[Path], typer.Option("--state-dir", help="where infra state, worker records and logs live")
+]
 
 
 def command_config(config: Path | None, state_dir: Path | None = None, **overrides: object) -> Config:
@@ -32,5 +34,7 @@ def command_config(config: Path | None, state_dir: Path | None = None, **overrid
 def require_servers(cfg: Config) -> None:
     """Exit 1 with a hint when no broker or Redis is configured."""
     if not cfg.bootstrap or not cfg.redis_url:
-        typer.echo("no broker/Redis configured: run `primerl infra up` or set KAFKA_BOOTSTRAP_SERVERS and REDIS_URL", err=True)
+        typer.echo(
+            "no broker/Redis configured: run `primerl infra up` or set KAFKA_BOOTSTRAP_SERVERS and REDIS_URL", err=True
+        )
         raise typer.Exit(1)

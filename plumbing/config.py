@@ -175,7 +175,9 @@ class RoutingConfig(_Section):
     @model_validator(mode="after")
     def _ttl_over_heartbeat(self) -> RoutingConfig:
         if self.ttl_s <= self.heartbeat_s:
-            raise ValueError("routing.ttl_s must exceed routing.heartbeat_s, or live workers flicker out of the registry")
+            raise ValueError(
+                "routing.ttl_s must exceed routing.heartbeat_s, or live workers flicker out of the registry"
+            )
         return self
 
 
@@ -252,7 +254,10 @@ class Config(BaseSettings):
     """Everything a process needs to know; one instance per process, passed down."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PRIMERL_", env_nested_delimiter="__", extra="ignore", use_attribute_docstrings=True,
+        env_prefix="PRIMERL_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        use_attribute_docstrings=True,
         validate_assignment=True,
     )
 
@@ -265,7 +270,10 @@ class Config(BaseSettings):
     redis_url: str = Field("", validation_alias=AliasChoices("REDIS_URL", "PRIMERL_REDIS_URL", "redis_url"))
     """redis://host:port/db ("" = from `primerl infra up`)."""
     kafka_bootstrap_servers: str = Field(
-        "", validation_alias=AliasChoices("KAFKA_BOOTSTRAP_SERVERS", "PRIMERL_KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers")
+        "",
+        validation_alias=AliasChoices(
+            "KAFKA_BOOTSTRAP_SERVERS", "PRIMERL_KAFKA_BOOTSTRAP_SERVERS", "kafka_bootstrap_servers"
+        ),
     )
     """The broker ("" = kafka.bootstrap_servers, else from `primerl infra up`)."""
     metrics: MetricsConfig = MetricsConfig()
@@ -362,7 +370,9 @@ def load_config(config_file: Path | None = None, **overrides: Any) -> Config:
     """
     cls: type[Config] = Config
     if config_file is not None:
-        cls = type("ConfigFromFile", (Config,), {"model_config": {**Config.model_config, "toml_file": str(config_file)}})
+        cls = type(
+            "ConfigFromFile", (Config,), {"model_config": {**Config.model_config, "toml_file": str(config_file)}}
+        )
     cfg = cls(**_nested(overrides))
     infra = _infra_env(cfg.state_dir)
     fill: dict[str, Any] = {}

@@ -90,15 +90,25 @@ class ConsumerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["group"]
         self.records = Counter("primerl_records_consumed", "Records consumed", labels, registry=registry)
-        self.failed = Counter("primerl_records_dead_lettered", "Records sent to the DLQ by this consumer", labels, registry=registry)
+        self.failed = Counter(
+            "primerl_records_dead_lettered", "Records sent to the DLQ by this consumer", labels, registry=registry
+        )
         self.in_flight = Gauge("primerl_records_in_flight", "Records being handled", labels, registry=registry)
         self.seconds = Histogram("primerl_record_handle_seconds", "Handler time per record", labels, registry=registry)
-        self.lag = Gauge("primerl_consumer_lag", "Records behind the partition end (approximate on Tansu)", labels, registry=registry)
+        self.lag = Gauge(
+            "primerl_consumer_lag", "Records behind the partition end (approximate on Tansu)", labels, registry=registry
+        )
         self.retries = Counter(
-            "primerl_records_retried", "Handler attempts repeated after an outage (broker, Redis)", labels, registry=registry
+            "primerl_records_retried",
+            "Handler attempts repeated after an outage (broker, Redis)",
+            labels,
+            registry=registry,
         )
         self.paused = Gauge(
-            "primerl_consumer_paused", "1 while the group's consumption is paused, by reason", ["group", "reason"], registry=registry
+            "primerl_consumer_paused",
+            "1 while the group's consumption is paused, by reason",
+            ["group", "reason"],
+            registry=registry,
         )
 
 
@@ -188,7 +198,12 @@ class ConsumerRunner(Generic[M]):
             raise self._fatal
 
     def _start_backlog(self) -> None:
-        while self._backlog and len(self._tasks) < self._max_in_flight and self._fatal is None and not self._stopping.is_set():
+        while (
+            self._backlog
+            and len(self._tasks) < self._max_in_flight
+            and self._fatal is None
+            and not self._stopping.is_set()
+        ):
             tp, record = self._backlog.popleft()
             if tp in self._offsets:  # still ours
                 self._start(tp, record)
@@ -219,7 +234,9 @@ class ConsumerRunner(Generic[M]):
         if reason:
             self.metrics.paused.labels(self.group_id, reason).set(1)
             if reason != "slots_full":  # ordinary backpressure is not news
-                log.warning("%s: consumption paused (%s); polling on to keep the group membership", self.group_id, reason)
+                log.warning(
+                    "%s: consumption paused (%s); polling on to keep the group membership", self.group_id, reason
+                )
         self._paused_for = reason
 
     def _start(self, tp: TopicPartition, record: ConsumerRecord) -> None:
@@ -277,11 +294,25 @@ class ConsumerRunner(Generic[M]):
                     return False  # uncommitted: the next owner retries it
                 if backoff.attempt >= self._retries:
                     return await self._dead_letter(
-                        record, RuntimeError(f"gave up after {backoff.attempt + 1} attempts on an outage: {type(err).__name__}: {err}"))
+                        record,
+                        RuntimeError(
+                            f"gave up after {backoff.attempt + 1} attempts on an outage: {type(err).__name__}: {err}"
+                        ),
+                    )
                 delay = backoff.next_delay()
                 self.metrics.retries.labels(self.group_id).inc()
-                log.warning("%s: %s[%d]@%d failed on an outage (%s: %s); retry %d/%d in %.1fs", self.group_id, record.topic,
-                            record.partition, record.offset, type(err).__name__, err, backoff.attempt, self._retries, delay)
+                log.warning(
+                    "%s: %s[%d]@%d failed on an outage (%s: %s); retry %d/%d in %.1fs",
+                    self.group_id,
+                    record.topic,
+                    record.partition,
+                    record.offset,
+                    type(err).__name__,
+                    err,
+                    backoff.attempt,
+                    self._retries,
+                    delay,
+                )
                 self._retrying += 1
                 try:
                     await asyncio.wait_for(self._stopping.wait(), delay)

@@ -42,17 +42,25 @@ class DeadLetterMetrics:
     """One set per registry: stages sharing a process share it."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.count = Counter("primerl_dead_letters", "Records sent to the dead-letter topic", ["stage", "error_type"], registry=registry)
+        self.count = Counter(
+            "primerl_dead_letters", "Records sent to the dead-letter topic", ["stage", "error_type"], registry=registry
+        )
         self.spilled = Counter(
-            "primerl_dead_letters_spilled", "Dead letters whose payload or headers went to a file (over the inline bound)",
-            ["stage"], registry=registry,
+            "primerl_dead_letters_spilled",
+            "Dead letters whose payload or headers went to a file (over the inline bound)",
+            ["stage"],
+            registry=registry,
         )
         self.failures = Counter(
-            "primerl_dead_letter_publish_failures", "Failed attempts to write the dead-letter topic (retried)", ["stage"],
+            "primerl_dead_letter_publish_failures",
+            "Failed attempts to write the dead-letter topic (retried)",
+            ["stage"],
             registry=registry,
         )
         self.blocked = Gauge(
-            "primerl_dead_letters_blocked", "1 while the stage cannot write the dead-letter topic and has paused", ["stage"],
+            "primerl_dead_letters_blocked",
+            "1 while the stage cannot write the dead-letter topic and has paused",
+            ["stage"],
             registry=registry,
         )
 
@@ -61,8 +69,15 @@ class DeadLetters:
     """Sends a failed record to the dead-letter topic and counts it per stage and error type."""
 
     def __init__(
-        self, publisher: Publisher, stage: str, run_id: str, registry: CollectorRegistry | None = None, *,
-        cfg: DeadLetterConfig | None = None, spill_dir: Path | None = None, metrics: DeadLetterMetrics | None = None,
+        self,
+        publisher: Publisher,
+        stage: str,
+        run_id: str,
+        registry: CollectorRegistry | None = None,
+        *,
+        cfg: DeadLetterConfig | None = None,
+        spill_dir: Path | None = None,
+        metrics: DeadLetterMetrics | None = None,
     ) -> None:
         """Metrics go to `metrics` when given (a second stage in one process), else to `registry`."""
         self._publisher = publisher
@@ -81,7 +96,9 @@ class DeadLetters:
 
     def for_stage(self, stage: str) -> DeadLetters:
         """Another stage of this process: same publisher, config and metrics, its own name."""
-        return DeadLetters(self._publisher, stage, self._run_id, cfg=self._cfg, spill_dir=self._spill_dir, metrics=self.metrics)
+        return DeadLetters(
+            self._publisher, stage, self._run_id, cfg=self._cfg, spill_dir=self._spill_dir, metrics=self.metrics
+        )
 
     @classmethod
     def from_config(cls, cfg: Config, publisher: Publisher, stage: str, registry: CollectorRegistry) -> DeadLetters:
@@ -99,10 +116,19 @@ class DeadLetters:
         headers = [(k, bytes(v)) for k, v in (record.headers or ())]
         key = record.key
         letter = DeadLetter(
-            run_id=self._run_id, stage=self._stage, error_type=type(error).__name__, error=_clip(str(error)),
-            source_topic=record.topic, partition=record.partition, offset=record.offset,
-            key=key, headers=headers, payload=payload, payload_size=len(payload),
-            payload_sha256=hashlib.sha256(payload).hexdigest(), host=socket.gethostname(),
+            run_id=self._run_id,
+            stage=self._stage,
+            error_type=type(error).__name__,
+            error=_clip(str(error)),
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            key=key,
+            headers=headers,
+            payload=payload,
+            payload_size=len(payload),
+            payload_sha256=hashlib.sha256(payload).hexdigest(),
+            host=socket.gethostname(),
         )
         limit = self._cfg.max_inline_bytes
         spilled = False
@@ -121,7 +147,9 @@ class DeadLetters:
             self.metrics.spilled.labels(self._stage).inc()
         size = len(encode(letter)) + _ENVELOPE_BYTES
         if size > self._cfg.max_letter_bytes:  # cannot happen with sane bounds; refuse to build an unsendable letter
-            raise ValueError(f"dead letter of {size} bytes over max_letter_bytes={self._cfg.max_letter_bytes}: check the bounds")
+            raise ValueError(
+                f"dead letter of {size} bytes over max_letter_bytes={self._cfg.max_letter_bytes}: check the bounds"
+            )
         return letter
 
     async def send(self, record: ConsumerRecord, error: BaseException) -> DeadLetter:
@@ -129,11 +157,20 @@ class DeadLetters:
         letter = self.letter(record, error)
         await self._publisher.publish(DLQ.name, letter, key=self._stage.encode())
         self.metrics.count.labels(self._stage, letter.error_type).inc()
-        log.warning("dead-lettered %s[%d]@%d: %s: %s%s", record.topic, record.partition, record.offset, letter.error_type,
-                    _clip(str(error), 300), f" (payload kept in {letter.payload_ref})" if letter.payload_ref else "")
+        log.warning(
+            "dead-lettered %s[%d]@%d: %s: %s%s",
+            record.topic,
+            record.partition,
+            record.offset,
+            letter.error_type,
+            _clip(str(error), 300),
+            f" (payload kept in {letter.payload_ref})" if letter.payload_ref else "",
+        )
         return letter
 
-    async def deliver(self, record: ConsumerRecord, error: BaseException, stopping: asyncio.Event | None = None) -> DeadLetter | None:
+    async def deliver(
+        self, record: ConsumerRecord, error: BaseException, stopping: asyncio.Event | None = None
+    ) -> DeadLetter | None:
         """`send`, retried with backoff until it succeeds; None only if `stopping` was set first.
 
         The record must stay uncommitted until this returns a letter: a stage that stops
@@ -146,7 +183,11 @@ class DeadLetters:
                 try:
                     letter = await self.send(record, error)
                     if was_blocked:
-                        log.warning("%s: dead-letter topic writable again after %d attempts; resuming", self._stage, backoff.attempt + 1)
+                        log.warning(
+                            "%s: dead-letter topic writable again after %d attempts; resuming",
+                            self._stage,
+                            backoff.attempt + 1,
+                        )
                     return letter
                 except asyncio.CancelledError:
                     raise
@@ -158,8 +199,14 @@ class DeadLetters:
                         self.unblocked.clear()
                         self.metrics.blocked.labels(self._stage).set(1)
                     delay = backoff.next_delay()
-                    log.error("%s: cannot write the dead-letter topic (%s: %s); consumption paused, retry %d in %.1fs",
-                              self._stage, type(err).__name__, _clip(str(err), 200), backoff.attempt, delay)
+                    log.error(
+                        "%s: cannot write the dead-letter topic (%s: %s); consumption paused, retry %d in %.1fs",
+                        self._stage,
+                        type(err).__name__,
+                        _clip(str(err), 200),
+                        backoff.attempt,
+                        delay,
+                    )
                     if stopping is not None:
                         try:
                             await asyncio.wait_for(stopping.wait(), delay)

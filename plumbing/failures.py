@@ -26,9 +26,16 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _TRANSIENT = (
-    KafkaConnectionError, KafkaTimeoutError, NodeNotReadyError, RequestTimedOutError,
-    RedisConnectionError, RedisTimeoutError, BusyLoadingError,
-    ConnectionError, TimeoutError, asyncio.TimeoutError,
+    KafkaConnectionError,
+    KafkaTimeoutError,
+    NodeNotReadyError,
+    RequestTimedOutError,
+    RedisConnectionError,
+    RedisTimeoutError,
+    BusyLoadingError,
+    ConnectionError,
+    TimeoutError,
+    asyncio.TimeoutError,
 )
 
 
@@ -63,7 +70,9 @@ class Backoff:
         return self._rng.uniform(ceiling / 2, ceiling)
 
 
-async def retry_transient(op: Callable[[], Awaitable[T]], what: str, stopping: asyncio.Event | None = None, cap_s: float = 30.0) -> T:
+async def retry_transient(
+    op: Callable[[], Awaitable[T]], what: str, stopping: asyncio.Event | None = None, cap_s: float = 30.0
+) -> T:
     """`op()`, retried with backoff while it fails on an outage; other errors, and any once `stopping` is set, raise."""
     backoff = Backoff(cap_s=cap_s)
     while True:
@@ -75,5 +84,12 @@ async def retry_transient(op: Callable[[], Awaitable[T]], what: str, stopping: a
             if not is_transient(err) or (stopping is not None and stopping.is_set()):
                 raise
             delay = backoff.next_delay()
-            log.warning("%s failed on an outage (%s: %s); retry %d in %.1fs", what, type(err).__name__, err, backoff.attempt, delay)
+            log.warning(
+                "%s failed on an outage (%s: %s); retry %d in %.1fs",
+                what,
+                type(err).__name__,
+                err,
+                backoff.attempt,
+                delay,
+            )
             await asyncio.sleep(delay)

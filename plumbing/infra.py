@@ -20,8 +20,8 @@ from plumbing.config import Config
 from plumbing.kafka import create_topics
 from plumbing.local_servers import (
     InfraState,
-    process_status,
     clear_state,
+    process_status,
     read_state,
     start_broker,
     start_redis,

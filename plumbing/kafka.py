@@ -73,7 +73,9 @@ class Publisher:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def publish(self, topic: str, msg: Message, key: bytes | None = None, partition: int | None = None) -> RecordMetadata:
+    async def publish(
+        self, topic: str, msg: Message, key: bytes | None = None, partition: int | None = None
+    ) -> RecordMetadata:
         """Encode `msg` as msgpack and wait for the broker's ack (`partition` overrides the key's)."""
         return await self.publish_raw(topic, encode(msg), key, [(CONTENT_TYPE_HEADER, MSGPACK.encode())], partition)
 
@@ -82,7 +84,11 @@ class Publisher:
         return await self._producer.send(topic, encode(msg), key=key, headers=[(CONTENT_TYPE_HEADER, MSGPACK.encode())])
 
     async def publish_raw(
-        self, topic: str, payload: bytes, key: bytes | None = None, headers: list[tuple[str, bytes]] | None = None,
+        self,
+        topic: str,
+        payload: bytes,
+        key: bytes | None = None,
+        headers: list[tuple[str, bytes]] | None = None,
         partition: int | None = None,
     ) -> RecordMetadata:
         """Send bytes as they are (for replays and outside formats) and wait for the ack."""

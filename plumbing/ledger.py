@@ -61,7 +61,12 @@ class Ledger:
     """Processed message ids of one stage."""
 
     def __init__(
-        self, redis: Redis, stage: str, ttl_s: int = 7 * 24 * 3600, claim_ttl_s: int = 15, fail_open: bool = False,
+        self,
+        redis: Redis,
+        stage: str,
+        ttl_s: int = 7 * 24 * 3600,
+        claim_ttl_s: int = 15,
+        fail_open: bool = False,
         retry_s: float = 30.0,
     ) -> None:
         self._redis = redis

@@ -77,7 +77,11 @@ def redis_binary(install: bool = True) -> str:
     if install and shutil.which("apt-get") and os.geteuid() == 0:
         log.info("redis-server missing: installing with apt-get")
         subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "redis-server"], check=True, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "redis-server"],
+            check=True,
+            env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+        )
         found = shutil.which("redis-server")
         if found:
             return found
@@ -89,16 +93,29 @@ def _spawn(name: str, cmd: list[str], port: int, log_dir: Path) -> tuple[subproc
     log_file = log_dir / f"{name}.log"
     with open(log_file, "ab") as out:
         # A session of its own: Ctrl-C in the shell that ran `infra up` does not kill it.
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
     ticks = start_ticks(proc.pid) or 0
-    return proc, ServerProcess(name=name, pid=proc.pid, port=port, cmdline=cmd, log_file=str(log_file), start_ticks=ticks)
+    return proc, ServerProcess(
+        name=name, pid=proc.pid, port=port, cmdline=cmd, log_file=str(log_file), start_ticks=ticks
+    )
 
 
 def start_broker(log_dir: Path) -> tuple[subprocess.Popen[bytes], ServerProcess]:
     """Start Tansu (memory storage) on a free port and wait until it listens."""
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
-    cmd = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+    cmd = [
+        tansu_binary(),
+        "broker",
+        "--listener-url",
+        url,
+        "--advertised-listener-url",
+        url,
+        "--storage-engine",
+        "memory://tansu/",
+    ]
     proc, rec = _spawn("kafka", cmd, port, log_dir)
     _wait_port(port, proc, "tansu broker")
     return proc, rec
@@ -107,7 +124,19 @@ def start_broker(log_dir: Path) -> tuple[subprocess.Popen[bytes], ServerProcess]
 def start_redis(log_dir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], ServerProcess]:
     """Start redis-server (no persistence) on `port` (default: a free one) and wait until it listens."""
     port = port or free_port()
-    cmd = [redis_binary(), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", "--daemonize", "no"]
+    cmd = [
+        redis_binary(),
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+    ]
     proc, rec = _spawn("redis", cmd, port, log_dir)
     _wait_port(port, proc, "redis-server")
     return proc, rec
@@ -190,5 +219,7 @@ def describe(state: InfraState) -> str:
     """Human-readable summary for `infra status`."""
     out = [json.dumps(state.env, indent=2)]
     for proc, alive in process_status(state):
-        out.append(f"{proc.name:6s} pid={proc.pid:<7d} port={proc.port:<6d} {'running' if alive else 'STOPPED'}  log={proc.log_file}")
+        out.append(
+            f"{proc.name:6s} pid={proc.pid:<7d} port={proc.port:<6d} {'running' if alive else 'STOPPED'}  log={proc.log_file}"
+        )
     return "\n".join(out)

@@ -41,7 +41,9 @@ OnUpdate = Callable[[PolicyUpdate, ConsumerRecord], Awaitable[bool]]
 class PolicyFeed:
     """Follows rollout.policy from the start; see the module doc."""
 
-    def __init__(self, cfg: Config, dead_letters: DeadLetters, on_update: OnUpdate | None = None, redis: Redis | None = None) -> None:
+    def __init__(
+        self, cfg: Config, dead_letters: DeadLetters, on_update: OnUpdate | None = None, redis: Redis | None = None
+    ) -> None:
         self._cfg = cfg
         self._dlq = dead_letters
         self._letters = Ledger(redis, "policy-dead-letters", fail_open=True) if redis is not None else None
@@ -63,7 +65,9 @@ class PolicyFeed:
             return True
         try:
             async with self._changed:
-                await asyncio.wait_for(self._changed.wait_for(lambda: self.latest(run_id) >= version), max(0.0, timeout_s))
+                await asyncio.wait_for(
+                    self._changed.wait_for(lambda: self.latest(run_id) >= version), max(0.0, timeout_s)
+                )
             return True
         except TimeoutError:
             return False
@@ -74,7 +78,9 @@ class PolicyFeed:
 
     async def run(self) -> None:
         """Read updates until stopped; see the module doc for catching up."""
-        consumer = AIOKafkaConsumer(POLICY.name, **common_kwargs(self._cfg), group_id=None, auto_offset_reset="earliest")
+        consumer = AIOKafkaConsumer(
+            POLICY.name, **common_kwargs(self._cfg), group_id=None, auto_offset_reset="earliest"
+        )
         await consumer.start()
         held: dict[str, tuple[PolicyUpdate, ConsumerRecord]] | None = {}  # newest per run, while catching up
         try:

@@ -76,8 +76,12 @@ S = TypeVar("S")
 
 
 async def serve_stage(
-    cfg: Config, name: str, build: Callable[[StageContext], Awaitable[tuple[S, Stage]]],
-    started: asyncio.Future[S] | None = None, *, uses_redis: bool = True,
+    cfg: Config,
+    name: str,
+    build: Callable[[StageContext], Awaitable[tuple[S, Stage]]],
+    started: asyncio.Future[S] | None = None,
+    *,
+    uses_redis: bool = True,
 ) -> None:
     """Run the stage `build` makes until SIGTERM/SIGINT or its failure; see the module doc.
 

@@ -80,7 +80,7 @@ class Signer:
         return msgspec.structs.replace(unsigned, signature=self._key.sign(canonical_bytes(unsigned)))
 
     @classmethod
-    def from_file(cls, path: Path) -> "Signer":
+    def from_file(cls, path: Path) -> Signer:
         """Load `<key_id>.key` (PEM, PKCS#8); the key id is the file's stem."""
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
         if not isinstance(key, Ed25519PrivateKey):
@@ -100,7 +100,9 @@ def generate_keypair(out_dir: Path, key_id: str | None = None) -> tuple[Path, Pa
     fd = os.open(priv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
-    pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    pub.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     return priv, pub
 
 
@@ -129,7 +131,7 @@ class Keyring:
         return sorted(self._keys)
 
     @classmethod
-    def from_dir(cls, folder: Path) -> "Keyring":
+    def from_dir(cls, folder: Path) -> Keyring:
         """Every `<key_id>.pub` in `folder`."""
         ring = cls()
         for pub in sorted(folder.glob("*.pub")):

@@ -8,16 +8,18 @@ from typing import Annotated, Optional
 import typer
 
 from operations.commands import register as register_operations
-from plumbing.runtime import run
 from plumbing.cli_options import ConfigOpt, StateOpt, command_config
+from plumbing.runtime import run
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="PrimeRL-ServeKit++: event-driven RL rollouts on Kafka, Redis and vLLM.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="PrimeRL-ServeKit++: event-driven RL rollouts on Kafka, Redis and vLLM.",
+)
 infra_app = typer.Typer(no_args_is_help=True, help="Local broker and Redis.")
 app.add_typer(infra_app, name="infra")
 keys_app = typer.Typer(no_args_is_help=True, help="Verifier signing keys.")
 app.add_typer(keys_app, name="keys")
-
-
 
 
 @infra_app.command("up")
@@ -49,7 +51,9 @@ def infra_status(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
     cfg = command_config(config, state_dir)
     state = read_state(cfg.state_dir)
     if state is None:
-        typer.echo(f"no local servers recorded in {cfg.state_dir}; configured: kafka={cfg.bootstrap or '-'} redis={cfg.redis_url or '-'}")
+        typer.echo(
+            f"no local servers recorded in {cfg.state_dir}; configured: kafka={cfg.bootstrap or '-'} redis={cfg.redis_url or '-'}"
+        )
         raise typer.Exit(1)
     typer.echo(describe(state))
 
@@ -58,7 +62,9 @@ def infra_status(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
 def up(
     config: ConfigOpt = None,
     state_dir: StateOpt = None,
-    steps: Annotated[int, typer.Option(help="learner steps (0: one batch through the engine, per-request figures)")] = 15,
+    steps: Annotated[
+        int, typer.Option(help="learner steps (0: one batch through the engine, per-request figures)")
+    ] = 15,
     prompts: Annotated[int, typer.Option(help="prompts per step (GRPO groups)")] = 8,
     group_size: Annotated[int, typer.Option(help="samples per prompt (G)")] = 4,
     max_tokens: Annotated[int, typer.Option(help="tokens per sample at most")] = 24,
@@ -79,8 +85,18 @@ def up(
 
     async def main() -> None:
         async with infra_for_run(cfg, keep):
-            rows = await rl_loop(cfg, RunSettings(steps=steps, prompts_per_step=prompts, group_size=group_size,
-                                                  heldout=heldout, eval_every=eval_every, max_tokens=max_tokens, seed=seed))
+            rows = await rl_loop(
+                cfg,
+                RunSettings(
+                    steps=steps,
+                    prompts_per_step=prompts,
+                    group_size=group_size,
+                    heldout=heldout,
+                    eval_every=eval_every,
+                    max_tokens=max_tokens,
+                    seed=seed,
+                ),
+            )
         out = Path("artifacts")
         write_curve(rows, out, f"{algo.upper()} on a+b with SmolLM2-135M (CPU)", "" if algo == "grpo" else f"_{algo}")
         typer.echo(f"wrote the learning curve to {out}/")
@@ -110,14 +126,24 @@ def engine(
     model: Annotated[Optional[str], typer.Option(help="HF model folder or id (default: bundled SmolLM2-135M)")] = None,
     max_in_flight: Annotated[Optional[int], typer.Option(help="requests in the engine at once")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="/metrics port (0: any free)")] = None,
-    router: Annotated[Optional[bool], typer.Option("--router/--no-router", help="also run a router in this process")] = None,
+    router: Annotated[
+        Optional[bool], typer.Option("--router/--no-router", help="also run a router in this process")
+    ] = None,
 ) -> None:
     """Run one engine worker in the `engine` consumer group until SIGTERM."""
     from engine_workers.service import serve_engine
     from plumbing.consumer import FatalError
 
-    cfg = command_config(config, state_dir, **{"engine.model": model, "engine.max_in_flight": max_in_flight,
-                                                "metrics.port": metrics_port, "routing.embedded": router})
+    cfg = command_config(
+        config,
+        state_dir,
+        **{
+            "engine.model": model,
+            "engine.max_in_flight": max_in_flight,
+            "metrics.port": metrics_port,
+            "routing.embedded": router,
+        },
+    )
     try:
         run(serve_engine(cfg))
     except FatalError as err:
@@ -143,15 +169,20 @@ def router(
 def verifier(
     config: ConfigOpt = None,
     state_dir: StateOpt = None,
-    key_file: Annotated[Optional[Path], typer.Option(help="Ed25519 private key (default: <state-dir>/keys, generated once)")] = None,
+    key_file: Annotated[
+        Optional[Path], typer.Option(help="Ed25519 private key (default: <state-dir>/keys, generated once)")
+    ] = None,
     remote_url: Annotated[Optional[str], typer.Option(help="URL of a remote HTTP verifier for task 'remote'")] = None,
     metrics_port: Annotated[Optional[int], typer.Option(help="/metrics port (0: any free)")] = None,
 ) -> None:
     """Run one verifier worker in the `verifier` consumer group until SIGTERM."""
     from verifier_workers.service import serve_verifier
 
-    cfg = command_config(config, state_dir, **{"verifier.key_file": key_file, "verifier.remote_url": remote_url,
-                                                "metrics.port": metrics_port})
+    cfg = command_config(
+        config,
+        state_dir,
+        **{"verifier.key_file": key_file, "verifier.remote_url": remote_url, "metrics.port": metrics_port},
+    )
     run(serve_verifier(cfg))
 
 

@@ -55,7 +55,9 @@ async def _engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: i
         await serving
     finals = observer.finals()
     tokens = sum(len(c.token_ids) for c in finals)
-    typer.echo(f"{'request':34s} {'samples':>7s} {'ttfb_ms':>8s} {'engine_ttfb_ms':>14s} {'tokens':>6s} {'cached/prompt':>13s}")
+    typer.echo(
+        f"{'request':34s} {'samples':>7s} {'ttfb_ms':>8s} {'engine_ttfb_ms':>14s} {'tokens':>6s} {'cached/prompt':>13s}"
+    )
     ttfbs = []
     for req in batch:
         view = observer.requests.get(req.id)
@@ -67,9 +69,15 @@ async def _engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: i
         any_final = next(iter(view.finals.values()), None)
         cache = f"{any_final.cached_prompt_tokens}/{any_final.prompt_tokens}" if any_final else "-"
         # As the engine saw it: from the record's enqueue time to its first token.
-        engine_ttfb = min((c.timings.first_token_at - c.timings.enqueued_at) * 1000 for c in view.finals.values()) if view.finals else float("nan")
+        engine_ttfb = (
+            min((c.timings.first_token_at - c.timings.enqueued_at) * 1000 for c in view.finals.values())
+            if view.finals
+            else float("nan")
+        )
         tokens_req = sum(len(c.token_ids) for c in view.finals.values())
-        typer.echo(f"{req.id:34s} {len(view.finals):>7d} {ttfb:>8.0f} {engine_ttfb:>14.0f} {tokens_req:>6d} {cache:>13s}")
+        typer.echo(
+            f"{req.id:34s} {len(view.finals):>7d} {ttfb:>8.0f} {engine_ttfb:>14.0f} {tokens_req:>6d} {cache:>13s}"
+        )
     typer.echo(
         f"run {run_id}: {len(finals)}/{expected} completions, {tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tokens/s; "
         f"TTFB p50 {statistics.median(ttfbs) if ttfbs else float('nan'):.0f} ms"

@@ -19,10 +19,12 @@ class RewardsReader:
     def __init__(self, cfg: Config, run_id: str) -> None:
         self.run_id = run_id
         self.rewards: list[Reward] = []
-        self._consumer = AIOKafkaConsumer(REWARDS.name, **consumer_kwargs(cfg, f"rewards-reader-{uuid.uuid4().hex[:8]}"))
+        self._consumer = AIOKafkaConsumer(
+            REWARDS.name, **consumer_kwargs(cfg, f"rewards-reader-{uuid.uuid4().hex[:8]}")
+        )
         self._task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> "RewardsReader":
+    async def __aenter__(self) -> RewardsReader:
         await self._consumer.start()
         self._task = asyncio.create_task(self._collect())
         return self

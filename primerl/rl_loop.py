@@ -57,7 +57,9 @@ class RunSettings(msgspec.Struct, frozen=True, kw_only=True):
     seed: int = 0
 
 
-async def evaluate(cfg: Config, run_id: str, version: int, pairs: list[tuple[int, int]], max_tokens: int) -> tuple[float, int]:
+async def evaluate(
+    cfg: Config, run_id: str, version: int, pairs: list[tuple[int, int]], max_tokens: int
+) -> tuple[float, int]:
     """Greedy accuracy on the held-out pairs under policy >= `version`; returns (accuracy, version served)."""
     eval_run = f"{run_id}-eval-v{version}"
     reqs = arithmetic_requests(eval_run, 0, 1, pairs=pairs, temperature=0.0, max_tokens=max_tokens)
@@ -100,12 +102,20 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
                 if len(learner.history) >= rs.steps:
                     return
                 if waited > 2 * cfg.learner.group_timeout_s:
-                    log.warning("admission: the learner consumed fewer samples than published; feeding batch %d anyway", k)
+                    log.warning(
+                        "admission: the learner consumed fewer samples than published; feeding batch %d anyway", k
+                    )
                     break
                 await asyncio.sleep(0.2)
                 waited += 0.2
-            reqs = arithmetic_requests(run_id, rs.prompts_per_step, rs.group_size, seed=rs.seed * 100_003 + k,
-                                       max_tokens=rs.max_tokens, exclude=set(held))
+            reqs = arithmetic_requests(
+                run_id,
+                rs.prompts_per_step,
+                rs.group_size,
+                seed=rs.seed * 100_003 + k,
+                max_tokens=rs.max_tokens,
+                exclude=set(held),
+            )
             batches[k] = (await publish_prompts(cfg, reqs), [r.id for r in reqs])
             k += 1
 
@@ -135,8 +145,10 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
                 acc, _ = await evaluate(cfg, run_id, stats.policy_version, held, rs.max_tokens)
             row = CurveRow(done, time.time() - t_start, stats.reward_mean, acc, stats.policy_lag_mean, tps, cache)
             rows.append(row)
-            typer.echo(f"{row.step:>4} {row.wall_s:>7.0f} {row.reward_mean:>7.3f} {row.heldout_accuracy:>7.3f} "
-                       f"{row.policy_lag_mean:>5.2f} {row.tokens_per_s:>7.1f} {row.cache_hit_rate:>6.2f}")
+            typer.echo(
+                f"{row.step:>4} {row.wall_s:>7.0f} {row.reward_mean:>7.3f} {row.heldout_accuracy:>7.3f} "
+                f"{row.policy_lag_mean:>5.2f} {row.tokens_per_s:>7.1f} {row.cache_hit_rate:>6.2f}"
+            )
         _report_switch_latency(observer, published_at)
     finally:
         await observer.stop()
@@ -154,7 +166,9 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
     return rows
 
 
-async def _next_step(learner: LearnerWorker, done: int, tasks: list[asyncio.Task[None]], timeout_s: float = 1800) -> None:
+async def _next_step(
+    learner: LearnerWorker, done: int, tasks: list[asyncio.Task[None]], timeout_s: float = 1800
+) -> None:
     """Return once the learner has made step `done` + 1; raise at once if a stage (or the feeder) ends first.
 
     A stage that died used to be noticed only after the next learner step, up to 1,800 s later.
@@ -187,8 +201,10 @@ def _report_switch_latency(observer: RunObserver, published_at: dict[int, float]
             first_final[c.policy_version] = min(first_final.get(c.policy_version, math.inf), c.timings.finished_at)
     gaps = sorted(first_final[v] - t for v, t in published_at.items() if v in first_final)
     if gaps:
-        typer.echo(f"publish -> first completion under the new policy: median {gaps[len(gaps) // 2]:.1f}s, "
-                   f"max {gaps[-1]:.1f}s over {len(gaps)} versions (includes the engine's drain of in-flight requests)")
+        typer.echo(
+            f"publish -> first completion under the new policy: median {gaps[len(gaps) // 2]:.1f}s, "
+            f"max {gaps[-1]:.1f}s over {len(gaps)} versions (includes the engine's drain of in-flight requests)"
+        )
 
 
 def _batch_figures(observer: RunObserver, batch: tuple[float, list[str]] | None) -> tuple[float, float]:
@@ -214,8 +230,12 @@ def write_curve(rows: list[CurveRow], out_dir: Path, title: str, suffix: str = "
         w = csv.writer(f)
         w.writerow(fields)
         for r in rows:
-            w.writerow(["" if isinstance(v, float) and math.isnan(v) else (round(v, 4) if isinstance(v, float) else v)
-                        for v in (getattr(r, k) for k in fields)])
+            w.writerow(
+                [
+                    "" if isinstance(v, float) and math.isnan(v) else (round(v, 4) if isinstance(v, float) else v)
+                    for v in (getattr(r, k) for k in fields)
+                ]
+            )
     import matplotlib
 
     matplotlib.use("Agg")

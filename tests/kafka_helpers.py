@@ -30,12 +30,20 @@ async def make_topic(cfg: Config, partitions: int = 1) -> str:
     return name
 
 
-def runner_for(cfg: Config, pub: Publisher, topic: str, group: str, type_: type[Message], handler, max_in_flight: int = 4) -> ConsumerRunner:
+def runner_for(
+    cfg: Config, pub: Publisher, topic: str, group: str, type_: type[Message], handler, max_in_flight: int = 4
+) -> ConsumerRunner:
     """A ConsumerRunner with its own metrics registry and the test's DLQ stage name."""
     registry = CollectorRegistry()
     return ConsumerRunner(
-        cfg, topics=[topic], group_id=group, message_type=type_, handler=handler,
-        dead_letters=DeadLetters(pub, f"test-{topic}", "test", registry), registry=registry, max_in_flight=max_in_flight,
+        cfg,
+        topics=[topic],
+        group_id=group,
+        message_type=type_,
+        handler=handler,
+        dead_letters=DeadLetters(pub, f"test-{topic}", "test", registry),
+        registry=registry,
+        max_in_flight=max_in_flight,
     )
 
 
@@ -54,12 +62,15 @@ async def dead_letters_from(cfg: Config, source_topic: str, count: int, timeout_
     return await dead_letters_matching(cfg, lambda d: d.source_topic == source_topic, count, timeout_s)
 
 
-async def dead_letters_matching(cfg: Config, pred: Callable[[DeadLetter], bool], count: int, timeout_s: float = 30) -> list[DeadLetter]:
+async def dead_letters_matching(
+    cfg: Config, pred: Callable[[DeadLetter], bool], count: int, timeout_s: float = 30
+) -> list[DeadLetter]:
     """Read rollout.dlq from the start until `count` letters satisfying `pred` are found."""
     consumer = AIOKafkaConsumer(DLQ.name, **consumer_kwargs(cfg, f"dlq-reader-{uuid.uuid4().hex[:8]}"))
     await consumer.start()
     found: list[DeadLetter] = []
     try:
+
         async def collect() -> None:
             while len(found) < count:
                 for records in (await consumer.getmany(timeout_ms=500)).values():
@@ -67,6 +78,7 @@ async def dead_letters_matching(cfg: Config, pred: Callable[[DeadLetter], bool],
                         letter = decode(r.value, DeadLetter, list(r.headers))
                         if pred(letter):
                             found.append(letter)
+
         await asyncio.wait_for(collect(), timeout_s)
     finally:
         await consumer.stop()
@@ -76,5 +88,3 @@ async def dead_letters_matching(cfg: Config, pred: Callable[[DeadLetter], bool],
 async def run_in_background(runner: ConsumerRunner) -> asyncio.Task[None]:
     """Start `runner.run()` as a task."""
     return asyncio.create_task(runner.run())
-
-

@@ -14,7 +14,9 @@ from schemas import PromptRequest, decode
 from schemas.topics import PROMPTS
 
 
-async def prompts_of_run(cfg: Config, run_id: str, count: int, timeout_s: float = 30, settle_s: float = 1.0) -> list[PromptRequest]:
+async def prompts_of_run(
+    cfg: Config, run_id: str, count: int, timeout_s: float = 30, settle_s: float = 1.0
+) -> list[PromptRequest]:
     """Every prompt request of `run_id` on rollout.prompts (a private group, from the start):
     waits for `count`, then `settle_s` more so that extra ones would show up."""
     consumer = AIOKafkaConsumer(PROMPTS.name, **consumer_kwargs(cfg, f"prompts-reader-{uuid.uuid4().hex[:8]}"))
@@ -50,7 +52,17 @@ def tiny_llama(path: Path) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    cfg = LlamaConfig(
+        vocab_size=256,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     LlamaForCausalLM(cfg).save_pretrained(path)
     return str(path)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from schemas import Completion, Grammar, Timings
 
 
-def make_completion(text: str, *, task: str = "math", reference: str | None = None, grammar: Grammar | None = None) -> Completion:
+def make_completion(
+    text: str, *, task: str = "math", reference: str | None = None, grammar: Grammar | None = None
+) -> Completion:
     """A final completion with every required field filled with something plausible."""
     return Completion(
         run_id="test-run",

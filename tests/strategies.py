@@ -32,29 +32,88 @@ sampling = st.builds(
     stop=st.lists(text, max_size=3),
 )
 grammars = st.builds(Grammar, kind=st.sampled_from(GrammarKind), spec=text)
-chat = st.lists(st.builds(ChatMessage, role=st.sampled_from(["system", "user", "assistant"]), content=text), min_size=1, max_size=4)
+chat = st.lists(
+    st.builds(ChatMessage, role=st.sampled_from(["system", "user", "assistant"]), content=text), min_size=1, max_size=4
+)
 
 prompts = st.one_of(
-    st.builds(PromptRequest, run_id=ids, messages=chat, group_size=st.integers(1, 64), sampling=sampling, grammar=st.none() | grammars,
-              session_id=st.none() | ids, turn_index=st.integers(0, 50), task=text, reference=st.none() | text, min_policy_version=small),
+    st.builds(
+        PromptRequest,
+        run_id=ids,
+        messages=chat,
+        group_size=st.integers(1, 64),
+        sampling=sampling,
+        grammar=st.none() | grammars,
+        session_id=st.none() | ids,
+        turn_index=st.integers(0, 50),
+        task=text,
+        reference=st.none() | text,
+        min_policy_version=small,
+    ),
     st.builds(PromptRequest, run_id=ids, text=text, group_id=ids),
 )
 timings = st.builds(Timings, enqueued_at=floats, started_at=floats, first_token_at=floats, finished_at=floats)
 completions = st.builds(
-    Completion, run_id=ids, request_id=ids, group_id=ids, group_size=st.integers(1, 64), sample_index=small, prompt=text,
-    prompt_token_ids=st.lists(small), text=text, token_ids=st.lists(small), logprobs=st.lists(floats),
-    finish_reason=st.sampled_from(["stop", "length"]), policy_version=small, worker_id=ids, timings=timings,
-    prompt_tokens=small, cached_prompt_tokens=small, grammar=st.none() | grammars, grammar_completed=st.none() | st.booleans(),
+    Completion,
+    run_id=ids,
+    request_id=ids,
+    group_id=ids,
+    group_size=st.integers(1, 64),
+    sample_index=small,
+    prompt=text,
+    prompt_token_ids=st.lists(small),
+    text=text,
+    token_ids=st.lists(small),
+    logprobs=st.lists(floats),
+    finish_reason=st.sampled_from(["stop", "length"]),
+    policy_version=small,
+    worker_id=ids,
+    timings=timings,
+    prompt_tokens=small,
+    cached_prompt_tokens=small,
+    grammar=st.none() | grammars,
+    grammar_completed=st.none() | st.booleans(),
 )
-chunks = st.builds(CompletionChunk, run_id=ids, request_id=ids, sample_index=small, seq=small, text=text, token_ids=st.lists(small), policy_version=small)
+chunks = st.builds(
+    CompletionChunk,
+    run_id=ids,
+    request_id=ids,
+    sample_index=small,
+    seq=small,
+    text=text,
+    token_ids=st.lists(small),
+    policy_version=small,
+)
 rewards = st.builds(
-    Reward, run_id=ids, completion_id=ids, request_id=ids, group_id=ids, prompt_hash=ids, tokens_hash=ids, policy_version=small,
-    verifier_id=ids, verifier_version=ids, components=st.dictionaries(ids, floats), scalar=floats, status=st.sampled_from(RewardStatus),
-    trace=st.dictionaries(ids, text), key_id=ids, signature=st.binary(max_size=64),
+    Reward,
+    run_id=ids,
+    completion_id=ids,
+    request_id=ids,
+    group_id=ids,
+    prompt_hash=ids,
+    tokens_hash=ids,
+    policy_version=small,
+    verifier_id=ids,
+    verifier_version=ids,
+    components=st.dictionaries(ids, floats),
+    scalar=floats,
+    status=st.sampled_from(RewardStatus),
+    trace=st.dictionaries(ids, text),
+    key_id=ids,
+    signature=st.binary(max_size=64),
 )
 policies = st.builds(PolicyUpdate, run_id=ids, version=small, weights_path=text, step=small, checksum=ids)
 letters = st.builds(
-    DeadLetter, run_id=ids, stage=ids, error_type=ids, error=text, source_topic=ids, partition=small, offset=small,
-    key=st.none() | st.binary(max_size=16), headers=st.lists(st.tuples(ids, st.binary(max_size=8)), max_size=3), payload=st.binary(max_size=64),
+    DeadLetter,
+    run_id=ids,
+    stage=ids,
+    error_type=ids,
+    error=text,
+    source_topic=ids,
+    partition=small,
+    offset=small,
+    key=st.none() | st.binary(max_size=16),
+    headers=st.lists(st.tuples(ids, st.binary(max_size=8)), max_size=3),
+    payload=st.binary(max_size=64),
 )
 any_message = st.one_of(prompts, completions, chunks, rewards, policies, letters)

@@ -75,14 +75,17 @@ async def test_consumer_group_of_two_splits_partitions_and_loses_nothing(cfg: Co
     def handler(name: str):
         async def handle(msg: PromptRequest, _r) -> None:
             got[name].append(msg.id)
+
         return handle
 
     async with Publisher(cfg) as pub:
         a = runner_for(cfg, pub, topic, group, PromptRequest, handler("a"))
         b = runner_for(cfg, pub, topic, group, PromptRequest, handler("b"))
         tasks = [await run_in_background(a), await run_in_background(b)]
-        await wait_until(lambda: len(a.assignment) + len(b.assignment) == 4 and bool(a.assignment) and bool(b.assignment),
-                         what="both members assigned")
+        await wait_until(
+            lambda: len(a.assignment) + len(b.assignment) == 4 and bool(a.assignment) and bool(b.assignment),
+            what="both members assigned",
+        )
         sent = [PromptRequest(run_id="t", text=str(i), group_id=f"grp{i}") for i in range(60)]
         await pub.publish_many(topic, [(m, m.routing_key()) for m in sent])
         await wait_until(lambda: len(got["a"]) + len(got["b"]) >= len(sent), what="all messages")
@@ -156,6 +159,7 @@ async def test_the_ledger_makes_a_redelivered_message_take_effect_once(cfg: Conf
                 await ledger.mark(msg.id)
             if crash_after_effect:
                 raise FatalError("dies after the effect, before the commit")
+
         return handle
 
     msg = PromptRequest(run_id="t", text="once")

@@ -49,16 +49,26 @@ def test_schedule_has_every_fault_kind_and_is_seeded() -> None:
 
 def test_duplicate_records_tell_redeliveries_from_changed_content() -> None:
     msgs = [("x", 1), ("x", 1), ("x", 2), ("y", 1)]
-    assert _dups(msgs, lambda m: m[0], lambda m: m[1]) == {"records": 4, "distinct": 2, "identical_redeliveries": 1,
-                                                            "differing_content": 1}
+    assert _dups(msgs, lambda m: m[0], lambda m: m[1]) == {
+        "records": 4,
+        "distinct": 2,
+        "identical_redeliveries": 1,
+        "differing_content": 1,
+    }
 
 
 def _run_chaos(tmp_path: Path, *args: str, timeout_s: float) -> dict:
     out = tmp_path / "chaos_report.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     with open(tmp_path / "chaos.log", "wb") as log:
-        proc = subprocess.run([sys.executable, "-m", "perf.chaos", *args, "--work-dir", str(tmp_path / "work"), "--out", str(out)],
-                              cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
+        proc = subprocess.run(
+            [sys.executable, "-m", "perf.chaos", *args, "--work-dir", str(tmp_path / "work"), "--out", str(out)],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout_s,
+        )
     text = (tmp_path / "chaos.log").read_text(errors="replace")
     assert out.exists(), f"no report (exit {proc.returncode}):\n{text[-6000:]}"
     report = json.loads(out.read_text())
@@ -76,8 +86,9 @@ def _check(report: dict) -> None:
 @pytest.mark.engine
 @pytest.mark.timeout(1500)
 def test_chaos_short_loses_nothing_and_doubles_nothing(tmp_path: Path) -> None:
-    report = _run_chaos(tmp_path, "--samples", "160", "--faults", "7", "--min-gap-s", "8", "--drain-idle-s", "60",
-                        timeout_s=1400)
+    report = _run_chaos(
+        tmp_path, "--samples", "160", "--faults", "7", "--min-gap-s", "8", "--drain-idle-s", "60", timeout_s=1400
+    )
     _check(report)
 
 
@@ -94,7 +105,9 @@ def test_soak_judges_stages_on_drift_after_the_warm_up_and_not_the_servers() -> 
     rows = []
     for i in range(20):
         t = i * 5.0
-        rows.append({"t_s": t, "process": "engine", "rss_mb": 1000.0 + (500 if i < 4 else i), "fds": 40})  # warm-up spike
+        rows.append(
+            {"t_s": t, "process": "engine", "rss_mb": 1000.0 + (500 if i < 4 else i), "fds": 40}
+        )  # warm-up spike
         rows.append({"t_s": t, "process": "learner", "rss_mb": 800.0 + 10 * i, "fds": 30})  # grows 15 % after warm-up
         rows.append({"t_s": t, "process": "broker", "rss_mb": 50.0 * (i + 1), "fds": 20})
     v = judge(rows, warmup_s=20.0, tolerance=0.10)

@@ -39,10 +39,18 @@ def test_a_file_overrides_defaults_and_the_environment_overrides_the_file(tmp_pa
     assert (cfg.engine.max_in_flight, cfg.engine.model) == (5, "cli")  # env over file, CLI over both, sections merged
 
 
-@pytest.mark.parametrize("override", [
-    {"engine.max_in_flight": 0}, {"routing.policy": "random"}, {"learner.algo": "dpo"}, {"engine.dtype": "int3"},
-    {"kafka.heartbeat_interval_ms": 9000}, {"routing.ttl_s": 0.5}, {"learner.lr": -1.0},
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"engine.max_in_flight": 0},
+        {"routing.policy": "random"},
+        {"learner.algo": "dpo"},
+        {"engine.dtype": "int3"},
+        {"kafka.heartbeat_interval_ms": 9000},
+        {"routing.ttl_s": 0.5},
+        {"learner.lr": -1.0},
+    ],
+)
 def test_bad_values_fail_at_load_time_naming_the_field(override: dict) -> None:
     with pytest.raises(ValidationError) as err:
         load_config(**override)

@@ -52,16 +52,26 @@ def test_the_schema_is_a_valid_schema_and_rejects_what_keda_rejects() -> None:
     del broken["spec"]["scaleTargetRef"]
     assert list(v.iter_errors(broken))
     broken = json.loads(json.dumps(good))
-    broken["spec"]["triggers"][0]["metadata"].pop(next(iter({"topic", "query"} & set(good["spec"]["triggers"][0]["metadata"]))))
+    broken["spec"]["triggers"][0]["metadata"].pop(
+        next(iter({"topic", "query"} & set(good["spec"]["triggers"][0]["metadata"])))
+    )
     assert list(v.iter_errors(broken))
     broken = json.loads(json.dumps(good))
-    broken["spec"]["triggers"][0]["metadata"]["threshold" if "query" in good["spec"]["triggers"][0]["metadata"] else "lagThreshold"] = 32
+    broken["spec"]["triggers"][0]["metadata"][
+        "threshold" if "query" in good["spec"]["triggers"][0]["metadata"] else "lagThreshold"
+    ] = 32
     assert list(v.iter_errors(broken))  # KEDA wants strings in trigger metadata
 
 
-@pytest.mark.parametrize("path,obj", _scaled_objects(), ids=lambda x: x.get("metadata", {}).get("name", "") if isinstance(x, dict) else x.name)
+@pytest.mark.parametrize(
+    "path,obj",
+    _scaled_objects(),
+    ids=lambda x: x.get("metadata", {}).get("name", "") if isinstance(x, dict) else x.name,
+)
 def test_scaled_object(path: Path, obj: dict) -> None:
-    errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(obj)]
+    errors = [
+        f"{'/'.join(map(str, e.path))}: {e.message}" for e in jsonschema.Draft202012Validator(SCHEMA).iter_errors(obj)
+    ]
     assert not errors, f"{path}: {errors}"
     deployments = {d["metadata"]["name"]: d for _, d in _docs() if d.get("kind") == "Deployment"}
     target = deployments.get(obj["spec"]["scaleTargetRef"]["name"])
@@ -73,7 +83,9 @@ def test_scaled_object(path: Path, obj: dict) -> None:
     assert group in GROUP_TOPIC
     topic = TOPICS[GROUP_TOPIC[group]]
     assert obj["spec"]["maxReplicaCount"] <= topic.partitions, "more replicas than partitions would idle"
-    assert obj["spec"].get("minReplicaCount", 0) >= 1, "a group with no member never commits, so lag never shows the work"
+    assert obj["spec"].get("minReplicaCount", 0) >= 1, (
+        "a group with no member never commits, so lag never shows the work"
+    )
     for trigger in obj["spec"]["triggers"]:
         meta = trigger["metadata"]
         if trigger["type"] == "kafka":
@@ -81,7 +93,11 @@ def test_scaled_object(path: Path, obj: dict) -> None:
         elif trigger["type"] == "prometheus":
             assert f'group="{group}"' in meta["query"]
             for metric in re.findall(r"\b(primerl_[a-z_]+)\b", meta["query"]):
-                sources = "\n".join(p.read_text() for d in ("plumbing", "engine_workers", "verifier_workers") for p in (ROOT / d).rglob("*.py"))
+                sources = "\n".join(
+                    p.read_text()
+                    for d in ("plumbing", "engine_workers", "verifier_workers")
+                    for p in (ROOT / d).rglob("*.py")
+                )
                 assert f'"{metric}"' in sources, f"{metric} is not a metric the code exports"
         else:
             pytest.fail(f"unexpected trigger type {trigger['type']}")
@@ -92,4 +108,7 @@ def test_both_variants_cover_both_scaled_roles() -> None:
     for _, obj in _scaled_objects():
         for t in obj["spec"]["triggers"]:
             by_type.setdefault(t["type"], set()).add(obj["spec"]["scaleTargetRef"]["name"])
-    assert by_type == {"kafka": {"primerl-engine", "primerl-verifier"}, "prometheus": {"primerl-engine", "primerl-verifier"}}
+    assert by_type == {
+        "kafka": {"primerl-engine", "primerl-verifier"},
+        "prometheus": {"primerl-engine", "primerl-verifier"},
+    }

@@ -75,9 +75,15 @@ async def test_bad_requests_are_dead_lettered_and_the_worker_keeps_serving(engin
     assert [c.request_id for c in obs.finals()] == [good.id]
     # The garbage fails to decode at the embedded router (stage "router"), the rest at the worker.
     letters = await dead_letters_matching(
-        cfg, lambda d: d.stage in ("engine", "router") and (run_id.encode() in d.payload or d.key == run_id.encode()), 4)
+        cfg, lambda d: d.stage in ("engine", "router") and (run_id.encode() in d.payload or d.key == run_id.encode()), 4
+    )
     reasons = " | ".join(d.error for d in letters)
-    assert "context" in reasons and "sampling" in reasons and "grammar" in reasons and "DecodeError" in {d.error_type for d in letters}
+    assert (
+        "context" in reasons
+        and "sampling" in reasons
+        and "grammar" in reasons
+        and "DecodeError" in {d.error_type for d in letters}
+    )
 
 
 async def test_metrics_count_requests_tokens_and_cache(engine, cfg, observed) -> None:
@@ -85,11 +91,22 @@ async def test_metrics_count_requests_tokens_and_cache(engine, cfg, observed) ->
     await _publish(cfg, arithmetic_requests(run_id, 1, 2, max_tokens=8, seed=3))
     await obs.wait_finals(2, timeout_s=300)
     page = engine.metrics()
-    for name in ("primerl_engine_requests_total", "primerl_engine_generated_tokens_total", "primerl_engine_ttfb_seconds_bucket",
-                 "primerl_engine_e2e_seconds_bucket", "primerl_engine_in_flight", "primerl_engine_prompt_tokens_total",
-                 "primerl_engine_cached_prompt_tokens_total", "primerl_consumer_lag"):
+    for name in (
+        "primerl_engine_requests_total",
+        "primerl_engine_generated_tokens_total",
+        "primerl_engine_ttfb_seconds_bucket",
+        "primerl_engine_e2e_seconds_bucket",
+        "primerl_engine_in_flight",
+        "primerl_engine_prompt_tokens_total",
+        "primerl_engine_cached_prompt_tokens_total",
+        "primerl_consumer_lag",
+    ):
         assert name in page, name
-    generated = [float(line.split()[-1]) for line in page.splitlines() if line.startswith("primerl_engine_generated_tokens_total")]
+    generated = [
+        float(line.split()[-1])
+        for line in page.splitlines()
+        if line.startswith("primerl_engine_generated_tokens_total")
+    ]
     assert generated and generated[0] > 0
 
 
@@ -147,7 +164,11 @@ async def test_a_worker_killed_mid_batch_completes_every_request_exactly_once(en
 
 
 def _metric(page: str, name: str) -> float:
-    return sum(float(line.split()[-1]) for line in page.splitlines() if line.startswith(name + " ") or line.startswith(name + "{"))
+    return sum(
+        float(line.split()[-1])
+        for line in page.splitlines()
+        if line.startswith(name + " ") or line.startswith(name + "{")
+    )
 
 
 async def test_requests_for_future_policy_versions_never_pin_the_engine(engine, cfg, observed) -> None:
@@ -160,13 +181,20 @@ async def test_requests_for_future_policy_versions_never_pin_the_engine(engine, 
     current = int(_metric(engine.metrics(), "primerl_engine_policy_version"))
     n = engine.max_in_flight + 2
     small = SamplingParams(max_tokens=4)
-    far = [PromptRequest(run_id=run_id, text=f"far {i}", sampling=small, min_policy_version=current + 1000) for i in range(n)]
-    near = [PromptRequest(run_id=run_id, text=f"near {i}", sampling=small, min_policy_version=current + 1) for i in range(n)]
+    far = [
+        PromptRequest(run_id=run_id, text=f"far {i}", sampling=small, min_policy_version=current + 1000)
+        for i in range(n)
+    ]
+    near = [
+        PromptRequest(run_id=run_id, text=f"near {i}", sampling=small, min_policy_version=current + 1) for i in range(n)
+    ]
     good = [PromptRequest(run_id=run_id, text=f"now {i}", sampling=small) for i in range(3)]
     await _publish(cfg, far + near + good)
     await obs.wait_finals(len(good), timeout_s=300)
     assert {c.request_id for c in obs.finals()} == {r.id for r in good}
-    letters = await dead_letters_matching(cfg, lambda d: d.stage == "engine" and run_id.encode() in d.payload, n, timeout_s=120)
+    letters = await dead_letters_matching(
+        cfg, lambda d: d.stage == "engine" and run_id.encode() in d.payload, n, timeout_s=120
+    )
     assert sorted(decode(d.payload, PromptRequest).id for d in letters) == sorted(r.id for r in far)
     assert all(d.error_type == "Unschedulable" and "versions ahead" in d.error for d in letters)
 
@@ -179,7 +207,9 @@ async def test_requests_for_future_policy_versions_never_pin_the_engine(engine, 
         await asyncio.sleep(0.2)
     assert await parked() == n
     async with Publisher(cfg) as pub:
-        await pub.publish(POLICY.name, PolicyUpdate(run_id=run_id, version=current + 1, weights_path=str(resolve_model(None))))
+        await pub.publish(
+            POLICY.name, PolicyUpdate(run_id=run_id, version=current + 1, weights_path=str(resolve_model(None)))
+        )
     await obs.wait_finals(len(good) + n, timeout_s=300)
     finals = obs.finals()
     assert sorted(c.request_id for c in finals) == sorted(r.id for r in good + near)
@@ -187,7 +217,9 @@ async def test_requests_for_future_policy_versions_never_pin_the_engine(engine, 
     await asyncio.sleep(2)
     assert obs.duplicates == 0
     with pytest.raises(asyncio.TimeoutError):  # exactly once: no second letter for any of them
-        await dead_letters_matching(cfg, lambda d: d.stage == "engine" and run_id.encode() in d.payload, n + 1, timeout_s=5)
+        await dead_letters_matching(
+            cfg, lambda d: d.stage == "engine" and run_id.encode() in d.payload, n + 1, timeout_s=5
+        )
 
 
 def test_grammar_spec_json_is_checked() -> None:

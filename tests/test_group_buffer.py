@@ -13,14 +13,32 @@ from tests.reward_helpers import make_completion
 
 
 def _c(group: str, i: int, n: int = 2, version: int = 0, cid: str | None = None) -> Completion:
-    return msgspec.structs.replace(make_completion("x"), id=cid or f"{group}/{i}", request_id=f"req-{group}", group_id=group,
-                                   group_size=n, sample_index=i, policy_version=version)
+    return msgspec.structs.replace(
+        make_completion("x"),
+        id=cid or f"{group}/{i}",
+        request_id=f"req-{group}",
+        group_id=group,
+        group_size=n,
+        sample_index=i,
+        policy_version=version,
+    )
 
 
 def _r(c: Completion, scalar: float = 1.0, **over: str) -> Reward:
     fields = {"request_id": c.request_id, "group_id": c.group_id, **over}
-    return Reward(run_id=c.run_id, completion_id=c.id, prompt_hash="p", tokens_hash="t", policy_version=c.policy_version,
-                  verifier_id="v", verifier_version="1", components={}, scalar=scalar, status=RewardStatus.OK, **fields)
+    return Reward(
+        run_id=c.run_id,
+        completion_id=c.id,
+        prompt_hash="p",
+        tokens_hash="t",
+        policy_version=c.policy_version,
+        verifier_id="v",
+        verifier_version="1",
+        components={},
+        scalar=scalar,
+        status=RewardStatus.OK,
+        **fields,
+    )
 
 
 def _buf(lag: int = 1, timeout: float = 10.0) -> GroupBuffer:
@@ -44,7 +62,9 @@ def test_duplicates() -> None:
     b = _buf()
     c0 = _c("g", 0, n=3)
     b.add_completion(c0, 0.0, 0)
-    b.add_completion(msgspec.structs.replace(c0, token_ids=[9]), 0.5, 0)  # a second copy while waiting: the first is kept
+    b.add_completion(
+        msgspec.structs.replace(c0, token_ids=[9]), 0.5, 0
+    )  # a second copy while waiting: the first is kept
     assert b.state.completions["g/0"].token_ids == c0.token_ids
     b.add_reward(_r(c0), 1.0, 0)
     # Another completion with the same sample index of the same group: dropped, consumed.
@@ -129,7 +149,12 @@ def test_restart_gives_waiting_items_a_full_timeout() -> None:
 def test_consumed_is_counted_once_per_sample_over_a_mixed_history() -> None:
     b = _buf(lag=0, timeout=10.0)
     left: set[str] = set()
-    cs = [_c("a", i) for i in range(2)] + [_c("s", 0, version=0)] + [_c("p", 0, n=3)] + [_c("q", i, n=3) for i in range(2)]
+    cs = (
+        [_c("a", i) for i in range(2)]
+        + [_c("s", 0, version=0)]
+        + [_c("p", 0, n=3)]
+        + [_c("q", i, n=3) for i in range(2)]
+    )
     for c in cs:
         b.add_completion(c, 0.0, 0)
     for c in cs[:2]:
@@ -156,8 +181,15 @@ def test_the_buffer_is_checkpointed_inside_the_learner_state_and_old_checkpoints
     b.add_completion(c1, 2.0, 0)
     back = decode_state(msgspec.msgpack.encode(state))
     assert back.buffer == b.state and set(back.buffer.completions) == {"g/1"}
-    legacy = {"run_id": "r", "step": 3, "completions": {"g/1": msgspec.to_builtins(c1)}, "rewards": {},
-              "groups": msgspec.to_builtins(b.state.groups), "group_first_seen": {"g": 1.0}, "ready": []}
+    legacy = {
+        "run_id": "r",
+        "step": 3,
+        "completions": {"g/1": msgspec.to_builtins(c1)},
+        "rewards": {},
+        "groups": msgspec.to_builtins(b.state.groups),
+        "group_first_seen": {"g": 1.0},
+        "ready": [],
+    }
     old = decode_state(msgspec.msgpack.encode(legacy))
     assert old.step == 3 and set(old.buffer.completions) == {"g/1"} and old.buffer.groups == b.state.groups
     assert isinstance(old.buffer, BufferState) and old.buffer.completion_seen == {}

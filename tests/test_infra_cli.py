@@ -14,14 +14,19 @@ def _primerl(*args: str, state_dir: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("KAFKA_BOOTSTRAP_SERVERS", "REDIS_URL")}
     return subprocess.run(
         [sys.executable, "-m", "primerl", *args, "--state-dir", str(state_dir)],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 def test_infra_up_status_down_leaves_nothing_running(tmp_path: Path) -> None:
     up = _primerl("infra", "up", state_dir=tmp_path)
     assert up.returncode == 0, up.stderr
-    assert "export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:" in up.stdout and "export REDIS_URL=redis://127.0.0.1:" in up.stdout
+    assert (
+        "export KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:" in up.stdout and "export REDIS_URL=redis://127.0.0.1:" in up.stdout
+    )
     state = read_state(tmp_path)
     assert state is not None and {p.name for p in state.processes} == {"kafka", "redis"}
     assert all(_alive(p) for p in state.processes)

@@ -12,19 +12,19 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from plumbing.model_store import resolve_model
 from learners.policy_model import Batch, PolicyModel
 from learners.samples import Sample
 from learners.trainer import TrainConfig, Trainer
 from learners.worker import LearnerWorker
 from plumbing.config import Config, LearnerConfig
 from plumbing.kafka import Publisher
+from plumbing.model_store import resolve_model
 from plumbing.redis_client import connect_redis
+from plumbing.trust import Keyring, Signer, generate_keypair
 from schemas import Reward, RewardStatus
 from schemas.topics import COMPLETIONS, REWARDS
 from tests.kafka_helpers import wait_until
 from tests.reward_helpers import make_completion
-from plumbing.trust import Keyring, Signer, generate_keypair
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,18 @@ def _samples(trainer: Trainer, rewards: list[float], group: str) -> list[Sample]
     with torch.no_grad():
         logp, _ = trainer.model(batch)
     return [
-        Sample(completion_id=f"{group}/{i}", group_id=group, group_size=len(rewards), sample_index=i, prompt_token_ids=prompt,
-               token_ids=c, logprobs=logp[i][batch.mask[i] == 1].tolist(), policy_version=0, reward=r, status=RewardStatus.OK)
+        Sample(
+            completion_id=f"{group}/{i}",
+            group_id=group,
+            group_size=len(rewards),
+            sample_index=i,
+            prompt_token_ids=prompt,
+            token_ids=c,
+            logprobs=logp[i][batch.mask[i] == 1].tolist(),
+            policy_version=0,
+            reward=r,
+            status=RewardStatus.OK,
+        )
         for i, (c, r) in enumerate(zip(completions, rewards, strict=True))
     ]
 
@@ -62,18 +72,35 @@ def test_one_real_update_changes_the_weights_and_lowers_the_loss(trainer: Traine
 
 def test_groups_without_signal_and_masked_samples_are_not_trained(trainer: Trainer) -> None:
     flat = _samples(trainer, [1.0, 1.0, 1.0], "flat")  # zero variance: DAPO filter
-    broken = [msgspec.structs.replace(s, status=RewardStatus.INFRA_FAIL) for s in _samples(trainer, [1.0, 0.0], "broken")]
+    broken = [
+        msgspec.structs.replace(s, status=RewardStatus.INFRA_FAIL) for s in _samples(trainer, [1.0, 0.0], "broken")
+    ]
     assert trainer.prepare([flat, broken]) == ([], [])
     assert trainer.step(1, 2, [flat, broken], current_version=1) is None
 
 
 def _reward_for(c, signer: Signer, scalar: float = 1.0) -> Reward:
-    return signer.sign(Reward(run_id=c.run_id, completion_id=c.id, request_id=c.request_id, group_id=c.group_id, prompt_hash="p",
-                              tokens_hash="t", policy_version=c.policy_version, verifier_id="v", verifier_version="1",
-                              components={"correct": scalar}, scalar=scalar, status=RewardStatus.OK))
+    return signer.sign(
+        Reward(
+            run_id=c.run_id,
+            completion_id=c.id,
+            request_id=c.request_id,
+            group_id=c.group_id,
+            prompt_hash="p",
+            tokens_hash="t",
+            policy_version=c.policy_version,
+            verifier_id="v",
+            verifier_version="1",
+            components={"correct": scalar},
+            scalar=scalar,
+            status=RewardStatus.OK,
+        )
+    )
 
 
-async def test_learner_assembles_groups_across_a_restart_and_rejects_bad_rewards(cfg: Config, trainer: Trainer, tmp_path: Path) -> None:
+async def test_learner_assembles_groups_across_a_restart_and_rejects_bad_rewards(
+    cfg: Config, trainer: Trainer, tmp_path: Path
+) -> None:
     run_id = f"l-{uuid.uuid4().hex[:8]}"
     cfg.run_id = run_id
     cfg.learner.groups_per_step = 1000  # assemble only
@@ -85,14 +112,32 @@ async def test_learner_assembles_groups_across_a_restart_and_rejects_bad_rewards
     redis = connect_redis(cfg)
 
     def completions(group: str, n: int, version: int = 0):
-        return [msgspec.structs.replace(make_completion(f"<answer>{i}</answer>", reference="1"), run_id=run_id, id=f"{group}/{i}",
-                                        group_id=group, group_size=n, sample_index=i, policy_version=version) for i in range(n)]
+        return [
+            msgspec.structs.replace(
+                make_completion(f"<answer>{i}</answer>", reference="1"),
+                run_id=run_id,
+                id=f"{group}/{i}",
+                group_id=group,
+                group_size=n,
+                sample_index=i,
+                policy_version=version,
+            )
+            for i in range(n)
+        ]
 
     group_a = completions("A", 4, version=2)
 
     def learner() -> LearnerWorker:
-        return LearnerWorker(cfg, trainer, ring, pub, redis, CollectorRegistry(), checkpoint=tmp_path / "ckpt" / "learner.ckpt",
-                             policies_dir=tmp_path / "policies")
+        return LearnerWorker(
+            cfg,
+            trainer,
+            ring,
+            pub,
+            redis,
+            CollectorRegistry(),
+            checkpoint=tmp_path / "ckpt" / "learner.ckpt",
+            policies_dir=tmp_path / "policies",
+        )
 
     async with Publisher(cfg) as pub:
         for c in group_a:
@@ -120,7 +165,10 @@ async def test_learner_assembles_groups_across_a_restart_and_rejects_bad_rewards
         for c in group_a[2:]:
             await pub.publish(REWARDS.name, _reward_for(c, signer), key=b"A")
         task = asyncio.create_task(second.run())
-        await wait_until(lambda: len(second.state.buffer.ready) == 1 and second.state.counters.get("stale", 0) == 2, what="group A ready")
+        await wait_until(
+            lambda: len(second.state.buffer.ready) == 1 and second.state.counters.get("stale", 0) == 2,
+            what="group A ready",
+        )
         await asyncio.sleep(1)
         second.stop()
         await task
@@ -133,7 +181,10 @@ async def test_learner_assembles_groups_across_a_restart_and_rejects_bad_rewards
 
 def test_a_ppo_update_with_the_value_head_lowers_the_loss() -> None:
     torch.manual_seed(0)
-    ppo = Trainer(PolicyModel(resolve_model(None), value_head=True), TrainConfig.from_learner(LearnerConfig(algo="ppo", lr=2e-6, lam=0.95)))
+    ppo = Trainer(
+        PolicyModel(resolve_model(None), value_head=True),
+        TrainConfig.from_learner(LearnerConfig(algo="ppo", lr=2e-6, lam=0.95)),
+    )
     groups = [_samples(ppo, [1.0, 0.0, 0.0, 1.0], "p1")]
     samples, advs = ppo.prepare(groups)
     before = ppo.loss_on(samples, advs)

@@ -25,12 +25,12 @@ from operations.replay import RunLog, replay_learner, tensors_sha256
 from plumbing.config import Config
 from plumbing.kafka import Publisher
 from plumbing.redis_client import connect_redis
+from plumbing.trust import Keyring, Signer, generate_keypair
 from schemas import Completion, Reward, RewardStatus
 from schemas.topics import COMPLETIONS, POLICY, REWARDS
 from tests.kafka_helpers import wait_until
 from tests.ops_helpers import tiny_llama
 from tests.reward_helpers import make_completion
-from plumbing.trust import Keyring, Signer, generate_keypair
 
 G = 4
 
@@ -43,17 +43,40 @@ def _group(run_id: str, group: str, gi: int, policy: PolicyModel) -> list[Comple
         batch = Batch([prompt], [tokens], [[]], policy.pad_id)
         with torch.no_grad():
             logp, _ = policy(batch)
-        out.append(msgspec.structs.replace(
-            make_completion("x"), id=f"{group}/{i}", run_id=run_id, request_id=f"{group}-req", group_id=group, group_size=G,
-            sample_index=i, prompt_token_ids=prompt, token_ids=tokens, logprobs=logp[0][batch.mask[0] == 1].tolist(),
-        ))
+        out.append(
+            msgspec.structs.replace(
+                make_completion("x"),
+                id=f"{group}/{i}",
+                run_id=run_id,
+                request_id=f"{group}-req",
+                group_id=group,
+                group_size=G,
+                sample_index=i,
+                prompt_token_ids=prompt,
+                token_ids=tokens,
+                logprobs=logp[0][batch.mask[0] == 1].tolist(),
+            )
+        )
     return out
 
 
 def _reward(c: Completion, signer: Signer, scalar: float) -> Reward:
-    return signer.sign(Reward(run_id=c.run_id, completion_id=c.id, request_id=c.request_id, group_id=c.group_id, prompt_hash="p",
-                              tokens_hash="t", policy_version=c.policy_version, verifier_id="v", verifier_version="1",
-                              components={"correct": scalar}, scalar=scalar, status=RewardStatus.OK))
+    return signer.sign(
+        Reward(
+            run_id=c.run_id,
+            completion_id=c.id,
+            request_id=c.request_id,
+            group_id=c.group_id,
+            prompt_hash="p",
+            tokens_hash="t",
+            policy_version=c.policy_version,
+            verifier_id="v",
+            verifier_version="1",
+            components={"correct": scalar},
+            scalar=scalar,
+            status=RewardStatus.OK,
+        )
+    )
 
 
 async def test_replaying_the_recorded_steps_gives_the_live_weights_byte_for_byte(cfg: Config, tmp_path: Path) -> None:
@@ -73,17 +96,28 @@ async def test_replaying_the_recorded_steps_gives_the_live_weights_byte_for_byte
     redis = connect_redis(cfg)
     archiver = Archiver(cfg, CollectorRegistry(), group_id=f"archiver-{run_id}")
     async with Publisher(cfg) as pub:
-        learner = LearnerWorker(cfg, trainer, Keyring.from_dir(tmp_path / "keys"), pub, redis, CollectorRegistry(),
-                                checkpoint=cfg.state_dir / "learner" / run_id / "learner.ckpt",
-                                policies_dir=tmp_path / "policies")
+        learner = LearnerWorker(
+            cfg,
+            trainer,
+            Keyring.from_dir(tmp_path / "keys"),
+            pub,
+            redis,
+            CollectorRegistry(),
+            checkpoint=cfg.state_dir / "learner" / run_id / "learner.ckpt",
+            policies_dir=tmp_path / "policies",
+        )
         tasks = [asyncio.create_task(learner.run()), asyncio.create_task(archiver.run())]
         try:
             # Group A: completions first, rewards in reverse sample order; group B: rewards first,
             # and only 3 of its 4 samples (trained once it timed out).
             await pub.publish_many(COMPLETIONS.name, [(c, b"A") for c in a])
-            await pub.publish_many(REWARDS.name, [(_reward(c, signer, s), b"A") for c, s in reversed(list(zip(a, (1.0, 0.0, 0.5, 0.0))))])
+            await pub.publish_many(
+                REWARDS.name, [(_reward(c, signer, s), b"A") for c, s in reversed(list(zip(a, (1.0, 0.0, 0.5, 0.0))))]
+            )
             await wait_until(lambda: learner.state.version == 1, 60, "step 0")
-            await pub.publish_many(REWARDS.name, [(_reward(c, signer, s), b"B") for c, s in zip(b[:3], (0.0, 1.0, 0.2))])
+            await pub.publish_many(
+                REWARDS.name, [(_reward(c, signer, s), b"B") for c, s in zip(b[:3], (0.0, 1.0, 0.2))]
+            )
             await pub.publish_many(COMPLETIONS.name, [(c, b"B") for c in b[:3]])
             await wait_until(lambda: learner.state.version == 2, 60, "step 1")
 
@@ -101,7 +135,9 @@ async def test_replaying_the_recorded_steps_gives_the_live_weights_byte_for_byte
     live = tensors_sha256(trainer.model.lm)
     steps = [x for x in read_outcomes(cfg.state_dir / "learner" / run_id / "outcomes.jsonl") if x["kind"] == "step"]
     assert [(x["step"], x["updated"], x["ids"], x["group_sizes"]) for x in steps] == [
-        (0, True, [c.id for c in a], [G]), (1, True, [c.id for c in b[:3]], [3])]  # in sample order, however they joined
+        (0, True, [c.id for c in a], [G]),
+        (1, True, [c.id for c in b[:3]], [3]),
+    ]  # in sample order, however they joined
     assert learner.state.counters == {"consumed": 2 * G - 1, "groups_partial": 1}
 
     result = await asyncio.to_thread(replay_learner, cfg, RunLog(cfg.archive.root, run_id), f"{run_id}-replay")
@@ -113,7 +149,8 @@ async def test_replaying_the_recorded_steps_gives_the_live_weights_byte_for_byte
     assert result.identical_versions == [1, 2] and result.different_versions == []
     assert result.final_sha256 == live  # and the tensors the live trainer holds
 
-    assembled = await asyncio.to_thread(replay_learner, cfg, RunLog(cfg.archive.root, run_id), f"{run_id}-assembled",
-                                        use_step_list=False)
+    assembled = await asyncio.to_thread(
+        replay_learner, cfg, RunLog(cfg.archive.root, run_id), f"{run_id}-assembled", use_step_list=False
+    )
     assert assembled.mode == "assembled" and assembled.groups_incomplete == 1 and len(assembled.steps) == 1
     assert assembled.replay_file_checksums == {} and assembled.final_sha256 != live

@@ -50,15 +50,25 @@ async def test_archives_a_run_per_topic_and_restarts_write_nothing_twice(cfg: Co
         await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in reqs[:8]])
         await pub.publish(POLICY.name, PolicyUpdate(run_id=run_id, version=3, weights_path="/nowhere", checksum="abc"))
     group = f"archiver-test-{uuid.uuid4().hex[:6]}"
-    first = await _archive_until(cfg, root, group, lambda _: _manifest(root, run_id).get("messages_per_topic", {}).get(PROMPTS.name) == 8,
-                                 "8 prompts archived")
+    first = await _archive_until(
+        cfg,
+        root,
+        group,
+        lambda _: _manifest(root, run_id).get("messages_per_topic", {}).get(PROMPTS.name) == 8,
+        "8 prompts archived",
+    )
     assert "primerl_archiver_records_total" in first.metrics_text  # type: ignore[attr-defined]
     files_before = {p: p.stat().st_mtime_ns for p in (root / run_id).rglob("*.parquet")}
     # More records, then the same group again: only the new ones are written.
     async with Publisher(cfg) as pub:
         await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in reqs[8:]])
-    await _archive_until(cfg, root, group, lambda _: _manifest(root, run_id).get("messages_per_topic", {}).get(PROMPTS.name) == 12,
-                         "12 prompts archived")
+    await _archive_until(
+        cfg,
+        root,
+        group,
+        lambda _: _manifest(root, run_id).get("messages_per_topic", {}).get(PROMPTS.name) == 12,
+        "12 prompts archived",
+    )
     # A group with no commits at all (as if every commit had been lost) re-reads everything: all skipped.
     # 13 of this run's records (12 prompts, 1 policy update) at least are read again and skipped.
     await _archive_until(cfg, root, f"{group}-lost-commits", lambda a: a.metrics.skipped._value.get() >= 13, "13 skips")
@@ -93,7 +103,9 @@ async def test_garbage_is_archived_raw_with_the_error_and_the_archiver_goes_on(c
     ]
     async with Publisher(cfg) as pub:
         for g in garbage:
-            await pub.publish_raw(PROMPTS.name, g, key=marker, headers=[(CONTENT_TYPE_HEADER, JSON.encode())] if g[:1] == b"{" else None)
+            await pub.publish_raw(
+                PROMPTS.name, g, key=marker, headers=[(CONTENT_TYPE_HEADER, JSON.encode())] if g[:1] == b"{" else None
+            )
         await pub.publish_raw(PROMPTS.name, b"\x00", key=marker, headers=[(CONTENT_TYPE_HEADER, b"text/plain")])
         await pub.publish(PROMPTS.name, good, key=good.routing_key())
 
@@ -104,7 +116,9 @@ async def test_garbage_is_archived_raw_with_the_error_and_the_archiver_goes_on(c
         keys = [k for f in files for k in pq.read_table(f, columns=["key"]).column("key").to_pylist()]
         return keys.count(marker) == len(garbage) + 1
 
-    await _archive_until(cfg, root, f"archiver-garbage-{uuid.uuid4().hex[:6]}", lambda _: garbage_archived(), "garbage + the good record")
+    await _archive_until(
+        cfg, root, f"archiver-garbage-{uuid.uuid4().hex[:6]}", lambda _: garbage_archived(), "garbage + the good record"
+    )
     rows = [r for r in read_topic(root / UNDECODABLE, PROMPTS.name).to_pylist() if r["key"] == marker]
     assert sorted(r["value"] for r in rows) == sorted([*garbage, b"\x00"])
     assert all(r["error"] and r["run_id"] is None for r in rows)
@@ -127,8 +141,10 @@ async def test_a_run_log_that_cannot_be_written_pauses_the_archiver_until_it_can
     archiver = Archiver(cfg, registry, group_id=f"archiver-full-{uuid.uuid4().hex[:6]}", root=root)
     task = asyncio.create_task(archiver.run())
     try:
-        await wait_until(lambda: (registry.get_sample_value("primerl_archiver_write_failures_total") or 0) >= 2,
-                         what="failed flushes, retried")
+        await wait_until(
+            lambda: (registry.get_sample_value("primerl_archiver_write_failures_total") or 0) >= 2,
+            what="failed flushes, retried",
+        )
         assert not task.done(), "the archiver died on a failed write"
         assert archiver.flushes == 0  # nothing committed that is not on disk
         root.unlink()  # the disk is back

@@ -21,13 +21,13 @@ from operations.scale import read_workers, scale
 from plumbing.config import Config
 from plumbing.kafka import Publisher
 from plumbing.redis_client import connect_redis
+from plumbing.trust import Signer, generate_keypair
 from primerl.rewards_reader import RewardsReader
 from producers.arithmetic import arithmetic_requests
 from schemas import CONTENT_TYPE_HEADER, JSON
 from schemas.topics import COMPLETIONS, PROMPTS
 from tests.kafka_helpers import wait_until
 from verifier_workers.rewards import build_registry, close_registry
-from plumbing.trust import Signer, generate_keypair
 from verifier_workers.worker import VerifierWorker
 
 pytestmark = pytest.mark.engine
@@ -37,12 +37,28 @@ async def test_json_prompts_from_outside_clients_are_served(engine, cfg: Config,
     """What `kcat -H content-type=application/json -P -t rollout.prompts` sends: JSON without
     our `kind` tag, with the header, and a plain JSON body without any header."""
     run_id, obs = observed
-    with_header = {"id": f"{run_id}-a", "run_id": run_id, "text": "The capital of France is", "group_size": 2,
-                   "sampling": {"max_tokens": 8, "temperature": 0.8}}
-    no_header = {"id": f"{run_id}-b", "run_id": run_id, "messages": [{"role": "user", "content": "Say hello."}],
-                 "sampling": {"max_tokens": 8, "temperature": 0.0}, "task": "math_format", "reference": "1"}
+    with_header = {
+        "id": f"{run_id}-a",
+        "run_id": run_id,
+        "text": "The capital of France is",
+        "group_size": 2,
+        "sampling": {"max_tokens": 8, "temperature": 0.8},
+    }
+    no_header = {
+        "id": f"{run_id}-b",
+        "run_id": run_id,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "sampling": {"max_tokens": 8, "temperature": 0.0},
+        "task": "math_format",
+        "reference": "1",
+    }
     async with Publisher(cfg) as pub:
-        await pub.publish_raw(PROMPTS.name, json.dumps(with_header).encode(), key=b"kcat-a", headers=[(CONTENT_TYPE_HEADER, JSON.encode())])
+        await pub.publish_raw(
+            PROMPTS.name,
+            json.dumps(with_header).encode(),
+            key=b"kcat-a",
+            headers=[(CONTENT_TYPE_HEADER, JSON.encode())],
+        )
         await pub.publish_raw(PROMPTS.name, json.dumps(no_header).encode(), key=b"kcat-b")
     await obs.wait_finals(3, timeout_s=240)
     finals = {c.id: c for c in obs.finals()}
@@ -53,7 +69,9 @@ async def test_json_prompts_from_outside_clients_are_served(engine, cfg: Config,
     assert finals[f"{run_id}-b/0"].task == "math_format" and finals[f"{run_id}-b/0"].reference == "1"
 
 
-async def test_engines_scaled_1_2_1_during_a_run_serve_every_request_once(engine, cfg: Config, observed, tmp_path: Path) -> None:
+async def test_engines_scaled_1_2_1_during_a_run_serve_every_request_once(
+    engine, cfg: Config, observed, tmp_path: Path
+) -> None:
     run_id, obs = observed
     cfg.state_dir = tmp_path / "state"
     cfg.archive.root = tmp_path / "runs"
@@ -70,7 +88,9 @@ async def test_engines_scaled_1_2_1_during_a_run_serve_every_request_once(engine
             # One batch in three parts: before the second engine, while both serve, while it stops.
             first, second, third = prompts[:8], prompts[8:16], prompts[16:]
             await publish_requests(cfg, first, progress=False)
-            up = await asyncio.to_thread(scale, cfg, "engine", 1, start_timeout_s=300)  # returns once it was assigned partitions
+            up = await asyncio.to_thread(
+                scale, cfg, "engine", 1, start_timeout_s=300
+            )  # returns once it was assigned partitions
             added = up.started[0]
             await publish_requests(cfg, second, rate=2.0, progress=False)
             await wait_until(lambda: len({c.worker_id for c in obs.finals()}) >= 2, 300, "finals from both engines")
@@ -79,7 +99,10 @@ async def test_engines_scaled_1_2_1_during_a_run_serve_every_request_once(engine
             down = await stopping
             # None: the status was already reaped by subprocess's own clean-up of finished
             # children (another Popen in this process), so only "not a failure" is known.
-            assert [w.pid for w, _ in down.stopped] == [added.pid] and [code for _, code in down.stopped] in ([0], [None])
+            assert [w.pid for w, _ in down.stopped] == [added.pid] and [code for _, code in down.stopped] in (
+                [0],
+                [None],
+            )
             await obs.wait_finals(len(prompts) * 2, timeout_s=400)
             await rewards.wait_for(len(prompts) * 2, timeout_s=120)
             await asyncio.sleep(2)  # a duplicate would show up by now
@@ -87,7 +110,11 @@ async def test_engines_scaled_1_2_1_during_a_run_serve_every_request_once(engine
             def archived() -> bool:
                 path = cfg.archive.root / run_id / "manifest.json"
                 counts = json.loads(path.read_text())["messages_per_topic"] if path.exists() else {}
-                return counts.get(COMPLETIONS.name) == len(prompts) * 2 and counts.get("rollout.rewards") == len(prompts) * 2
+                return (
+                    counts.get(COMPLETIONS.name) == len(prompts) * 2
+                    and counts.get("rollout.rewards") == len(prompts) * 2
+                )
+
             await wait_until(archived, 60, "the run archived")
         finally:
             await asyncio.to_thread(scale, cfg, "engine", 0)

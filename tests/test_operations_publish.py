@@ -26,7 +26,7 @@ GOOD_AND_BAD = [
     "this line is not JSON",
     {"prompt": "Say hi", "verifier": "exact", "reference": "hi", "session_id": "s-1", "turn_index": 2},
     {"prompt": "both", "messages": [{"role": "user", "content": "x"}]},
-    {"prompt": "Pick one", "grammar": {"kind": "choice", "spec": "[\"a\", \"b\"]"}, "group_size": 2},
+    {"prompt": "Pick one", "grammar": {"kind": "choice", "spec": '["a", "b"]'}, "group_size": 2},
     {"prompt": "typo", "refrence": "1"},
     {"prompt": "bad grammar", "grammar": {"kind": "no-such-kind"}},
 ]
@@ -52,7 +52,12 @@ def test_rows_are_validated_with_line_numbers(tmp_path: Path) -> None:
     assert chat.messages and chat.reference == "5" and chat.task == "math" and chat.group_size == 4
     assert plain.text == "Say hi" and plain.task == "exact" and plain.session_id == "s-1" and plain.turn_index == 2
     assert plain.routing_key() == b"s-1"
-    assert choice.grammar and choice.grammar.kind is GrammarKind.CHOICE and choice.group_size == 2 and choice.task == "math_format"
+    assert (
+        choice.grammar
+        and choice.grammar.kind is GrammarKind.CHOICE
+        and choice.group_size == 2
+        and choice.task == "math_format"
+    )
     assert all(r.run_id == "r" and r.sampling.max_tokens == 16 and r.group_id == r.id for r in reqs)
     with pytest.raises(BadRow) as err:
         read_prompt_file(path, defaults, strict=True)
@@ -62,7 +67,7 @@ def test_rows_are_validated_with_line_numbers(tmp_path: Path) -> None:
 def test_csv_and_parquet_rows(tmp_path: Path) -> None:
     csv_path = tmp_path / "p.csv"
     csv_path.write_text(
-        'prompt,answer,task,grammar_kind,grammar_spec,messages\n'
+        "prompt,answer,task,grammar_kind,grammar_spec,messages\n"
         '"What is 1+1?",2,math,regex,"<answer>[0-9]+</answer>",\n'
         ',,math,,,"[{""role"": ""user"", ""content"": ""hi""}]"\n'
         ',,math,,,"not json"\n'
@@ -98,8 +103,25 @@ def test_cli_reports_bad_lines_and_publishes_the_rest(cfg: Config, tmp_path: Pat
     _write_jsonl(path, GOOD_AND_BAD)
     run_id = f"cli-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": cfg.bootstrap, "REDIS_URL": cfg.redis_url, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "primerl", "publish", str(path), "--run-id", run_id, "--group-size", "4",
-           "--task", "math", "--max-tokens", "16", "--rate", "50", "--state-dir", str(tmp_path / "state")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "primerl",
+        "publish",
+        str(path),
+        "--run-id",
+        run_id,
+        "--group-size",
+        "4",
+        "--task",
+        "math",
+        "--max-tokens",
+        "16",
+        "--rate",
+        "50",
+        "--state-dir",
+        str(tmp_path / "state"),
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
     for line in (2, 4, 6, 7):
@@ -120,12 +142,12 @@ async def test_a_json_completion_from_an_outside_client_is_scored(cfg: Config, t
 
     from plumbing.kafka import Publisher
     from plumbing.redis_client import connect_redis
+    from plumbing.trust import Signer, generate_keypair
     from primerl.rewards_reader import RewardsReader
     from schemas import CONTENT_TYPE_HEADER, JSON
     from schemas.topics import COMPLETIONS
     from tests.reward_helpers import make_completion
     from verifier_workers.rewards import build_registry, close_registry
-    from plumbing.trust import Signer, generate_keypair
     from verifier_workers.worker import VerifierWorker
 
     run_id = f"json-{uuid.uuid4().hex[:8]}"
@@ -139,7 +161,9 @@ async def test_a_json_completion_from_an_outside_client_is_scored(cfg: Config, t
         worker = VerifierWorker(cfg, fns, Signer.from_file(priv), pub, redis, CollectorRegistry())
         task = asyncio.create_task(worker.run())
         try:
-            await pub.publish_raw(COMPLETIONS.name, json.dumps(body).encode(), key=b"g", headers=[(CONTENT_TYPE_HEADER, JSON.encode())])
+            await pub.publish_raw(
+                COMPLETIONS.name, json.dumps(body).encode(), key=b"g", headers=[(CONTENT_TYPE_HEADER, JSON.encode())]
+            )
             rewards = await reader.wait_for(1, timeout_s=60)
         finally:
             worker.stop()

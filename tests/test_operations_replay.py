@@ -25,6 +25,7 @@ from operations.replay import RunLog, replay_learner, replay_prompts, rescore, v
 from plumbing.config import Config
 from plumbing.kafka import Publisher
 from plumbing.redis_client import connect_redis
+from plumbing.trust import Signer, generate_keypair
 from primerl.rewards_reader import RewardsReader
 from producers.arithmetic import arithmetic_requests
 from schemas import Completion, RewardStatus
@@ -33,7 +34,6 @@ from tests.kafka_helpers import wait_until
 from tests.ops_helpers import prompts_of_run, tiny_llama
 from tests.reward_helpers import make_completion
 from verifier_workers.rewards import build_registry, close_registry
-from plumbing.trust import Signer, generate_keypair
 from verifier_workers.worker import VerifierWorker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,25 +50,41 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
 def _completions(run_id: str, prompts, model_dir: str) -> list[Completion]:
     """G samples per prompt, some right, some wrong, some without an answer (POLICY_FAIL),
     with the starting policy's own log-probs (ratio 1, as if it had sampled them)."""
-    from learners.policy_model import Batch, PolicyModel
-
     import torch
+
+    from learners.policy_model import Batch, PolicyModel
 
     policy = PolicyModel(model_dir)
     out = []
     for gi, req in enumerate(prompts):
         for i in range(G):
-            answer = ["<answer>" + (req.reference or "") + "</answer>", "<answer>999</answer>", "no idea", "<answer>7</answer>"][(i + gi) % 4]
+            answer = [
+                "<answer>" + (req.reference or "") + "</answer>",
+                "<answer>999</answer>",
+                "no idea",
+                "<answer>7</answer>",
+            ][(i + gi) % 4]
             c = make_completion(answer, task=req.task, reference=req.reference)
             prompt, tokens = [2, 40 + gi, 50], [10 + gi, 20 + i, 30 + (i * gi) % 7, 1]
             batch = Batch([prompt], [tokens], [[]], policy.pad_id)
             with torch.no_grad():
                 logp, _ = policy(batch)
-            out.append(msgspec.structs.replace(
-                c, id=f"{req.id}/{i}", run_id=run_id, request_id=req.id, group_id=req.group_id, group_size=G, sample_index=i,
-                prompt_token_ids=prompt, prompt_tokens=len(prompt), token_ids=tokens, logprobs=logp[0][batch.mask[0] == 1].tolist(),
-                policy_version=0,
-            ))
+            out.append(
+                msgspec.structs.replace(
+                    c,
+                    id=f"{req.id}/{i}",
+                    run_id=run_id,
+                    request_id=req.id,
+                    group_id=req.group_id,
+                    group_size=G,
+                    sample_index=i,
+                    prompt_token_ids=prompt,
+                    prompt_tokens=len(prompt),
+                    token_ids=tokens,
+                    logprobs=logp[0][batch.mask[0] == 1].tolist(),
+                    policy_version=0,
+                )
+            )
     return out
 
 
@@ -91,7 +107,9 @@ async def archived_run(cfg: Config, tmp_path: Path, tiny_model: str) -> AsyncIte
         tasks = [asyncio.create_task(verifier.run()), asyncio.create_task(archiver.run())]
         try:
             await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in prompts])
-            await pub.publish_many(COMPLETIONS.name, [(c, c.group_id.encode()) for c in _completions(run_id, prompts, tiny_model)])
+            await pub.publish_many(
+                COMPLETIONS.name, [(c, c.group_id.encode()) for c in _completions(run_id, prompts, tiny_model)]
+            )
             await reader.wait_for(GROUPS * G, timeout_s=90)
 
             def archived() -> bool:
@@ -152,22 +170,52 @@ async def test_replays_of_an_archived_run(archived_run, tiny_model: str) -> None
     assert len(seen) == GROUPS
     for r in seen:
         orig = originals[r.metadata["replay_of"].split("/", 1)[1]]
-        assert r.id != orig.id and r.messages == orig.messages and r.reference == orig.reference and r.group_size == orig.group_size
+        assert (
+            r.id != orig.id
+            and r.messages == orig.messages
+            and r.reference == orig.reference
+            and r.group_size == orig.group_size
+        )
 
 
 def test_replay_cli(archived_run, tiny_model: str) -> None:
     cfg, run_id, root = archived_run
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": cfg.bootstrap, "REDIS_URL": cfg.redis_url, "PYTHONPATH": str(ROOT),
-           "PRIMERL_LEARNER__GROUPS_PER_STEP": "2", "PRIMERL_LEARNER__LR": "0.001"}
-    base = [sys.executable, "-m", "primerl", "replay", run_id, "--root", str(root), "--new-run-id", "cli-replay",
-            "--state-dir", str(root.parent / "state")]
-    verifier = subprocess.run([*base, "--stage", "verifier"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": cfg.bootstrap,
+        "REDIS_URL": cfg.redis_url,
+        "PYTHONPATH": str(ROOT),
+        "PRIMERL_LEARNER__GROUPS_PER_STEP": "2",
+        "PRIMERL_LEARNER__LR": "0.001",
+    }
+    base = [
+        sys.executable,
+        "-m",
+        "primerl",
+        "replay",
+        run_id,
+        "--root",
+        str(root),
+        "--new-run-id",
+        "cli-replay",
+        "--state-dir",
+        str(root.parent / "state"),
+    ]
+    verifier = subprocess.run(
+        [*base, "--stage", "verifier"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert verifier.returncode == 0, verifier.stderr
     assert f"re-scored {GROUPS * G} completions" in verifier.stdout
     table_row = [line for line in verifier.stdout.splitlines() if line.startswith("1/math_format@")][0]
     assert table_row.split()[-3:] == ["0", "0", "0.0000"]  # changed, status changed, max |d|
-    learner = subprocess.run([*base, "--stage", "learner", "--model", tiny_model, "--rescored"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
+    learner = subprocess.run(
+        [*base, "--stage", "learner", "--model", tiny_model, "--rescored"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert learner.returncode == 0, learner.stderr
     assert "step 1:" in learner.stdout and "final weights sha256 (tensors):" in learner.stdout
     report = json.loads((root / "cli-replay" / "replay_learner.json").read_text())

@@ -29,17 +29,41 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _entry(role: str, wid: str, **kw: object) -> bytes:
-    return json.dumps({"worker_id": wid, "role": role, "host": "h1", "pid": 1234, "partitions": [0, 1], "policy_version": 2,
-                       "heartbeat_at": time.time(), **kw}).encode()
+    return json.dumps(
+        {
+            "worker_id": wid,
+            "role": role,
+            "host": "h1",
+            "pid": 1234,
+            "partitions": [0, 1],
+            "policy_version": 2,
+            "heartbeat_at": time.time(),
+            **kw,
+        }
+    ).encode()
 
 
 async def test_status_reads_registry_groups_dlq_and_policy(cfg: Config, tmp_path: Path) -> None:
     redis = connect_redis(cfg)
     tag = uuid.uuid4().hex[:6]
     keys = {
-        f"primerl:registry:engine:e1-{tag}": _entry("engine", f"e1-{tag}", prompt_tokens=1000, cached_prompt_tokens=600, load_tokens=50.5, in_flight=2, block_size=16),
-        f"primerl:registry:engine:e2-{tag}": _entry("engine", f"e2-{tag}", prompt_tokens=1000, cached_prompt_tokens=200, load_tokens=0,
-                                                    extra_field="kept by the writer"),
+        f"primerl:registry:engine:e1-{tag}": _entry(
+            "engine",
+            f"e1-{tag}",
+            prompt_tokens=1000,
+            cached_prompt_tokens=600,
+            load_tokens=50.5,
+            in_flight=2,
+            block_size=16,
+        ),
+        f"primerl:registry:engine:e2-{tag}": _entry(
+            "engine",
+            f"e2-{tag}",
+            prompt_tokens=1000,
+            cached_prompt_tokens=200,
+            load_tokens=0,
+            extra_field="kept by the writer",
+        ),
         f"primerl:registry:verifier:v1-{tag}": _entry("verifier", f"v1-{tag}"),
         f"primerl:registry:engine:bad-{tag}": b"not json",
     }
@@ -51,8 +75,16 @@ async def test_status_reads_registry_groups_dlq_and_policy(cfg: Config, tmp_path
         await asyncio.sleep(0.05)  # the 1 ms entry has expired: a dead worker's heartbeat
         async with Publisher(cfg) as pub:  # one dead letter more than before
             before = (await collect_status(cfg, redis)).dead_letters
-            letter = DeadLetter(run_id=tag, stage="status-test", error_type="ValueError", error="test",
-                                source_topic=COMPLETIONS.name, partition=0, offset=0, payload=b"raw")
+            letter = DeadLetter(
+                run_id=tag,
+                stage="status-test",
+                error_type="ValueError",
+                error="test",
+                source_topic=COMPLETIONS.name,
+                partition=0,
+                offset=0,
+                payload=b"raw",
+            )
             await pub.publish(DLQ.name, letter, key=b"status-test")
         report = await collect_status(cfg, redis)
         mine = [w for w in report.workers if w.worker_id.endswith(tag)]
@@ -63,15 +95,32 @@ async def test_status_reads_registry_groups_dlq_and_policy(cfg: Config, tmp_path
         assert report.dead_letters >= before + 1  # end offsets: approximate on Tansu, never fewer
         assert any("Tansu" in n for n in report.notes)
         # The CLI shows the same (JSON), including groups the other tests' workers made.
-        env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": cfg.bootstrap, "REDIS_URL": cfg.redis_url, "PYTHONPATH": str(ROOT)}
-        out = subprocess.run([sys.executable, "-m", "primerl", "status", "--json", "--all", "--state-dir", str(tmp_path)],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": cfg.bootstrap,
+            "REDIS_URL": cfg.redis_url,
+            "PYTHONPATH": str(ROOT),
+        }
+        out = subprocess.run(
+            [sys.executable, "-m", "primerl", "status", "--json", "--all", "--state-dir", str(tmp_path)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert out.returncode == 0, out.stderr
         data = json.loads(out.stdout)
         assert {f"e1-{tag}", f"v1-{tag}"} <= {w["worker_id"] for w in data["workers"]}
         assert all({"group_id", "members", "lag", "total_lag"} <= set(g) for g in data["groups"])
-        text = subprocess.run([sys.executable, "-m", "primerl", "status", "--state-dir", str(tmp_path)],
-                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        text = subprocess.run(
+            [sys.executable, "-m", "primerl", "status", "--state-dir", str(tmp_path)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert "live workers" in text.stdout and f"e1-{tag}" in text.stdout and "dead letters:" in text.stdout
     finally:
         await redis.delete(*keys, f"primerl:policy:status-{tag}:version")
@@ -100,8 +149,11 @@ async def test_scaling_verifiers_during_a_run_loses_and_duplicates_nothing(cfg: 
     completions = []
     for i in range(n):
         c = make_completion(f"<answer>{i}</answer>", task="math", reference=str(i if i % 3 else i + 1))
-        completions.append(msgspec.structs.replace(c, id=f"{run_id}/{i}", run_id=run_id, request_id=f"{run_id}-r{i}",
-                                                   group_id=f"{run_id}-g{i}"))
+        completions.append(
+            msgspec.structs.replace(
+                c, id=f"{run_id}/{i}", run_id=run_id, request_id=f"{run_id}-r{i}", group_id=f"{run_id}-g{i}"
+            )
+        )
     async with Publisher(cfg) as pub, RewardsReader(cfg, run_id) as reader:
         try:
             await pub.publish_many(COMPLETIONS.name, [(c, c.group_id.encode()) for c in completions[:20]])
@@ -133,7 +185,9 @@ def test_member_assignments_are_decoded_when_the_broker_sends_them() -> None:
     from operations.status import _members
 
     raw = MemberAssignment(0, [("rollout.prompts", [3, 1])], b"").encode()
-    members = _members([("m-1", "engine-ab", "/10.0.0.2", b"", raw), ("m-2", "c", "h", b"", b""), ("m-3", "c", "h", b"", b"\x00junk")])
+    members = _members(
+        [("m-1", "engine-ab", "/10.0.0.2", b"", raw), ("m-2", "c", "h", b"", b""), ("m-3", "c", "h", b"", b"\x00junk")]
+    )
     assert [m.partitions for m in members] == [["rollout.prompts:1", "rollout.prompts:3"], [], []]
     assert members[0].client_id == "engine-ab" and members[0].host == "/10.0.0.2"
 
@@ -184,12 +238,27 @@ def test_a_worker_that_exits_between_the_checks_of_a_stop_still_reports_its_exit
     # liveness is checked, and its clean exit must still come back as 0, not unknown.
     from operations import scale as scale_module
 
-    proc = subprocess.Popen([sys.executable, "-c", "import signal, sys; signal.signal(signal.SIGTERM, lambda *a: None); "
-                             "print('ready', flush=True); sys.stdin.readline(); sys.exit(0)"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import signal, sys; signal.signal(signal.SIGTERM, lambda *a: None); "
+            "print('ready', flush=True); sys.stdin.readline(); sys.exit(0)",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
     assert proc.stdout.readline() == b"ready\n"  # its SIGTERM handler is in place
-    worker = scale_module.WorkerProcess(role="verifier", pid=proc.pid, start_ticks=scale_module.start_ticks(proc.pid) or 0,
-                                        cmdline=[], log_file="", metrics_port=0, started_at=time.time())
+    worker = scale_module.WorkerProcess(
+        role="verifier",
+        pid=proc.pid,
+        start_ticks=scale_module.start_ticks(proc.pid) or 0,
+        cmdline=[],
+        log_file="",
+        metrics_port=0,
+        started_at=time.time(),
+    )
     real_reap = scale_module._reap
     calls = []
 

@@ -46,15 +46,25 @@ class _DlqDown:
 
 
 def _runner(cfg: Config, dead_letters: DeadLetters, topic: str, handler, registry: CollectorRegistry) -> ConsumerRunner:
-    return ConsumerRunner(cfg, topics=[topic], group_id=f"g-{uuid.uuid4().hex[:6]}", message_type=PromptRequest,
-                          handler=handler, dead_letters=dead_letters, registry=registry, max_in_flight=4)
+    return ConsumerRunner(
+        cfg,
+        topics=[topic],
+        group_id=f"g-{uuid.uuid4().hex[:6]}",
+        message_type=PromptRequest,
+        handler=handler,
+        dead_letters=dead_letters,
+        registry=registry,
+        max_in_flight=4,
+    )
 
 
 def _sample(registry: CollectorRegistry, name: str, **labels: str) -> float:
     return registry.get_sample_value(name, labels) or 0.0
 
 
-async def test_a_record_near_the_size_limit_is_dead_lettered_whole_and_the_consumer_goes_on(cfg: Config, tmp_path: Path) -> None:
+async def test_a_record_near_the_size_limit_is_dead_lettered_whole_and_the_consumer_goes_on(
+    cfg: Config, tmp_path: Path
+) -> None:
     topic = await make_topic(cfg)
     garbage = b"\xc1" + uuid.uuid4().bytes * (NEAR_LIMIT // 16)
     served: list[str] = []
@@ -101,7 +111,9 @@ async def test_oversized_headers_and_key_go_to_a_file_too(cfg: Config, tmp_path:
     assert side["key"] == b"k" * 200_000 and [(k, v) for k, v in side["headers"]] == headers
 
 
-async def test_a_dead_letter_topic_that_refuses_pauses_the_consumer_until_it_takes_the_letter(cfg: Config, tmp_path: Path) -> None:
+async def test_a_dead_letter_topic_that_refuses_pauses_the_consumer_until_it_takes_the_letter(
+    cfg: Config, tmp_path: Path
+) -> None:
     topic = await make_topic(cfg)
     served: list[str] = []
 
@@ -124,7 +136,9 @@ async def test_a_dead_letter_topic_that_refuses_pauses_the_consumer_until_it_tak
         assert _sample(registry, "primerl_consumer_paused", group=runner.group_id, reason="dead_letters_blocked") == 1
         # Records already in flight go on; the poison's offset holds the partition's commit.
         assert all(o.committed <= 0 for o in runner._offsets.values()), "committed past a record not yet dead-lettered"
-        await wait_until(lambda: flaky.attempts == 5 and runner.paused_for == "", timeout_s=60, what="the letter, then the resume")
+        await wait_until(
+            lambda: flaky.attempts == 5 and runner.paused_for == "", timeout_s=60, what="the letter, then the resume"
+        )
         assert not task.done(), "the consumer died while the DLQ was down"
         await wait_until(lambda: len(served) == 3, what="every good record")
         assert _sample(registry, "primerl_dead_letters_blocked", stage="test-blocked") == 0
@@ -150,19 +164,36 @@ async def test_a_stage_stopped_while_the_dlq_is_down_leaves_the_record_uncommitt
         await pub.publish(topic, after, key=b"p")
         registry = CollectorRegistry()
         down = DeadLetters(_DlqDown(pub, failures=10**6), "test-stop", "t", registry, spill_dir=tmp_path)  # type: ignore[arg-type]
-        first = ConsumerRunner(cfg, topics=[topic], group_id=group, message_type=PromptRequest, handler=handle,
-                               dead_letters=down, registry=registry, max_in_flight=1)
+        first = ConsumerRunner(
+            cfg,
+            topics=[topic],
+            group_id=group,
+            message_type=PromptRequest,
+            handler=handle,
+            dead_letters=down,
+            registry=registry,
+            max_in_flight=1,
+        )
         task = await run_in_background(first)
         await wait_until(lambda: first.paused_for == "dead_letters_blocked", what="the pause")
         first.stop()
         await task
         assert served == []  # nothing after the poison went ahead of it
         registry2 = CollectorRegistry()
-        second = ConsumerRunner(cfg, topics=[topic], group_id=group, message_type=PromptRequest, handler=handle,
-                                dead_letters=DeadLetters(pub, "test-stop", "t", registry2, spill_dir=tmp_path),
-                                registry=registry2, max_in_flight=1)
+        second = ConsumerRunner(
+            cfg,
+            topics=[topic],
+            group_id=group,
+            message_type=PromptRequest,
+            handler=handle,
+            dead_letters=DeadLetters(pub, "test-stop", "t", registry2, spill_dir=tmp_path),
+            registry=registry2,
+            max_in_flight=1,
+        )
         task = await run_in_background(second)
-        await wait_until(lambda: served == [after.id], what="the next owner to dead-letter the poison and serve the rest")
+        await wait_until(
+            lambda: served == [after.id], what="the next owner to dead-letter the poison and serve the rest"
+        )
         second.stop()
         await task
     assert len(await dead_letters_from(cfg, topic, 1)) == 1
@@ -181,7 +212,9 @@ async def test_an_outage_in_a_handler_is_retried_not_dead_lettered(cfg: Config, 
     async with Publisher(cfg) as pub:
         req = PromptRequest(run_id="t", text="good, but the broker is away")
         await pub.publish(topic, req)
-        runner = _runner(cfg, DeadLetters(pub, "test-outage", "t", registry, spill_dir=tmp_path), topic, handle, registry)
+        runner = _runner(
+            cfg, DeadLetters(pub, "test-outage", "t", registry, spill_dir=tmp_path), topic, handle, registry
+        )
         task = await run_in_background(runner)
         await wait_until(lambda: len(calls) == 3, what="two retries then success")
         runner.stop()
@@ -198,12 +231,18 @@ def test_failures_are_classified_by_whose_fault_they_are() -> None:
 
     from schemas import DecodeError
 
-    assert is_transient(KafkaConnectionError()) and is_transient(RequestTimedOutError()) and is_transient(RedisConnectionError())
+    assert (
+        is_transient(KafkaConnectionError())
+        and is_transient(RequestTimedOutError())
+        and is_transient(RedisConnectionError())
+    )
     assert not is_transient(MessageSizeTooLargeError()) and not is_transient(DecodeError("x"))
     assert not is_transient(ResponseError("WRONGTYPE")) and not is_transient(ValueError("bad input"))
 
 
-async def test_a_bad_policy_record_is_dead_lettered_once_however_many_engines_read_it(cfg: Config, tmp_path: Path, monkeypatch) -> None:
+async def test_a_bad_policy_record_is_dead_lettered_once_however_many_engines_read_it(
+    cfg: Config, tmp_path: Path, monkeypatch
+) -> None:
     import asyncio
 
     import plumbing.policy_feed as feed_module
@@ -219,7 +258,9 @@ async def test_a_bad_policy_record_is_dead_lettered_once_however_many_engines_re
         await pub.publish_raw(topic, b"\xc1 not an update")
         await pub.publish(topic, PolicyUpdate(run_id="t", version=3, weights_path="/w"))
         for _ in range(3):  # three engine starts, one after the other
-            feed = PolicyFeed(cfg, DeadLetters(pub, "test-feed", "t", CollectorRegistry(), spill_dir=tmp_path), redis=redis)
+            feed = PolicyFeed(
+                cfg, DeadLetters(pub, "test-feed", "t", CollectorRegistry(), spill_dir=tmp_path), redis=redis
+            )
             task = asyncio.create_task(feed.run())
             await wait_until(lambda f=feed: f.latest("t") == 3 and f.caught_up.is_set(), what="the feed to catch up")
             feed.stop()

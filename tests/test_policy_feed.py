@@ -17,7 +17,9 @@ from schemas.topics import POLICY, Topic
 from tests.kafka_helpers import make_topic, wait_until
 
 
-async def test_a_starting_reader_applies_only_the_newest_update_of_each_run(cfg: Config, tmp_path: Path, monkeypatch) -> None:
+async def test_a_starting_reader_applies_only_the_newest_update_of_each_run(
+    cfg: Config, tmp_path: Path, monkeypatch
+) -> None:
     topic = await make_topic(cfg)
     monkeypatch.setattr(feed_module, "POLICY", Topic(topic, 1, POLICY.message_type, POLICY.key_rule))
     applied: list[tuple[str, int]] = []

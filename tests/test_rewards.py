@@ -30,7 +30,12 @@ from verifier_workers.rewards.match import ExactReward, RegexReward
 from verifier_workers.rewards.math import MathReward, extract_answer, safe_sympy
 from verifier_workers.rewards.remote import BreakerState, CircuitBreaker
 
-OK, POLICY_FAIL, INFRA_FAIL, TIMEOUT = (RewardStatus.OK, RewardStatus.POLICY_FAIL, RewardStatus.INFRA_FAIL, RewardStatus.TIMEOUT)
+OK, POLICY_FAIL, INFRA_FAIL, TIMEOUT = (
+    RewardStatus.OK,
+    RewardStatus.POLICY_FAIL,
+    RewardStatus.INFRA_FAIL,
+    RewardStatus.TIMEOUT,
+)
 
 
 # ---------------------------------------------------------------- math
@@ -159,7 +164,9 @@ async def test_regex_invalid_pattern_is_infra_fail() -> None:
 
 # ---------------------------------------------------------------- format
 
-_SCHEMA = json.dumps({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False})
+_SCHEMA = json.dumps(
+    {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+)
 _LARK = """
 start: "(" expr ")"
 expr: NUMBER ("+" NUMBER)*
@@ -273,7 +280,14 @@ async def serve(handler: Handler) -> AsyncIterator[str]:
 
 
 def remote(url: str, **overrides: float) -> RemoteReward:
-    settings: dict = {"url": url, "timeout_s": 2.0, "retries": 2, "backoff_s": 0.01, "breaker_failures": 3, "breaker_reset_s": 60.0}
+    settings: dict = {
+        "url": url,
+        "timeout_s": 2.0,
+        "retries": 2,
+        "backoff_s": 0.01,
+        "breaker_failures": 3,
+        "breaker_reset_s": 60.0,
+    }
     return RemoteReward(RemoteConfig(**{**settings, **overrides}))
 
 
@@ -350,7 +364,9 @@ async def test_remote_always_failing_opens_the_circuit_then_half_opens() -> None
 
     clock = Clock()
     async with serve(handler) as url:
-        fn = RemoteReward(RemoteConfig(url=url, retries=1, backoff_s=0.01, breaker_failures=2, breaker_reset_s=30.0), clock=clock)
+        fn = RemoteReward(
+            RemoteConfig(url=url, retries=1, backoff_s=0.01, breaker_failures=2, breaker_reset_s=30.0), clock=clock
+        )
         first = await fn.score(make_completion("x", task="remote"))
         second = await fn.score(make_completion("x", task="remote"))
         assert first.status is INFRA_FAIL and second.status is INFRA_FAIL

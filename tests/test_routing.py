@@ -21,25 +21,26 @@ from redis.asyncio import Redis
 from transformers import AutoTokenizer
 from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
-from plumbing.model_store import resolve_model
 from engine_workers.prefix_cache.block_hashes import cacheable_tokens, chain_hashes, policy_salt
 from engine_workers.prefix_cache.held_blocks import HeldBlocks
 from engine_workers.prefix_cache.index import PrefixIndex, Probe
-from schemas.keys import held_blocks as held_key
-from schemas.keys import load as load_key
-from schemas.registry import WorkerInfo
 from engine_workers.routing.cost_model import choose
 from engine_workers.routing.router import Router
 from plumbing.config import Config
 from plumbing.kafka import Publisher, consumer_kwargs
 from plumbing.local_servers import start_redis, stop_process
+from plumbing.model_store import resolve_model
 from schemas import ChatMessage, PromptRequest, SamplingParams, decode
+from schemas.keys import held_blocks as held_key
+from schemas.keys import load as load_key
+from schemas.registry import WorkerInfo
 from tests.kafka_helpers import dead_letters_from, make_topic, wait_until
 
 BS = 4  # a small block size keeps the hand-made cases readable
 
 
 # --- block hashes ---------------------------------------------------------------------------
+
 
 def test_block_hashes_chain_over_full_blocks_and_depend_on_the_salt() -> None:
     tokens = list(range(10))
@@ -59,10 +60,19 @@ def test_cacheable_tokens_leave_the_last_prompt_token_to_compute() -> None:
 
 # --- the tracker of vLLM's KV events --------------------------------------------------------
 
+
 def _stored(hashes: list[int], parent: int | None, tokens: list[int], salt: str | None = "policy-v0") -> BlockStored:
     extra = [(salt,)] + [None] * (len(hashes) - 1) if salt and parent is None else None
-    return BlockStored(block_hashes=hashes, parent_block_hash=parent, token_ids=tokens, block_size=BS,
-                       lora_id=None, medium="CPU", lora_name=None, extra_keys=extra)
+    return BlockStored(
+        block_hashes=hashes,
+        parent_block_hash=parent,
+        token_ids=tokens,
+        block_size=BS,
+        lora_id=None,
+        medium="CPU",
+        lora_name=None,
+        extra_keys=extra,
+    )
 
 
 def test_held_blocks_follow_stores_evictions_and_clears() -> None:
@@ -91,27 +101,44 @@ def test_held_blocks_use_the_salt_vllm_reports() -> None:
 
 # --- the cost model -------------------------------------------------------------------------
 
+
 def _probe(name: str, matched: int, prefill: float = 0.0, decode: float = 0.0) -> Probe:
     return Probe(WorkerInfo(worker_id=name, partitions=[0]), matched, prefill, decode)
 
 
 def test_the_cost_model_prefers_the_warm_worker() -> None:
-    c = choose([_probe("cold", 0), _probe("warm", 3)], prompt_len=14, block_size=BS, decode_tokens=8, decode_token_cost=1)
+    c = choose(
+        [_probe("cold", 0), _probe("warm", 3)], prompt_len=14, block_size=BS, decode_tokens=8, decode_token_cost=1
+    )
     assert c.probe.worker.worker_id == "warm" and c.predicted_cached_tokens == 12 and c.prefill_tokens == 2
 
 
 def test_a_hot_prefix_moves_off_an_overloaded_home() -> None:
     # Waiting behind 100 queued prefill tokens (weighed 0.5) costs more than recomputing 12 elsewhere.
-    c = choose([_probe("home", 3, prefill=100), _probe("idle", 0)], prompt_len=14, block_size=BS, decode_tokens=8, decode_token_cost=1)
+    c = choose(
+        [_probe("home", 3, prefill=100), _probe("idle", 0)],
+        prompt_len=14,
+        block_size=BS,
+        decode_tokens=8,
+        decode_token_cost=1,
+    )
     assert c.probe.worker.worker_id == "idle" and c.predicted_cached_tokens == 0
     # ...but a little queue does not outweigh the cache.
-    c = choose([_probe("home", 3, prefill=5), _probe("idle", 0)], prompt_len=14, block_size=BS, decode_tokens=8, decode_token_cost=1)
+    c = choose(
+        [_probe("home", 3, prefill=5), _probe("idle", 0)],
+        prompt_len=14,
+        block_size=BS,
+        decode_tokens=8,
+        decode_token_cost=1,
+    )
     assert c.probe.worker.worker_id == "home"
 
 
 def test_equal_costs_go_to_the_least_loaded() -> None:
     # a: 10 uncached + 0.5 * 8 queued = 14; b: 14 uncached, nothing queued.
-    c = choose([_probe("a", 1, prefill=8), _probe("b", 0)], prompt_len=14, block_size=BS, decode_tokens=8, decode_token_cost=1)
+    c = choose(
+        [_probe("a", 1, prefill=8), _probe("b", 0)], prompt_len=14, block_size=BS, decode_tokens=8, decode_token_cost=1
+    )
     assert c.probe.worker.worker_id == "b"
 
 
@@ -124,6 +151,7 @@ def test_pure_ttft_would_scatter_a_burst_and_the_blend_keeps_it() -> None:
 
 
 # --- the Redis index ------------------------------------------------------------------------
+
 
 @pytest.fixture
 async def redis(cfg: Config) -> AsyncIterator[Redis]:
@@ -177,14 +205,19 @@ async def test_a_dead_workers_entries_are_gone_within_one_ttl(redis: Redis) -> N
 
 # --- the router stage, through the broker ---------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return AutoTokenizer.from_pretrained(resolve_model(None))
 
 
 def _request(run_id: str, system: str, question: str, **kw: object) -> PromptRequest:
-    return PromptRequest(run_id=run_id, messages=[ChatMessage("system", system), ChatMessage("user", question)],
-                         sampling=SamplingParams(max_tokens=8), **kw)
+    return PromptRequest(
+        run_id=run_id,
+        messages=[ChatMessage("system", system), ChatMessage("user", question)],
+        sampling=SamplingParams(max_tokens=8),
+        **kw,
+    )
 
 
 class _Setup:
@@ -192,8 +225,10 @@ class _Setup:
 
     def __init__(self, cfg: Config, redis: Redis, tokenizer, policy: str) -> None:
         self.cfg, self.redis, self.tokenizer, self.policy = cfg, redis, tokenizer, policy
-        self.workers = [WorkerInfo(worker_id="w0", partitions=list(range(0, 4)), block_size=128),
-                        WorkerInfo(worker_id="w1", partitions=list(range(4, 8)), block_size=128)]
+        self.workers = [
+            WorkerInfo(worker_id="w0", partitions=list(range(0, 4)), block_size=128),
+            WorkerInfo(worker_id="w1", partitions=list(range(4, 8)), block_size=128),
+        ]
         self.routed: list[tuple[int, PromptRequest]] = []
 
     async def register(self) -> None:
@@ -201,15 +236,24 @@ class _Setup:
         for w in self.workers:
             await index.heartbeat(w, HeldBlocks(), resync=True)
 
-    async def __aenter__(self) -> "_Setup":
+    async def __aenter__(self) -> _Setup:
         self.source, self.out = await make_topic(self.cfg, 4), await make_topic(self.cfg, 8)
         await self.register()
         self.pub = Publisher(self.cfg)
         await self.pub.start()
         self.registry = CollectorRegistry()
-        self.router = Router(self.cfg, self.pub, self.redis, self.tokenizer, self.registry, policy=self.policy,
-                             source_topic=self.source, routed_topic=self.out, routed_partitions=8,
-                             group_id=f"router-{uuid.uuid4().hex[:6]}")
+        self.router = Router(
+            self.cfg,
+            self.pub,
+            self.redis,
+            self.tokenizer,
+            self.registry,
+            policy=self.policy,
+            source_topic=self.source,
+            routed_topic=self.out,
+            routed_partitions=8,
+            group_id=f"router-{uuid.uuid4().hex[:6]}",
+        )
         self.task = asyncio.create_task(self.router.run())
         self.reader = AIOKafkaConsumer(self.out, **consumer_kwargs(self.cfg, f"reader-{uuid.uuid4().hex[:6]}"))
         await self.reader.start()
@@ -243,7 +287,9 @@ class _Setup:
         await self.pub.stop()
 
 
-async def test_cache_aware_routing_keeps_a_shared_prefix_on_one_worker_and_balances_the_rest(cfg, redis, tokenizer) -> None:
+async def test_cache_aware_routing_keeps_a_shared_prefix_on_one_worker_and_balances_the_rest(
+    cfg, redis, tokenizer
+) -> None:
     run_id = f"t-{uuid.uuid4().hex[:6]}"
     shared = "You are a careful assistant. " + "Follow every rule of the house style guide. " * 60
     async with _Setup(cfg, redis, tokenizer, "cache_aware") as s:
@@ -277,7 +323,10 @@ async def test_garbage_goes_to_the_dead_letter_topic_and_routing_goes_on(cfg, re
         await s.pub.publish_raw(s.source, b'{"kind": "PromptRequest", "text": 5}', key=b"k")
         letters = await dead_letters_from(cfg, s.source, 2)
         errors = sorted(d.error for d in letters)
-        assert "Expected `object`, got `array`" in errors[0] and "Expected `str | null`, got `int` - at `$.text`" in errors[1], errors
+        assert (
+            "Expected `object`, got `array`" in errors[0]
+            and "Expected `str | null`, got `int` - at `$.text`" in errors[1]
+        ), errors
         await s.send([_request(run_id, "Still routing.", "Yes?")])
         assert s.routed[-1][1].run_id == run_id
 
@@ -292,7 +341,9 @@ async def test_kcat_style_json_is_routed_like_any_request(cfg, redis, tokenizer)
         assert routed.route is not None and routed.route.policy == "cache_aware" and routed.group_size == 2
 
 
-async def test_with_redis_slow_or_down_routing_hashes_loses_nothing_and_recovers(cfg, tokenizer, tmp_path: Path) -> None:
+async def test_with_redis_slow_or_down_routing_hashes_loses_nothing_and_recovers(
+    cfg, tokenizer, tmp_path: Path
+) -> None:
     _, rec = start_redis(tmp_path)
     url = f"redis://127.0.0.1:{rec.port}/0"
     redis = Redis.from_url(url, socket_timeout=2, socket_connect_timeout=1)
@@ -324,4 +375,3 @@ async def test_with_redis_slow_or_down_routing_hashes_loses_nothing_and_recovers
     finally:
         await redis.aclose()
         stop_process(rec)
-

@@ -9,15 +9,15 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from plumbing.model_store import resolve_model
 from engine_workers.prefix_cache.block_hashes import chain_hashes, policy_salt
 from engine_workers.prefix_cache.index import PrefixIndex
-from schemas.keys import held_blocks as held_key
-from schemas.registry import WorkerInfo
 from plumbing.config import Config
 from plumbing.kafka import Publisher
+from plumbing.model_store import resolve_model
 from primerl.observe import RunObserver
 from schemas import ChatMessage, Completion, PolicyUpdate, PromptRequest, SamplingParams
+from schemas.keys import held_blocks as held_key
+from schemas.registry import WorkerInfo
 from schemas.topics import POLICY, PROMPTS
 
 pytestmark = pytest.mark.engine
@@ -39,8 +39,10 @@ def _document(seed: int, words: int = 600) -> str:
 
 def _ask(run_id: str, doc: str, question: str, min_version: int = 0) -> PromptRequest:
     return PromptRequest(
-        run_id=run_id, messages=[ChatMessage("system", doc), ChatMessage("user", question)],
-        sampling=SamplingParams(max_tokens=4), min_policy_version=min_version,
+        run_id=run_id,
+        messages=[ChatMessage("system", doc), ChatMessage("user", question)],
+        sampling=SamplingParams(max_tokens=4),
+        min_policy_version=min_version,
     )
 
 
@@ -95,7 +97,9 @@ async def test_a_new_policy_version_stops_old_hits(engine, cfg: Config, observed
     before = await _serve(cfg, obs, _ask(run_id, doc, "Count the rivers."))
     version = (await _the_worker(redis, cfg)).policy_version + 1
     async with Publisher(cfg) as pub:
-        await pub.publish(POLICY.name, PolicyUpdate(run_id=run_id, version=version, weights_path=str(resolve_model(None))))
+        await pub.publish(
+            POLICY.name, PolicyUpdate(run_id=run_id, version=version, weights_path=str(resolve_model(None)))
+        )
 
     async def reloaded() -> bool:
         return (await _the_worker(redis, cfg)).policy_version == version

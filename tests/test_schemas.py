@@ -12,26 +12,16 @@ from schemas import (
     MSGPACK,
     SCHEMA_VERSION,
     ChatMessage,
-    Completion,
     CompletionChunk,
-    DeadLetter,
     DecodeError,
-    Grammar,
-    GrammarKind,
-    PolicyUpdate,
     PromptRequest,
-    Reward,
-    RewardStatus,
-    SamplingParams,
     SchemaVersionError,
-    Timings,
     decode,
     encode,
     encode_json,
 )
 from schemas.topics import TOPICS, topic_for
-
-from tests.strategies import any_message, completions, chunks, letters, policies, prompts, rewards  # noqa: F401
+from tests.strategies import any_message, chunks, completions, letters, policies, prompts, rewards  # noqa: F401
 
 
 @settings(max_examples=300)
@@ -65,11 +55,14 @@ def test_garbage_bytes_raise_typed_error() -> None:
         decode(b"{not json", PromptRequest)
 
 
-@pytest.mark.parametrize("raw", [
-    b'{"run_id": "r", "text": "t", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # skipped unknown field
-    b'{"run_id": "r", "text": "t", "metadata": ' + b'{"a":' * 5_000 + b"1" + b"}" * 5_000 + b"}",
-    b"\x83\xa6run_id\xa1r\xa4text\xa1t\xa1x" + b"\x91" * 100_000 + b"\xc0",  # msgpack
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b'{"run_id": "r", "text": "t", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # skipped unknown field
+        b'{"run_id": "r", "text": "t", "metadata": ' + b'{"a":' * 5_000 + b"1" + b"}" * 5_000 + b"}",
+        b"\x83\xa6run_id\xa1r\xa4text\xa1t\xa1x" + b"\x91" * 100_000 + b"\xc0",  # msgpack
+    ],
+)
 def test_deeply_nested_payloads_are_a_decode_error_not_a_recursion_error(raw: bytes) -> None:
     # Found by the fuzz suite: RecursionError escaped decode() and crashed the learner
     # and the archiver (they catch DecodeError/ValueError only).
@@ -110,7 +103,9 @@ def test_semantic_check_is_a_decode_error() -> None:
 
 def test_future_schema_version_is_rejected_not_misread() -> None:
     msg = PromptRequest(run_id="r", text="hi")
-    future = msgspec.msgpack.encode({**msgspec.to_builtins(msg), "schema_version": SCHEMA_VERSION + 1, "renamed_field": 3})
+    future = msgspec.msgpack.encode(
+        {**msgspec.to_builtins(msg), "schema_version": SCHEMA_VERSION + 1, "renamed_field": 3}
+    )
     with pytest.raises(SchemaVersionError, match="upgrade"):
         decode(future, PromptRequest)
 
@@ -130,7 +125,10 @@ def test_wrong_kind_is_rejected() -> None:
 def test_unknown_content_type_is_rejected() -> None:
     with pytest.raises(DecodeError, match="content type"):
         decode(b"x", PromptRequest, [("content-type", b"text/plain")])
-    assert decode(encode(PromptRequest(run_id="r", text="t")), PromptRequest, [("Content-Type", MSGPACK.encode())]).text == "t"
+    assert (
+        decode(encode(PromptRequest(run_id="r", text="t")), PromptRequest, [("Content-Type", MSGPACK.encode())]).text
+        == "t"
+    )
 
 
 def test_routing_key_keeps_sessions_and_groups_together() -> None:

@@ -10,7 +10,6 @@ import msgspec
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from schemas import Reward, RewardStatus
 from plumbing.trust import (
     Keyring,
     MemoryReplayGuard,
@@ -19,13 +18,24 @@ from plumbing.trust import (
     generate_keypair,
     verify_reward,
 )
+from schemas import Reward, RewardStatus
 
 
 def _reward(**kw: object) -> Reward:
     base = dict(
-        run_id="run", completion_id="req/0", request_id="req", group_id="g", prompt_hash="p" * 64, tokens_hash="t" * 64,
-        policy_version=3, verifier_id="verifier-a", verifier_version="1.0", components={"correct": 1.0, "format": 1.0},
-        scalar=1.0, status=RewardStatus.OK, trace={"answer": "42"},
+        run_id="run",
+        completion_id="req/0",
+        request_id="req",
+        group_id="g",
+        prompt_hash="p" * 64,
+        tokens_hash="t" * 64,
+        policy_version=3,
+        verifier_id="verifier-a",
+        verifier_version="1.0",
+        components={"correct": 1.0, "format": 1.0},
+        scalar=1.0,
+        status=RewardStatus.OK,
+        trace={"answer": "42"},
     )
     base.update(kw)
     return Reward(**base)  # type: ignore[arg-type]
@@ -45,10 +55,21 @@ async def test_round_trip(keys) -> None:
 
 
 TAMPERS = {
-    "id": "other", "run_id": "other", "completion_id": "req/1", "request_id": "x", "group_id": "h", "prompt_hash": "0" * 64,
-    "tokens_hash": "1" * 64, "policy_version": 4, "verifier_id": "verifier-b", "verifier_version": "2.0",
-    "components": {"correct": 0.0, "format": 1.0}, "scalar": 0.5, "status": RewardStatus.POLICY_FAIL,
-    "trace": {"answer": "41"}, "created_at": 1.0,
+    "id": "other",
+    "run_id": "other",
+    "completion_id": "req/1",
+    "request_id": "x",
+    "group_id": "h",
+    "prompt_hash": "0" * 64,
+    "tokens_hash": "1" * 64,
+    "policy_version": 4,
+    "verifier_id": "verifier-b",
+    "verifier_version": "2.0",
+    "components": {"correct": 0.0, "format": 1.0},
+    "scalar": 0.5,
+    "status": RewardStatus.POLICY_FAIL,
+    "trace": {"answer": "41"},
+    "created_at": 1.0,
 }
 
 

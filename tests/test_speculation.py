@@ -7,10 +7,18 @@ import pytest
 import xgrammar
 from transformers import AutoTokenizer
 
-from plumbing.model_store import resolve_model
 from engine_workers.speculation.draft_switch import DraftSwitch
-from engine_workers.speculation.drafts import FORCED, FORCED_PROB, NGRAM, LAST_TOKEN_PROB, OutputsCache, continuations, propose
+from engine_workers.speculation.drafts import (
+    FORCED,
+    FORCED_PROB,
+    LAST_TOKEN_PROB,
+    NGRAM,
+    OutputsCache,
+    continuations,
+    propose,
+)
 from engine_workers.speculation.step_cost import StepCost
+from plumbing.model_store import resolve_model
 
 
 def test_continuations_use_the_longest_ngram_found_anywhere() -> None:
@@ -26,7 +34,10 @@ def test_continuations_are_token_aligned_and_find_every_occurrence() -> None:
     # 256 = bytes 00 01 00 00: a byte-level search could match across token boundaries.
     assert continuations([1, 0], [[256, 0, 0, 7], [1, 0, 5]]) == [([1, 0, 5], 2)]
     src = [1, 2, 3, 1, 2, 4, 1, 2]
-    assert continuations([1, 2], [src]) == [(src, 5), (src, 2)]  # newest first; the match at the end has no continuation
+    assert continuations([1, 2], [src]) == [
+        (src, 5),
+        (src, 2),
+    ]  # newest first; the match at the end has no continuation
 
 
 def test_ngram_drafts_follow_the_majority_and_stop_where_it_becomes_a_guess() -> None:
@@ -103,18 +114,38 @@ def test_forced_text_is_drafted_in_the_tokenizers_split_and_leaves_the_matcher_a
     expected = [FORCED_PROB ** (i + 1) for i in range(len(forced))]
     expected[-1] *= LAST_TOKEN_PROB / FORCED_PROB
     assert [d.prob for d in drafts] == pytest.approx(expected)
-    assert [d.token for d in propose([], [], k=16, min_prob=0.3, matcher=matcher, encode=_encoder(tok))] == forced, \
+    assert [d.token for d in propose([], [], k=16, min_prob=0.3, matcher=matcher, encode=_encoder(tok))] == forced, (
         "the matcher was not rolled back"
+    )
     assert len(propose([], [], k=2, min_prob=0.5, matcher=matcher, encode=_encoder(tok))) == 2, "k caps a forced run"
     rarely = {forced[1]}  # learned: the model seldom writes this one as drafted
-    learned = propose([], [], k=16, min_prob=0.3, matcher=matcher, encode=_encoder(tok),
-                      learned=lambda t, prior: 0.1 if t in rarely else prior)
+    learned = propose(
+        [],
+        [],
+        k=16,
+        min_prob=0.3,
+        matcher=matcher,
+        encode=_encoder(tok),
+        learned=lambda t, prior: 0.1 if t in rarely else prior,
+    )
     assert [d.token for d in learned] == forced[:1], "drafting stops before a forced token the model seldom takes"
     for t in forced:
         assert matcher.accept_token(t)
-    assert propose(forced, [], k=16, min_prob=0.5, matcher=matcher, encode=_encoder(tok)) == [], "digits are a free choice"
-    assert propose([], [], k=16, min_prob=0.5, matcher=xgrammar.GrammarMatcher(comp.compile_regex(r"<answer>[0-9]</answer>")),
-                   forced=False, encode=_encoder(tok)) == [], "forced drafts switched off"
+    assert propose(forced, [], k=16, min_prob=0.5, matcher=matcher, encode=_encoder(tok)) == [], (
+        "digits are a free choice"
+    )
+    assert (
+        propose(
+            [],
+            [],
+            k=16,
+            min_prob=0.5,
+            matcher=xgrammar.GrammarMatcher(comp.compile_regex(r"<answer>[0-9]</answer>")),
+            forced=False,
+            encode=_encoder(tok),
+        )
+        == []
+    ), "forced drafts switched off"
 
 
 def test_the_last_token_of_a_forced_text_is_a_coin_flip(compiler) -> None:
@@ -125,7 +156,10 @@ def test_the_last_token_of_a_forced_text_is_a_coin_flip(compiler) -> None:
     drafts = propose([], [], k=16, min_prob=0.0, matcher=matcher, encode=_encoder(tok))
     assert tok.decode([d.token for d in drafts]) == '{"ok": '
     assert drafts[-1].prob == pytest.approx(drafts[-2].prob * LAST_TOKEN_PROB)
-    assert tok.decode([d.token for d in propose([], [], k=16, min_prob=0.5, matcher=matcher, encode=_encoder(tok))]) == '{"ok":'
+    assert (
+        tok.decode([d.token for d in propose([], [], k=16, min_prob=0.5, matcher=matcher, encode=_encoder(tok))])
+        == '{"ok":'
+    )
 
 
 def test_the_grammar_vetoes_ngram_votes_and_forced_tokens_follow(compiler) -> None:
@@ -198,8 +232,9 @@ def test_draft_positions_get_their_requests_temperature_on_cpu() -> None:
     from engine_workers import vllm_patches
 
     vllm_patches.apply(["expand_sampling_params_on_cpu"])
-    out = rejection_sampler.expand_batch_to_tokens(torch.tensor([0.7, -1.0, 1.3]), torch.tensor([2, 2, 5], dtype=torch.int32), 5,
-                                                   replace_from=-1, replace_to=1)
+    out = rejection_sampler.expand_batch_to_tokens(
+        torch.tensor([0.7, -1.0, 1.3]), torch.tensor([2, 2, 5], dtype=torch.int32), 5, replace_from=-1, replace_to=1
+    )
     assert out.tolist() == pytest.approx([0.7, 0.7, 1.3, 1.3, 1.3])
 
 
@@ -223,8 +258,9 @@ def test_recovered_tokens_follow_the_residual_distribution_without_exponential_n
     plain = types.SimpleNamespace(generators={})
 
     def sample(draft_probs=None, metadata=plain):
-        out = rejection_sampler.sample_recovered_tokens(2, [2, 0, 1], torch.tensor([2, 2, 3]), drafts, draft_probs,
-                                                        target, metadata, torch.device("cpu"))
+        out = rejection_sampler.sample_recovered_tokens(
+            2, [2, 0, 1], torch.tensor([2, 2, 3]), drafts, draft_probs, target, metadata, torch.device("cpu")
+        )
         assert out.dtype == drafts.dtype
         return out.tolist()
 
@@ -242,11 +278,13 @@ def test_recovered_tokens_follow_the_residual_distribution_without_exponential_n
     draft_probs = torch.tensor([[0.1, 0.2, 0.0, 0.7, 0.0], [0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 1.0, 0.0, 0.0, 0.0]])
     assert {sample(draft_probs)[0] for _ in range(200)} == {2}
     # A seeded request's positions come from its own generator: same seed, same tokens.
-    seeded = [sample(metadata=types.SimpleNamespace(generators={0: torch.Generator().manual_seed(7)}))[:2]
-              for _ in range(2)]
+    seeded = [
+        sample(metadata=types.SimpleNamespace(generators={0: torch.Generator().manual_seed(7)}))[:2] for _ in range(2)
+    ]
     assert seeded[0] == seeded[1]
     # A -1 (vLLM's padding for a draft its grammar check dropped) zeroes nothing and raises nothing.
-    padded = rejection_sampler.sample_recovered_tokens(1, [1], torch.tensor([1]), torch.tensor([-1], dtype=torch.int32), None,
-                                                       target[1:2], plain, torch.device("cpu"))
+    padded = rejection_sampler.sample_recovered_tokens(
+        1, [1], torch.tensor([1]), torch.tensor([-1], dtype=torch.int32), None, target[1:2], plain, torch.device("cpu")
+    )
     assert padded.tolist()[0] in (1, 3)
     assert exponentials == []

@@ -14,32 +14,46 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from engine_workers.engine import Engine
 from engine_workers.grammar import structured_outputs
-from plumbing.model_store import resolve_model
 from engine_workers.speculation.conformance import GrammarReplay
 from engine_workers.speculation.metrics import SpeculationCollector
 from plumbing.config import EngineConfig
+from plumbing.model_store import resolve_model
 from schemas import Grammar, GrammarKind
 
 pytestmark = pytest.mark.engine
 
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer"}},
-          "required": ["name", "age"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 10}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
 JSON_GRAMMAR = Grammar(GrammarKind.JSON_SCHEMA, json.dumps(SCHEMA))
 ANSWER = Grammar(GrammarKind.REGEX, r"<answer>[0-9]{1,3}</answer>")
-DEFEAT = ("Notes: of the qz7. in the vx2. and the kp9. to the wm4. of a jr5. in a yb8. is the hn3. on the tc6. "
-          "at the fd1. for the gl0. Now write a long essay about the history of the world, in plain words, number {i}.")
+DEFEAT = (
+    "Notes: of the qz7. in the vx2. and the kp9. to the wm4. of a jr5. in a yb8. is the hn3. on the tc6. "
+    "at the fd1. for the gl0. Now write a long essay about the history of the world, in plain words, number {i}."
+)
 
 
-async def _generate(engine: Engine, prompt: str, n: int, max_tokens: int, grammar: Grammar | None, rid: str,
-                    temperature: float = 1.0) -> list[tuple[list[int], str, str]]:
+async def _generate(
+    engine: Engine, prompt: str, n: int, max_tokens: int, grammar: Grammar | None, rid: str, temperature: float = 1.0
+) -> list[tuple[list[int], str, str]]:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
     tok = engine.tokenizer
-    ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False),
-                     add_special_tokens=False)
-    params = SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, output_kind=RequestOutputKind.DELTA,
-                            structured_outputs=structured_outputs(grammar) if grammar else None)
+    ids = tok.encode(
+        tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False,
+    )
+    params = SamplingParams(
+        n=n,
+        temperature=temperature,
+        max_tokens=max_tokens,
+        output_kind=RequestOutputKind.DELTA,
+        structured_outputs=structured_outputs(grammar) if grammar else None,
+    )
     out: dict[int, list] = {i: [[], [], ""] for i in range(n)}
     async for step in engine.stream(ids, params, rid):
         for d in step.deltas:
@@ -51,9 +65,12 @@ async def _generate(engine: Engine, prompt: str, n: int, max_tokens: int, gramma
 
 @pytest.fixture
 async def spec_engine():
-    engine = Engine(EngineConfig(kv_cache_gib=1, speculation=True, num_speculative_tokens=4,
-                                 spec_min_acceptance=0.3, spec_probe_every=20),
-                    str(resolve_model(None)))
+    engine = Engine(
+        EngineConfig(
+            kv_cache_gib=1, speculation=True, num_speculative_tokens=4, spec_min_acceptance=0.3, spec_probe_every=20
+        ),
+        str(resolve_model(None)),
+    )
     await engine.start()
     yield engine
     engine.shutdown()
@@ -63,8 +80,13 @@ async def test_speculation_keeps_outputs_valid_emits_forced_tokens_and_falls_bac
     engine = spec_engine
     replay = GrammarReplay(engine.tokenizer)
     # 1. >= 200 structured outputs generated concurrently: every token is one the mask allows.
-    jobs = [_generate(engine, f"Give a JSON record for person {i}.", 8, 40, JSON_GRAMMAR, f"json-{i}") for i in range(13)]
-    jobs += [_generate(engine, f"What is {i} + {i + 2}? Answer as <answer>N</answer>.", 8, 12, ANSWER, f"ans-{i}") for i in range(12)]
+    jobs = [
+        _generate(engine, f"Give a JSON record for person {i}.", 8, 40, JSON_GRAMMAR, f"json-{i}") for i in range(13)
+    ]
+    jobs += [
+        _generate(engine, f"What is {i} + {i + 2}? Answer as <answer>N</answer>.", 8, 12, ANSWER, f"ans-{i}")
+        for i in range(12)
+    ]
     results = await asyncio.gather(*jobs)
     grammars = [JSON_GRAMMAR] * 13 + [ANSWER] * 12
     outputs = [(g, o) for g, group in zip(grammars, results, strict=True) for o in group]
@@ -86,7 +108,10 @@ async def test_speculation_keeps_outputs_valid_emits_forced_tokens_and_falls_bac
     registry = CollectorRegistry()
     registry.register(SpeculationCollector(engine.speculation_stats))
     page = generate_latest(registry).decode()
-    assert "primerl_spec_forced_tokens_emitted_total" in page and 'primerl_spec_drafted_tokens_total{source="forced"}' in page
+    assert (
+        "primerl_spec_forced_tokens_emitted_total" in page
+        and 'primerl_spec_drafted_tokens_total{source="forced"}' in page
+    )
     # The live accepted-mask ratio counts the same tokens the replay above checked.
     replayed = sum(len(tokens) for _, (tokens, _, _) in outputs)
     assert stats["grammar_tokens"] >= replayed and stats["grammar_tokens_accepted"] == stats["grammar_tokens"], stats

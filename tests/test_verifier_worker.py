@@ -14,14 +14,14 @@ from prometheus_client import CollectorRegistry
 from plumbing.config import Config
 from plumbing.kafka import Publisher
 from plumbing.redis_client import connect_redis
+from plumbing.trust import Keyring, MemoryReplayGuard, RewardRejected, Signer, generate_keypair, verify_reward
+from primerl.rewards_reader import RewardsReader
 from producers.arithmetic import arithmetic_requests
 from schemas import Grammar, GrammarKind, RewardStatus
 from schemas.topics import COMPLETIONS, PROMPTS
 from tests.kafka_helpers import dead_letters_matching
 from tests.reward_helpers import make_completion
-from primerl.rewards_reader import RewardsReader
 from verifier_workers.rewards import build_registry, close_registry
-from plumbing.trust import Keyring, MemoryReplayGuard, RewardRejected, Signer, generate_keypair, verify_reward
 from verifier_workers.worker import VerifierWorker
 
 
@@ -42,7 +42,9 @@ async def verifier(cfg: Config, tmp_path: Path) -> AsyncIterator[tuple[VerifierW
 
 def _completion(run_id: str, text: str, reference: str, index: int = 0, **kw: object):
     c = make_completion(text, reference=reference, **kw)  # type: ignore[arg-type]
-    return msgspec.structs.replace(c, run_id=run_id, id=f"{run_id}-req/{index}", request_id=f"{run_id}-req", sample_index=index)
+    return msgspec.structs.replace(
+        c, run_id=run_id, id=f"{run_id}-req/{index}", request_id=f"{run_id}-req", sample_index=index
+    )
 
 
 async def test_scores_signs_and_publishes_one_reward_per_completion(cfg: Config, verifier) -> None:
@@ -51,7 +53,14 @@ async def test_scores_signs_and_publishes_one_reward_per_completion(cfg: Config,
     right = _completion(run_id, "so it is <answer>42</answer>", "42", 0)
     wrong = _completion(run_id, "<answer>41</answer>", "42", 1)
     no_answer = _completion(run_id, "I don't know", "42", 2)
-    fmt = _completion(run_id, '{"a": 1}', "", 3, task="format", grammar=Grammar(GrammarKind.JSON_SCHEMA, '{"type": "object", "required": ["a"]}'))
+    fmt = _completion(
+        run_id,
+        '{"a": 1}',
+        "",
+        3,
+        task="format",
+        grammar=Grammar(GrammarKind.JSON_SCHEMA, '{"type": "object", "required": ["a"]}'),
+    )
     async with RewardsReader(cfg, run_id) as reader, Publisher(cfg) as pub:
         for c in (right, wrong, no_answer, fmt, right):  # `right` twice: a redelivery
             await pub.publish(COMPLETIONS.name, c, key=c.group_id.encode())
@@ -76,7 +85,9 @@ async def test_garbage_and_unknown_tasks_are_dead_lettered_and_the_worker_goes_o
     good = _completion(run_id, "<answer>1</answer>", "1", 1)
     async with RewardsReader(cfg, run_id) as reader, Publisher(cfg) as pub:
         await pub.publish_raw(COMPLETIONS.name, b"\xde\xad garbage " + run_id.encode(), key=run_id.encode())
-        await pub.publish_raw(COMPLETIONS.name, b'{"run_id": "' + run_id.encode() + b'", "text": 3}', key=run_id.encode())
+        await pub.publish_raw(
+            COMPLETIONS.name, b'{"run_id": "' + run_id.encode() + b'", "text": 3}', key=run_id.encode()
+        )
         await pub.publish(COMPLETIONS.name, unknown, key=run_id.encode())
         await pub.publish(COMPLETIONS.name, good, key=run_id.encode())
         rewards = await reader.wait_for(1, timeout_s=60)
@@ -89,8 +100,12 @@ async def test_garbage_and_unknown_tasks_are_dead_lettered_and_the_worker_goes_o
 async def test_hostile_code_is_stopped_and_the_worker_keeps_serving(cfg: Config, verifier) -> None:
     run_id = f"v-{uuid.uuid4().hex[:8]}"
     loop_forever = _completion(run_id, "```python\nwhile True:\n    pass\n```", "assert True", 0, task="code")
-    fork_bomb = _completion(run_id, "```python\nimport os\nwhile True:\n    os.fork()\n```", "assert True", 1, task="code")
-    good = _completion(run_id, "```python\ndef add(a, b):\n    return a + b\n```", "assert add(2, 3) == 5", 2, task="code")
+    fork_bomb = _completion(
+        run_id, "```python\nimport os\nwhile True:\n    os.fork()\n```", "assert True", 1, task="code"
+    )
+    good = _completion(
+        run_id, "```python\ndef add(a, b):\n    return a + b\n```", "assert add(2, 3) == 5", 2, task="code"
+    )
     async with RewardsReader(cfg, run_id) as reader, Publisher(cfg) as pub:
         for c in (loop_forever, fork_bomb, good):
             await pub.publish(COMPLETIONS.name, c, key=c.group_id.encode())

@@ -50,8 +50,10 @@ def test_the_guard_refuses_another_vllm_release_and_touches_nothing(monkeypatch,
         vllm_patches.apply_all()
     message = str(err.value)
     assert "'sample_plainly_without_drafts'" in message and "0.32.0" in message and "0.33.0" in message
-    with pytest.raises(VllmVersionMismatch, match="'drafts_without_a_worker_round_trip' was written for vLLM 0.32.0, "
-                                                  "but vLLM 0.33.0 is installed"):
+    with pytest.raises(
+        VllmVersionMismatch,
+        match="'drafts_without_a_worker_round_trip' was written for vLLM 0.32.0, but vLLM 0.33.0 is installed",
+    ):
         vllm_patches.apply(vllm_patches.ENGINE_CORE)
     for name, p in PATCHES.items():
         assert p.resolve()[2] is unpatched[name], name  # checked before any patch was installed
@@ -110,9 +112,12 @@ def test_plain_sampling_without_drafts() -> None:
 
 def test_post_step_asks_the_scheduler_for_drafts() -> None:
     calls = []
-    post_step = PATCHES["drafts_without_a_worker_round_trip"].build(lambda self, executed: calls.append(("vllm", executed)))
-    ours = types.SimpleNamespace(scheduler=types.SimpleNamespace(propose_drafts=lambda: calls.append("propose")),
-                                 async_scheduling=False)
+    post_step = PATCHES["drafts_without_a_worker_round_trip"].build(
+        lambda self, executed: calls.append(("vllm", executed))
+    )
+    ours = types.SimpleNamespace(
+        scheduler=types.SimpleNamespace(propose_drafts=lambda: calls.append("propose")), async_scheduling=False
+    )
     post_step(ours, True)
     post_step(ours, False)  # nothing ran: no new drafts
     assert calls == ["propose"]
@@ -142,14 +147,23 @@ def test_no_vllm_attribute_is_assigned_outside_the_patch_module() -> None:
             elif isinstance(node, ast.Import):
                 vllm_names |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.split(".")[0] == "vllm"}
         for node in ast.walk(tree):
-            targets = node.targets if isinstance(node, ast.Assign) else \
-                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            targets = (
+                node.targets
+                if isinstance(node, ast.Assign)
+                else [node.target]
+                if isinstance(node, (ast.AugAssign, ast.AnnAssign))
+                else []
+            )
             for t in targets:
                 while isinstance(t, ast.Attribute):
                     t = t.value
                     if isinstance(t, ast.Name) and t.id in vllm_names:
                         offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
-            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args \
-                    and getattr(node.args[0], "id", None) in vllm_names:
+            if (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "id", None) == "setattr"
+                and node.args
+                and getattr(node.args[0], "id", None) in vllm_names
+            ):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert offenders == []

@@ -11,9 +11,16 @@ class VerifierMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.rewards = Counter("primerl_verifier_rewards", "Rewards published", ["task", "status"], registry=registry)
         self.scoring_seconds = Histogram(
-            "primerl_verifier_scoring_seconds", "Time to score one completion", ["task"],
-            buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 1, 2.5, 5, 10, 30), registry=registry,
+            "primerl_verifier_scoring_seconds",
+            "Time to score one completion",
+            ["task"],
+            buckets=(0.001, 0.005, 0.02, 0.1, 0.5, 1, 2.5, 5, 10, 30),
+            registry=registry,
         )
-        self.sandbox_kills = Counter("primerl_verifier_sandbox_kills", "Candidate programs stopped by the sandbox", ["reason"], registry=registry)
+        self.sandbox_kills = Counter(
+            "primerl_verifier_sandbox_kills", "Candidate programs stopped by the sandbox", ["reason"], registry=registry
+        )
         self.signed = Counter("primerl_verifier_signed", "Rewards signed", registry=registry)
-        self.duplicates = Counter("primerl_verifier_duplicates", "Redelivered completions already rewarded", registry=registry)
+        self.duplicates = Counter(
+            "primerl_verifier_duplicates", "Redelivered completions already rewarded", registry=registry
+        )

@@ -123,9 +123,19 @@ def _candidates(limits: SandboxLimits) -> list[_Launch]:
     if limits.use_netns and unshare:
         if root and limits.uid is not None:
             drop = ["--setgid", str(limits.gid), "--setuid", str(limits.uid)]
-            found.append(_Launch([unshare, "--net", *drop, "--"], ("netns", f"uid:{limits.uid}", "nproc"), (limits.uid, limits.gid)))
+            found.append(
+                _Launch(
+                    [unshare, "--net", *drop, "--"], ("netns", f"uid:{limits.uid}", "nproc"), (limits.uid, limits.gid)
+                )
+            )
         # As root a plain network namespace needs no user namespace; otherwise map to root in one.
-        found.append(_Launch([unshare, "--net", "--"] if root else [unshare, "--net", "--map-root-user", "--"], ("netns", *nproc), None))
+        found.append(
+            _Launch(
+                [unshare, "--net", "--"] if root else [unshare, "--net", "--map-root-user", "--"],
+                ("netns", *nproc),
+                None,
+            )
+        )
     found.append(_Launch([], nproc, None))
     return found
 
@@ -183,9 +193,19 @@ class Sandbox:
                 os.chown(tmp, *launch.owner)
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    *launch.prefix, self.limits.python, "-I", "-S", "-c", "pass",
-                    stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-                    cwd=tmp, env={}, preexec_fn=_rlimits(self.limits), start_new_session=True,
+                    *launch.prefix,
+                    self.limits.python,
+                    "-I",
+                    "-S",
+                    "-c",
+                    "pass",
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.DEVNULL,
+                    stderr=asyncio.subprocess.DEVNULL,
+                    cwd=tmp,
+                    env={},
+                    preexec_fn=_rlimits(self.limits),
+                    start_new_session=True,
                 )
             except OSError:
                 return False
@@ -221,13 +241,23 @@ class Sandbox:
         nonce = secrets.token_hex(16)
         started = time.monotonic()
         proc = await asyncio.create_subprocess_exec(
-            *launch.prefix, limits.python, "-I", "-S", "runner.py",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-            cwd=str(tmp), env={"TMPDIR": str(tmp), "HOME": str(tmp), "LANG": "C.UTF-8"},
-            preexec_fn=_rlimits(limits), start_new_session=True,
+            *launch.prefix,
+            limits.python,
+            "-I",
+            "-S",
+            "runner.py",
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=str(tmp),
+            env={"TMPDIR": str(tmp), "HOME": str(tmp), "LANG": "C.UTF-8"},
+            preexec_fn=_rlimits(limits),
+            start_new_session=True,
         )
         assert proc.stdin and proc.stdout and proc.stderr  # all three are pipes
-        readers = asyncio.gather(_read_capped(proc.stdout, limits.output_bytes), _read_capped(proc.stderr, limits.output_bytes))
+        readers = asyncio.gather(
+            _read_capped(proc.stdout, limits.output_bytes), _read_capped(proc.stderr, limits.output_bytes)
+        )
         timed_out = False
         try:
             try:
@@ -257,12 +287,20 @@ class Sandbox:
         passed = out_tail.rstrip().endswith(nonce.encode())
         outcome, reason, kill = _classify(proc.returncode, timed_out, passed, stderr_tail, limits)
         return SandboxResult(
-            outcome=outcome, reason=reason, kill=kill, returncode=proc.returncode, duration_s=time.monotonic() - started,
-            stdout=out.decode("utf-8", "replace").replace(nonce, ""), stderr_tail=stderr_tail, barriers=launch.all_barriers(),
+            outcome=outcome,
+            reason=reason,
+            kill=kill,
+            returncode=proc.returncode,
+            duration_s=time.monotonic() - started,
+            stdout=out.decode("utf-8", "replace").replace(nonce, ""),
+            stderr_tail=stderr_tail,
+            barriers=launch.all_barriers(),
         )
 
 
-def _classify(rc: int | None, timed_out: bool, nonce_seen: bool, stderr_tail: str, limits: SandboxLimits) -> tuple[Outcome, str, str]:
+def _classify(
+    rc: int | None, timed_out: bool, nonce_seen: bool, stderr_tail: str, limits: SandboxLimits
+) -> tuple[Outcome, str, str]:
     """(outcome, reason, kill) from how the child ended; `nonce_seen`: stdout ended with the nonce."""
     if timed_out:
         return Outcome.TIMEOUT, f"wall-clock limit of {limits.wall_s:g} s", "wall_timeout"

@@ -68,7 +68,17 @@ _BLOCKED_EVENTS = (
     "gc.get_referrers",
     "gc.get_referents",
 )
-_BLOCKED_MODULES = frozenset({"ctypes", "_ctypes", "_posixsubprocess", "_xxsubinterpreters", "_testcapi", "_testinternalcapi", "_multiprocessing"})
+_BLOCKED_MODULES = frozenset(
+    {
+        "ctypes",
+        "_ctypes",
+        "_posixsubprocess",
+        "_xxsubinterpreters",
+        "_testcapi",
+        "_testinternalcapi",
+        "_multiprocessing",
+    }
+)
 # event -> positions of its path arguments; read events take no dir_fd.
 _READ_EVENTS = {"os.listdir": (0,), "os.scandir": (0,), "os.chdir": (0,), "os.getxattr": (0,), "os.listxattr": (0,)}
 # event -> (positions of its path arguments, position of its first dir_fd argument,
@@ -103,7 +113,14 @@ def make_hook(root: str, read_roots: tuple[str, ...], nonce: bytes, main_frame: 
     the tables, and the type of every argument is checked before it is touched
     (`sys.audit` lets the candidate pass any object as an argument).
     """
-    write, exit_, lstat, readlink, getcwd, getframe = os.write, os._exit, os.lstat, os.readlink, os.getcwd, sys._getframe
+    write, exit_, lstat, readlink, getcwd, getframe = (
+        os.write,
+        os._exit,
+        os.lstat,
+        os.readlink,
+        os.getcwd,
+        sys._getframe,
+    )
     type_, int_, str_, bytes_, len_ = type, int, str, bytes, len
     encoding = sys.getfilesystemencoding()
     blocked_exit, blocked_prefix, done = BLOCKED_EXIT, ("\n" + BLOCKED_MARK).encode(), DONE

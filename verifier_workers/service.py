@@ -7,10 +7,10 @@ import logging
 
 from plumbing.config import Config
 from plumbing.stage import StageContext, serve_stage
+from plumbing.trust import Signer, generate_keypair
 from verifier_workers.rewards import RewardConfig, build_registry, close_registry
 from verifier_workers.rewards.remote import RemoteConfig
 from verifier_workers.sandbox import SandboxLimits
-from plumbing.trust import Signer, generate_keypair
 from verifier_workers.worker import VerifierWorker
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,10 @@ async def build_verifier(ctx: StageContext) -> tuple[VerifierWorker, VerifierWor
     """The verifier worker with its reward functions (closed with the process)."""
     v = ctx.cfg.verifier
     fns = build_registry(
-        RewardConfig(sandbox=SandboxLimits(wall_s=v.code_timeout_s), remote=RemoteConfig(url=v.remote_url, timeout_s=v.remote_timeout_s))
+        RewardConfig(
+            sandbox=SandboxLimits(wall_s=v.code_timeout_s),
+            remote=RemoteConfig(url=v.remote_url, timeout_s=v.remote_timeout_s),
+        )
     )
     ctx.stack.push_async_callback(close_registry, fns)
     worker = VerifierWorker(ctx.cfg, fns, load_signer(ctx.cfg), ctx.publisher, ctx.need_redis(), ctx.registry)

@@ -9,8 +9,8 @@ huggingface-hub (click >= 8.4.2) cannot share one environment with.
 
 from __future__ import annotations
 
-import hashlib
 import asyncio
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -24,11 +24,11 @@ from plumbing.consumer import ConsumerRunner
 from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
 from plumbing.ledger import Ledger
+from plumbing.trust import Signer, digest, token_hash
 from schemas import Completion, Reward
 from schemas.topics import COMPLETIONS, REWARDS
 from verifier_workers.metrics import VerifierMetrics
 from verifier_workers.rewards import RewardFn, score_completion
-from plumbing.trust import Signer, digest, token_hash
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,9 @@ class HeldBlocks:
         """Every block hash held now."""
         return set(self.by_vllm.values())
 
-    def stored(self, vllm_hashes: list[Any], parent: Any, token_ids: list[int], block_size: int, salt: str | None) -> None:
+    def stored(
+        self, vllm_hashes: list[Any], parent: Any, token_ids: list[int], block_size: int, salt: str | None
+    ) -> None:
         """Blocks vLLM just cached, in chain order after `parent` (None: the prompt's start)."""
         if parent is None:
             ours = root_hash(salt or policy_salt(self.policy_version))
@@ -73,8 +75,13 @@ class HeldBlocks:
         """Apply one vLLM KV event (BlockStored, BlockRemoved or AllBlocksCleared)."""
         kind = type(event).__name__
         if kind == "BlockStored":
-            self.stored(list(event.block_hashes), event.parent_block_hash, list(event.token_ids),
-                        int(event.block_size), _salt_of(event))
+            self.stored(
+                list(event.block_hashes),
+                event.parent_block_hash,
+                list(event.token_ids),
+                int(event.block_size),
+                _salt_of(event),
+            )
         elif kind == "BlockRemoved":
             self.evicted(event.block_hashes)
         elif kind == "AllBlocksCleared":

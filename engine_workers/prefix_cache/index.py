@@ -17,6 +17,7 @@ from engine_workers.prefix_cache.held_blocks import HeldBlocks
 from schemas import keys
 from schemas.registry import WorkerInfo
 
+
 class Probe(msgspec.Struct):
     """What the index says about one worker for one request."""
 
@@ -66,7 +67,12 @@ class PrefixIndex:
 
     async def deregister(self, worker_id: str, role: str = "engine") -> None:
         """Remove a stopping worker at once rather than after its TTL."""
-        await self.redis.delete(keys.registry(role, worker_id), keys.held_blocks(worker_id), keys.pending_blocks(worker_id), keys.load(worker_id))
+        await self.redis.delete(
+            keys.registry(role, worker_id),
+            keys.held_blocks(worker_id),
+            keys.pending_blocks(worker_id),
+            keys.load(worker_id),
+        )
 
     async def live_workers(self, role: str = "engine") -> list[WorkerInfo]:
         """Every worker of `role` whose heartbeat has not expired."""
@@ -101,7 +107,9 @@ class PrefixIndex:
             probes.append(Probe(wi, matched, float(prefill or 0), float(decode or 0)))
         return probes
 
-    async def add_route(self, worker_id: str, hashes: list[str], prefill: float, decode: float, pending_ttl_s: float) -> None:
+    async def add_route(
+        self, worker_id: str, hashes: list[str], prefill: float, decode: float, pending_ttl_s: float
+    ) -> None:
         """Record a routing decision: the worker will hold `hashes`, and has more to do."""
         pipe = self.redis.pipeline(transaction=True)
         if hashes:

@@ -37,7 +37,11 @@ class Choice(msgspec.Struct, frozen=True):
 
 
 def choose(
-    probes: list[Probe], prompt_len: int, block_size: int, decode_tokens: float, decode_token_cost: float,
+    probes: list[Probe],
+    prompt_len: int,
+    block_size: int,
+    decode_tokens: float,
+    decode_token_cost: float,
     latency_weight: float = 0.5,
 ) -> Choice:
     """The cheapest worker for a request of `prompt_len` prompt tokens; ties go to the least loaded."""

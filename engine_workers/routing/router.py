@@ -31,7 +31,6 @@ from redis.exceptions import RedisError
 
 from engine_workers.prefix_cache.block_hashes import chain_hashes, policy_salt
 from engine_workers.prefix_cache.index import PrefixIndex
-from schemas.registry import WorkerInfo
 from engine_workers.requests import BadRequest, render_prompt
 from engine_workers.routing.cost_model import choose
 from plumbing.config import Config, RoutingPolicy
@@ -39,6 +38,7 @@ from plumbing.consumer import ConsumerMetrics, ConsumerRunner
 from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
 from schemas import PromptRequest, Route
+from schemas.registry import WorkerInfo
 from schemas.topics import PROMPTS, ROUTED
 
 log = logging.getLogger(__name__)
@@ -52,15 +52,24 @@ class RouterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.routed = Counter("primerl_router_routed", "Requests routed, by policy used", ["policy"], registry=registry)
         self.fallbacks = Counter(
-            "primerl_router_fallbacks", "Requests hash-routed because the index could not be used", ["reason"], registry=registry
+            "primerl_router_fallbacks",
+            "Requests hash-routed because the index could not be used",
+            ["reason"],
+            registry=registry,
         )
         self.predicted_cached = Counter(
-            "primerl_router_predicted_cached_tokens", "Prompt tokens the router expected the chosen worker to hold", registry=registry
+            "primerl_router_predicted_cached_tokens",
+            "Prompt tokens the router expected the chosen worker to hold",
+            registry=registry,
         )
-        self.prompt_tokens = Counter("primerl_router_prompt_tokens", "Prompt tokens of routed requests", registry=registry)
+        self.prompt_tokens = Counter(
+            "primerl_router_prompt_tokens", "Prompt tokens of routed requests", registry=registry
+        )
         self.decision = Histogram(
-            "primerl_router_decision_seconds", "Time to decide (Redis round trips included)",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1), registry=registry,
+            "primerl_router_decision_seconds",
+            "Time to decide (Redis round trips included)",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1),
+            registry=registry,
         )
 
 
@@ -102,7 +111,8 @@ class Router:
             group_id=self.group_id,
             message_type=PromptRequest,
             handler=self.handle,
-            dead_letters=self.dead_letters or DeadLetters.from_config(self.cfg, self.publisher, "router", self.registry),
+            dead_letters=self.dead_letters
+            or DeadLetters.from_config(self.cfg, self.publisher, "router", self.registry),
             registry=None if self.consumer_metrics else self.registry,
             metrics=self.consumer_metrics,
             max_in_flight=64,
@@ -127,7 +137,9 @@ class Router:
         route, partition = await self.decide(req)
         self.metrics.decision.observe(time.perf_counter() - t0)
         self.metrics.routed.labels(route.policy).inc()
-        await self.publisher.publish(self.routed_topic, msgspec.structs.replace(req, route=route), key=req.routing_key(), partition=partition)
+        await self.publisher.publish(
+            self.routed_topic, msgspec.structs.replace(req, route=route), key=req.routing_key(), partition=partition
+        )
 
     async def decide(self, req: PromptRequest) -> tuple[Route, int]:
         """The route of `req` and the rollout.routed partition to send it to."""
@@ -138,8 +150,12 @@ class Router:
         try:
             async with self._deciding:
                 return await asyncio.wait_for(self._decide(req), self.cfg.routing.redis_timeout_s)
-        except (RedisError, OSError, asyncio.TimeoutError) as err:
-            log.warning("routing index unavailable (%s): hash-routing for %.1fs", type(err).__name__, self.cfg.routing.retry_after_s)
+        except (TimeoutError, RedisError, OSError) as err:
+            log.warning(
+                "routing index unavailable (%s): hash-routing for %.1fs",
+                type(err).__name__,
+                self.cfg.routing.retry_after_s,
+            )
             self._redis_down_until = time.monotonic() + self.cfg.routing.retry_after_s
             return self._hashed(req, "redis_unavailable")
         except BadRequest:
@@ -161,11 +177,18 @@ class Router:
         r = self.cfg.routing
         c = choose(probes, len(ids), block_size, decode, r.decode_token_cost, r.latency_weight)
         w = c.probe.worker
-        await self.index.add_route(w.worker_id, hashes[w.policy_version], c.prefill_tokens, decode, self.cfg.routing.pending_ttl_s)
+        await self.index.add_route(
+            w.worker_id, hashes[w.policy_version], c.prefill_tokens, decode, self.cfg.routing.pending_ttl_s
+        )
         self.metrics.predicted_cached.inc(c.predicted_cached_tokens)
         self.metrics.prompt_tokens.inc(len(ids))
-        route = Route(worker_id=w.worker_id, policy="cache_aware", predicted_cached_tokens=c.predicted_cached_tokens,
-                      prefill_tokens=c.prefill_tokens, decode_tokens=decode)
+        route = Route(
+            worker_id=w.worker_id,
+            policy="cache_aware",
+            predicted_cached_tokens=c.predicted_cached_tokens,
+            prefill_tokens=c.prefill_tokens,
+            decode_tokens=decode,
+        )
         return route, _pick(w.partitions, key)
 
     async def _live_workers(self) -> list[WorkerInfo]:

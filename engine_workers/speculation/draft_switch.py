@@ -112,12 +112,22 @@ class DraftSwitch:
             b.best = best
             if best:
                 self.resumes += 1
-                log.info("speculation resumed: drafts on at batch %s of %s (%.1f ms/token with drafts, %.1f without)",
-                         bucket_name(i), workload, on, off)
+                log.info(
+                    "speculation resumed: drafts on at batch %s of %s (%.1f ms/token with drafts, %.1f without)",
+                    bucket_name(i),
+                    workload,
+                    on,
+                    off,
+                )
             else:
                 self.fallbacks += 1
-                log.warning("speculation fallback: drafts off at batch %s of %s (%.1f ms/token with drafts, %.1f "
-                            "without)", bucket_name(i), workload, on, off)
+                log.warning(
+                    "speculation fallback: drafts off at batch %s of %s (%.1f ms/token with drafts, %.1f without)",
+                    bucket_name(i),
+                    workload,
+                    on,
+                    off,
+                )
 
     def drafting(self) -> dict[str, dict[str, int]]:
         """Per workload and bucket measured so far: 1 if drafts are on."""

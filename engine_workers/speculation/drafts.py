@@ -24,8 +24,9 @@ class DraftToken(NamedTuple):
     prob: float
 
 
-def continuations(context: Sequence[int], sources: Sequence[Sequence[int]], n_max: int = 4, n_min: int = 2,
-                  limit: int = 64) -> list[tuple[Sequence[int], int]]:
+def continuations(
+    context: Sequence[int], sources: Sequence[Sequence[int]], n_max: int = 4, n_min: int = 2, limit: int = 64
+) -> list[tuple[Sequence[int], int]]:
     """Where the longest recent n-gram of `context` occurs in `sources`: (source, index after it).
 
     Only the longest n (from n_max down to n_min) that occurs anywhere counts; matches
@@ -58,8 +59,9 @@ FORCED_PROB = 0.95
 LAST_TOKEN_PROB = 0.5
 
 
-def forced_tokens(matcher: Any, encode: Callable[[str], Sequence[int]],
-                  learned: Callable[[int, float], float] | None = None) -> list[tuple[int, float]]:
+def forced_tokens(
+    matcher: Any, encode: Callable[[str], Sequence[int]], learned: Callable[[int, float], float] | None = None
+) -> list[tuple[int, float]]:
     """The text the grammar forces from here on (its jump-forward string), as tokens, each
     with the probability that the model writes it: the prior above, or what `learned`
     makes of it (token, prior) from how often the model wrote that token before."""
@@ -71,9 +73,18 @@ def forced_tokens(matcher: Any, encode: Callable[[str], Sequence[int]],
     return [(t, learned(t, p) if learned else p) for t, p in zip(ids, priors)]
 
 
-def propose(context: Sequence[int], sources: Sequence[Sequence[int]], k: int, min_prob: float, *,
-            matcher: Any = None, encode: Callable[[str], Sequence[int]] | None = None, forced: bool = True,
-            ngram: bool = True, learned: Callable[[int, float], float] | None = None) -> list[DraftToken]:
+def propose(
+    context: Sequence[int],
+    sources: Sequence[Sequence[int]],
+    k: int,
+    min_prob: float,
+    *,
+    matcher: Any = None,
+    encode: Callable[[str], Sequence[int]] | None = None,
+    forced: bool = True,
+    ngram: bool = True,
+    learned: Callable[[int, float], float] | None = None,
+) -> list[DraftToken]:
     """Up to `k` draft tokens for a request whose tokens so far are `context`.
 
     Where the grammar forces the next characters, their tokens (`forced_tokens`, needs
@@ -100,7 +111,9 @@ def propose(context: Sequence[int], sources: Sequence[Sequence[int]], k: int, mi
 
     try:
         while len(out) < k and not (matcher is not None and matcher.is_terminated()):
-            run = forced_tokens(matcher, encode, learned) if forced and matcher is not None and encode is not None else []
+            run = (
+                forced_tokens(matcher, encode, learned) if forced and matcher is not None and encode is not None else []
+            )
             if run:
                 for token, p in run[: k - len(out)]:
                     if prob * p < min_prob or not push(token):

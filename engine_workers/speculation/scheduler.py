@@ -146,9 +146,17 @@ class GrammarSpecScheduler(Scheduler):
             sources.append(request.prompt_token_ids or [])
             so = request.structured_output_request
             matcher = getattr(so.grammar, "matcher", None) if so is not None else None
-            drafts = propose(request.all_token_ids, sources, self.num_spec_tokens, self._break_even,
-                             matcher=matcher, encode=self._encode, forced=forced_on, ngram=ngram_on,
-                             learned=self._forced_prob)
+            drafts = propose(
+                request.all_token_ids,
+                sources,
+                self.num_spec_tokens,
+                self._break_even,
+                matcher=matcher,
+                encode=self._encode,
+                forced=forced_on,
+                ngram=ngram_on,
+                learned=self._forced_prob,
+            )
             request.spec_token_ids = [d.token for d in drafts]
             self._pending[req_id] = [d.source for d in drafts]
 
@@ -227,8 +235,12 @@ class GrammarSpecScheduler(Scheduler):
             self._check_mask(sampled, index)
         out = super().update_from_output(scheduler_output, model_runner_output)
         if self._observe_cost(scheduler_output) and self.running:  # a decode step the next one follows at once
-            self._timed = (len(scheduler_output.num_scheduled_tokens), self._step_drafting, sum(len(t) for t in sampled),
-                           self._workload)
+            self._timed = (
+                len(scheduler_output.num_scheduled_tokens),
+                self._step_drafting,
+                sum(len(t) for t in sampled),
+                self._workload,
+            )
         self._steps += 1
         self._write_stats(force=not self.running)  # idle: make the final counts visible now
         return out
@@ -296,28 +308,51 @@ class GrammarSpecScheduler(Scheduler):
             if source.on and acc is not None and acc < floor:
                 source.on, source.off_at, source.off_acceptance = False, self._steps, acc
                 self._fallbacks += 1
-                log.warning("speculation fallback: %s drafts off at batch %d of %s (acceptance %.2f < %.2f: break-even "
-                            "%.2f at %.0f ms + %.1f ms/token, minimum %.2f)", source.name, batch, self._workload, acc,
-                            floor, self._break_even, *self._line, self._min_acceptance)
+                log.warning(
+                    "speculation fallback: %s drafts off at batch %d of %s (acceptance %.2f < %.2f: break-even "
+                    "%.2f at %.0f ms + %.1f ms/token, minimum %.2f)",
+                    source.name,
+                    batch,
+                    self._workload,
+                    acc,
+                    floor,
+                    self._break_even,
+                    *self._line,
+                    self._min_acceptance,
+                )
             elif not source.on and (source.off_acceptance >= floor or self._steps - source.off_at >= self._probe_every):
                 source.on = True
                 source.recent.clear()  # judge it on fresh evidence
                 self._resumes += 1
-                log.info("speculation resumed: %s drafts on at batch %d of %s (break-even %.2f)", source.name, batch,
-                         self._workload, self._break_even)
+                log.info(
+                    "speculation resumed: %s drafts on at batch %d of %s (break-even %.2f)",
+                    source.name,
+                    batch,
+                    self._workload,
+                    self._break_even,
+                )
 
     def stats(self) -> dict[str, Any]:
         """Counters since start (also written to the stats file)."""
-        totals = {f"{name}_{field}": sum(getattr(sources[name], field) for sources in self._sources.values())
-                  for name in (FORCED, NGRAM) for field in ("drafted", "accepted")}
+        totals = {
+            f"{name}_{field}": sum(getattr(sources[name], field) for sources in self._sources.values())
+            for name in (FORCED, NGRAM)
+            for field in ("drafted", "accepted")
+        }
         return {
             **totals,
-            "forced_emitted": self._forced_emitted, "generated": self._generated, "steps": self._steps,
-            "grammar_tokens": self._mask_checked, "grammar_tokens_accepted": self._mask_accepted,
-            "fallbacks": self._fallbacks + self._switch.fallbacks, "resumes": self._resumes + self._switch.resumes,
+            "forced_emitted": self._forced_emitted,
+            "generated": self._generated,
+            "steps": self._steps,
+            "grammar_tokens": self._mask_checked,
+            "grammar_tokens_accepted": self._mask_accepted,
+            "fallbacks": self._fallbacks + self._switch.fallbacks,
+            "resumes": self._resumes + self._switch.resumes,
             "drafting_by_batch": self._switch.drafting(),
             "sources_on": {w: {name: int(r.on) for name, r in sources.items()} for w, sources in self._sources.items()},
-            "break_even": self._break_even, "step_fixed_ms": self._line[0], "step_per_token_ms": self._line[1],
+            "break_even": self._break_even,
+            "step_fixed_ms": self._line[0],
+            "step_per_token_ms": self._line[1],
         }
 
     def _write_stats(self, force: bool = False) -> None:

@@ -55,8 +55,15 @@ class StepCost:
     """Step ms against scheduled tokens over recent decode steps: one line per batch bucket,
     the line over all steps where a bucket has none yet, the configured prior before that."""
 
-    def __init__(self, fixed_ms: float, per_token_ms: float, window: int = 256, min_points: int = 32,
-                 bucket_window: int = 128, bucket_min_points: int = 24) -> None:
+    def __init__(
+        self,
+        fixed_ms: float,
+        per_token_ms: float,
+        window: int = 256,
+        min_points: int = 32,
+        bucket_window: int = 128,
+        bucket_min_points: int = 24,
+    ) -> None:
         self._prior = (fixed_ms, per_token_ms)
         self._all = _LineFit(window, min_points)
         self._buckets: dict[int, _LineFit] = {}

@@ -84,8 +84,9 @@ async def make_topic(cfg: Config, prefix: str, partitions: int) -> str:
     return name
 
 
-async def publish_storm(cfg: Config, topic: str, message_type: type[Message], n: int, seed: int, run_id: str,
-                        tag: str) -> Storm:
+async def publish_storm(
+    cfg: Config, topic: str, message_type: type[Message], n: int, seed: int, run_id: str, tag: str
+) -> Storm:
     """Publish `n` malformed payloads of `message_type` to `topic`, each tagged, all acked."""
     producer = AIOKafkaProducer(**common_kwargs(cfg), acks="all", enable_idempotence=False, linger_ms=5)
     await producer.start()
@@ -98,8 +99,19 @@ async def publish_storm(cfg: Config, topic: str, message_type: type[Message], n:
             for i, p, fut in pending:
                 md = await fut
                 decoded_id, decoded_run, error = _decode_here(p, message_type)
-                sent.append(Sent(f"{tag}-{i}", p.category, topic, md.partition, md.offset, len(p.payload), decoded_id, error,
-                                 decoded_run))
+                sent.append(
+                    Sent(
+                        f"{tag}-{i}",
+                        p.category,
+                        topic,
+                        md.partition,
+                        md.offset,
+                        len(p.payload),
+                        decoded_id,
+                        error,
+                        decoded_run,
+                    )
+                )
             pending.clear()
 
         for i, p in enumerate(items):
@@ -126,13 +138,17 @@ class Watch:
     """A background reader of one topic from the beginning (a fresh group)."""
 
     def __init__(self, cfg: Config, topic: str, on_record: Callable) -> None:
-        self._consumer = AIOKafkaConsumer(topic, **consumer_kwargs(cfg, f"fuzz-watch-{uuid.uuid4().hex[:8]}"),
-                                          fetch_max_bytes=16 * 1024 * 1024, max_partition_fetch_bytes=4 * 1024 * 1024)
+        self._consumer = AIOKafkaConsumer(
+            topic,
+            **consumer_kwargs(cfg, f"fuzz-watch-{uuid.uuid4().hex[:8]}"),
+            fetch_max_bytes=16 * 1024 * 1024,
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+        )
         self._on_record = on_record
         self._task: asyncio.Task | None = None
         self.errors: list[str] = []
 
-    async def start(self) -> "Watch":
+    async def start(self) -> Watch:
         await self._consumer.start()
         self._task = asyncio.create_task(self._run())
         return self
@@ -194,10 +210,13 @@ class Ledger:
     def accounted(self) -> int:
         return sum(1 for f in self._by_fuzz if self.letters.get(f) or self.outputs.get(f))
 
-    def report(self) -> "Report":
+    def report(self) -> Report:
         unaccounted = [s for f, s in self._by_fuzz.items() if not self.letters.get(f) and not self.outputs.get(f)]
-        doubled = [(s, len(self.letters.get(f, [])), self.outputs.get(f, 0)) for f, s in self._by_fuzz.items()
-                   if len(self.letters.get(f, [])) + self.outputs.get(f, 0) > 1]
+        doubled = [
+            (s, len(self.letters.get(f, [])), self.outputs.get(f, 0))
+            for f, s in self._by_fuzz.items()
+            if len(self.letters.get(f, [])) + self.outputs.get(f, 0) > 1
+        ]
         per_category: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         for f, s in self._by_fuzz.items():
             c = per_category[s.category]
@@ -205,8 +224,15 @@ class Ledger:
             c["dead_lettered"] += bool(self.letters.get(f))
             c["served"] += bool(self.outputs.get(f))
         errors = collections.Counter(l.error_type for ls in self.letters.values() for l in ls)
-        return Report(len(self._by_fuzz), self.accounted(), unaccounted, doubled, dict(per_category), dict(errors),
-                      len(self.unmatched_letters))
+        return Report(
+            len(self._by_fuzz),
+            self.accounted(),
+            unaccounted,
+            doubled,
+            dict(per_category),
+            dict(errors),
+            len(self.unmatched_letters),
+        )
 
 
 @dataclass
@@ -221,18 +247,29 @@ class Report:
 
     def summary(self) -> str:
         cats = "; ".join(f"{c}: {dict(v)}" for c, v in sorted(self.per_category.items()))
-        lines = [f"{self.accounted}/{self.total} accounted, {len(self.unaccounted)} unaccounted, {len(self.doubled)} doubled, "
-                 f"{self.unmatched_letters} letters matching no record; error types {self.error_types}", cats]
+        lines = [
+            f"{self.accounted}/{self.total} accounted, {len(self.unaccounted)} unaccounted, {len(self.doubled)} doubled, "
+            f"{self.unmatched_letters} letters matching no record; error types {self.error_types}",
+            cats,
+        ]
         for s in self.unaccounted[:15]:
-            lines.append(f"  unaccounted {s.fuzz_id} {s.category} {s.topic}[{s.partition}]@{s.offset} {s.size} B "
-                         f"decodes_here={s.decoded_id is not None} {s.decode_error}")
+            lines.append(
+                f"  unaccounted {s.fuzz_id} {s.category} {s.topic}[{s.partition}]@{s.offset} {s.size} B "
+                f"decodes_here={s.decoded_id is not None} {s.decode_error}"
+            )
         for s, letters, outputs in self.doubled[:15]:
             lines.append(f"  doubled {s.fuzz_id} {s.category}: {letters} letters, {outputs} outputs")
         return "\n".join(lines)
 
 
-async def wait_accounted(ledger: Ledger, stage_tasks: Iterable[asyncio.Task], *, stall_s: float = 30, extra: Callable[[], bool] | None = None,
-                         what: str = "") -> Report:
+async def wait_accounted(
+    ledger: Ledger,
+    stage_tasks: Iterable[asyncio.Task],
+    *,
+    stall_s: float = 30,
+    extra: Callable[[], bool] | None = None,
+    what: str = "",
+) -> Report:
     """Wait until every record is accounted (and `extra()` holds), failing on a stage exit or a stall.
 
     A stall: no new record accounted for `stall_s` seconds.
@@ -244,8 +281,11 @@ async def wait_accounted(ledger: Ledger, stage_tasks: Iterable[asyncio.Task], *,
             if t.done():
                 exc = t.exception() if not t.cancelled() else None
                 import traceback
+
                 tb = "".join(traceback.format_exception(exc)) if exc else ""
-                raise AssertionError(f"{what}: a stage exited during the storm: {exc!r}\n{tb[-3000:]}\n{ledger.report().summary()}")
+                raise AssertionError(
+                    f"{what}: a stage exited during the storm: {exc!r}\n{tb[-3000:]}\n{ledger.report().summary()}"
+                )
         extra_ok = extra is None or extra()  # may account for records itself: before counting
         n = ledger.accounted()
         if n == len(ledger._by_fuzz) and extra_ok:

@@ -96,14 +96,26 @@ _STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
     # Engine-cheap requests: a few tokens, small groups, no policy wait (min_policy_version
     # extremes come from the mutations and limits, not from the valid base).
     PromptRequest: st.builds(
-        PromptRequest, run_id=valid.ids, text=st.text(min_size=1, max_size=60), group_size=st.integers(1, 4),
-        sampling=st.builds(SamplingParams, temperature=st.floats(0.1, 2), top_p=st.floats(0.05, 1),
-                           max_tokens=st.integers(1, 4)),
-        task=st.sampled_from(_TASKS), reference=st.none() | valid.text,
-    ) | st.builds(
-        PromptRequest, run_id=valid.ids, messages=valid.chat, group_size=st.integers(1, 4),
-        sampling=st.builds(SamplingParams, max_tokens=st.integers(1, 4)), grammar=st.none() | valid.grammars,
-        session_id=st.none() | valid.ids, turn_index=st.integers(0, 50), task=st.sampled_from(_TASKS),
+        PromptRequest,
+        run_id=valid.ids,
+        text=st.text(min_size=1, max_size=60),
+        group_size=st.integers(1, 4),
+        sampling=st.builds(
+            SamplingParams, temperature=st.floats(0.1, 2), top_p=st.floats(0.05, 1), max_tokens=st.integers(1, 4)
+        ),
+        task=st.sampled_from(_TASKS),
+        reference=st.none() | valid.text,
+    )
+    | st.builds(
+        PromptRequest,
+        run_id=valid.ids,
+        messages=valid.chat,
+        group_size=st.integers(1, 4),
+        sampling=st.builds(SamplingParams, max_tokens=st.integers(1, 4)),
+        grammar=st.none() | valid.grammars,
+        session_id=st.none() | valid.ids,
+        turn_index=st.integers(0, 50),
+        task=st.sampled_from(_TASKS),
     ),
     Completion: valid.completions.map(lambda c: msgspec.structs.replace(c, task=_TASKS[len(c.text) % len(_TASKS)])),
     Reward: valid.rewards,
@@ -121,8 +133,14 @@ def valid_messages(message_type: type[Message], count: int, seed: int, run_id: s
     drawn: list[Message] = []
 
     @hypothesis_seed(seed)
-    @settings(max_examples=count, database=None, phases=[Phase.generate], deadline=None,
-              suppress_health_check=list(HealthCheck), derandomize=False)
+    @settings(
+        max_examples=count,
+        database=None,
+        phases=[Phase.generate],
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=False,
+    )
     @given(_STRATEGIES[message_type])
     def collect(msg: Message) -> None:
         drawn.append(msg)
@@ -146,15 +164,45 @@ _INTS = [0, -1, 1, 2**31 - 1, -(2**31), 2**31, 2**32, 2**53 + 1, 2**63 - 1, -(2*
 _TOO_BIG_INTS = [2**64, -(2**63) - 1, 10**30]
 _FLOATS = [math.nan, math.inf, -math.inf, 1.7976931348623157e308, -1.7976931348623157e308, 5e-324, -0.0, 0.0]
 _HOSTILE = [
-    "\x00", "a\x00b", "\u202eevil\u202c", "\u200b\u200c\u200d\u2060\ufeff", "e" + "\u0301" * 5000,
-    "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466" * 200, "\ufeffBOM", "\ufffe\uffff", "\U0010ffff",
-    "\ufdfa" * 2000, "../../../../etc/passwd", "..", ".", "/", "C:\\Windows\\system32", "\r\n\r\nX-Injected: 1",
-    "%s%n%x" * 50, "'; DROP TABLE runs; --", "\u0000" * 1000, "\x1b[2J\x1b[31m", "\t\v\f", "𝕳𝖊𝖑𝖑𝖔", "İıſﬃ",
-    "\ud7ff\ue000", "a" * 70_000,
+    "\x00",
+    "a\x00b",
+    "\u202eevil\u202c",
+    "\u200b\u200c\u200d\u2060\ufeff",
+    "e" + "\u0301" * 5000,
+    "\U0001f468\u200d\U0001f469\u200d\U0001f467\u200d\U0001f466" * 200,
+    "\ufeffBOM",
+    "\ufffe\uffff",
+    "\U0010ffff",
+    "\ufdfa" * 2000,
+    "../../../../etc/passwd",
+    "..",
+    ".",
+    "/",
+    "C:\\Windows\\system32",
+    "\r\n\r\nX-Injected: 1",
+    "%s%n%x" * 50,
+    "'; DROP TABLE runs; --",
+    "\u0000" * 1000,
+    "\x1b[2J\x1b[31m",
+    "\t\v\f",
+    "𝕳𝖊𝖑𝖑𝖔",
+    "İıſﬃ",
+    "\ud7ff\ue000",
+    "a" * 70_000,
 ]
 _BAD_UTF8 = [b"\xff", b"\xc0\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\x80abc", b"abc\xe2\x82"]
-_KIND_TAGS = ["", "Nope", "promptrequest", "Completion", "Reward", "PolicyUpdate", "DeadLetter", "CompletionChunk",
-              "PromptRequest\x00", "x" * 300]
+_KIND_TAGS = [
+    "",
+    "Nope",
+    "promptrequest",
+    "Completion",
+    "Reward",
+    "PolicyUpdate",
+    "DeadLetter",
+    "CompletionChunk",
+    "PromptRequest\x00",
+    "x" * 300,
+]
 
 
 def _msgpack(obj: Any) -> bytes:
@@ -183,7 +231,9 @@ def _encode(rng: random.Random, obj: Any) -> tuple[bytes, list[tuple[str, bytes]
         raw = _json(obj)
     except (TypeError, ValueError):  # bytes values have no JSON form
         return _msgpack(obj), [(CONTENT_TYPE_HEADER, MSGPACK.encode())]
-    return raw, rng.choice([[(CONTENT_TYPE_HEADER, JSON.encode())], [], [(CONTENT_TYPE_HEADER, b"application/json; charset=utf-8")]])
+    return raw, rng.choice(
+        [[(CONTENT_TYPE_HEADER, JSON.encode())], [], [(CONTENT_TYPE_HEADER, b"application/json; charset=utf-8")]]
+    )
 
 
 def _fields(obj: dict[str, Any]) -> list[str]:
@@ -234,6 +284,7 @@ def _nested(rng: random.Random, base: dict[str, Any], depth: int, as_json: bool)
 
 # --- categories -------------------------------------------------------------------------------
 
+
 def _random_bytes(rng: random.Random, base: dict[str, Any]) -> Payload:
     size = rng.choice([0, 1, 2, rng.randint(3, 16), rng.randint(17, 256), rng.randint(257, 4096)])
     raw = rng.randbytes(size)
@@ -244,8 +295,15 @@ def _random_bytes(rng: random.Random, base: dict[str, Any]) -> Payload:
         raw = bytes([0x80 | rng.randrange(16)]) + raw  # a msgpack fixmap header
     elif style == 3:
         raw = b"\xde" + raw  # map16
-    headers = rng.choice([[], [(CONTENT_TYPE_HEADER, JSON.encode())], [(CONTENT_TYPE_HEADER, MSGPACK.encode())],
-                          [(CONTENT_TYPE_HEADER, rng.randbytes(rng.randint(0, 12)))], [(CONTENT_TYPE_HEADER, b"text/plain")]])
+    headers = rng.choice(
+        [
+            [],
+            [(CONTENT_TYPE_HEADER, JSON.encode())],
+            [(CONTENT_TYPE_HEADER, MSGPACK.encode())],
+            [(CONTENT_TYPE_HEADER, rng.randbytes(rng.randint(0, 12)))],
+            [(CONTENT_TYPE_HEADER, b"text/plain")],
+        ]
+    )
     return Payload("random_bytes", raw, headers)
 
 
@@ -282,8 +340,9 @@ def _type_confusion(rng: random.Random, base: dict[str, Any]) -> Payload:
 
 def _unknown_version(rng: random.Random, base: dict[str, Any]) -> Payload:
     obj = _copy(base)
-    obj["schema_version"] = rng.choice([2, 3, 255, 2**31, 2**32, 2**53, 2**63 - 1, 2**63, 2**64 - 1, 2**64,
-                                        rng.randint(2, 2**63)])
+    obj["schema_version"] = rng.choice(
+        [2, 3, 255, 2**31, 2**32, 2**53, 2**63 - 1, 2**63, 2**64 - 1, 2**64, rng.randint(2, 2**63)]
+    )
     if rng.random() < 0.5:
         obj["renamed_" + rng.choice(_fields(base) or ["x"])] = rng.choice([1, "v2", [1, 2], {"new": True}])
     if rng.random() < 0.3 and _fields(obj):
@@ -308,8 +367,19 @@ def _limits(rng: random.Random, base: dict[str, Any]) -> Payload:
                 current = current[p]
             _set(obj, path, "" if isinstance(current, str) else {f"k{i}": "v" for i in range(rng.choice([0, 5_000]))})
         else:
-            obj[rng.choice(["group_size", "sample_index", "version", "min_policy_version", "policy_version",
-                            "turn_index", "created_at"])] = rng.choice(_INTS + _FLOATS)
+            obj[
+                rng.choice(
+                    [
+                        "group_size",
+                        "sample_index",
+                        "version",
+                        "min_policy_version",
+                        "policy_version",
+                        "turn_index",
+                        "created_at",
+                    ]
+                )
+            ] = rng.choice(_INTS + _FLOATS)
     return Payload("limits", *_packed(rng, obj))
 
 
@@ -324,7 +394,7 @@ def _hostile_unicode(rng: random.Random, base: dict[str, Any]) -> Payload:
         bad = rng.choice(_BAD_UTF8)
         tag = bytes([0xA0 | len(marker)])
         i = raw.index(tag + marker.encode())
-        raw = raw[:i] + bytes([0xA0 | len(bad)]) + bad + raw[i + 1 + len(marker):]
+        raw = raw[:i] + bytes([0xA0 | len(bad)]) + bad + raw[i + 1 + len(marker) :]
         return Payload("hostile_unicode", raw, [(CONTENT_TYPE_HEADER, MSGPACK.encode())])
     if style == 1:  # lone surrogates as JSON escapes
         path = _pick_path(rng, obj, str) or ("run_id",)
@@ -404,8 +474,9 @@ def _copy(obj: dict[str, Any]) -> dict[str, Any]:
     return msgspec.msgpack.decode(msgspec.msgpack.encode(obj))
 
 
-def malformed(message_type: type[Message], n: int, seed: int, *, run_id: str = "fuzz", near_limit: int = 3,
-              valid_pool: int = 200) -> Iterator[Payload]:
+def malformed(
+    message_type: type[Message], n: int, seed: int, *, run_id: str = "fuzz", near_limit: int = 3, valid_pool: int = 200
+) -> Iterator[Payload]:
     """`n` payloads for a topic of `message_type`: `near_limit` near the size limit, the
     rest spread evenly over the other categories (see the module doc). Deterministic."""
     rng = random.Random(f"{message_type.__name__}/{seed}/{n}/{run_id}")

@@ -22,10 +22,26 @@ from operations.run_log import parse_file_name, read_messages
 from plumbing.config import Config
 from plumbing.kafka import Publisher
 from schemas import TOPICS, Completion, DeadLetter, PolicyUpdate, PromptRequest, Reward, Topic
-from tests.fuzz.harness import DEFAULT_N, FUZZ_HEADER, Ledger, assert_clean, heavy_n, make_topic, publish_storm, stop_stage, wait_accounted
+from tests.fuzz.harness import (
+    DEFAULT_N,
+    FUZZ_HEADER,
+    Ledger,
+    assert_clean,
+    heavy_n,
+    make_topic,
+    publish_storm,
+    stop_stage,
+    wait_accounted,
+)
 from tests.kafka_helpers import wait_until
 
-_TYPES = [("prompts", PromptRequest), ("completions", Completion), ("rewards", Reward), ("policy", PolicyUpdate), ("dlq", DeadLetter)]
+_TYPES = [
+    ("prompts", PromptRequest),
+    ("completions", Completion),
+    ("rewards", Reward),
+    ("policy", PolicyUpdate),
+    ("dlq", DeadLetter),
+]
 
 
 def _archived(root: Path, seen: dict[Path, list[str]]) -> collections.Counter:
@@ -38,8 +54,9 @@ def _archived(root: Path, seen: dict[Path, list[str]]) -> collections.Counter:
 
 
 @pytest.mark.parametrize("variant", ["default", pytest.param("heavy", marks=pytest.mark.fuzz)])
-async def test_archiver_survives_the_storm_and_archives_every_record_once(cfg: Config, tmp_path: Path, monkeypatch,
-                                                                          variant: str, pytestconfig) -> None:
+async def test_archiver_survives_the_storm_and_archives_every_record_once(
+    cfg: Config, tmp_path: Path, monkeypatch, variant: str, pytestconfig
+) -> None:
     n = DEFAULT_N if variant == "default" else heavy_n(pytestconfig)
     run_id = f"fz-archiver-{uuid.uuid4().hex[:6]}"
     topics = {}
@@ -53,8 +70,10 @@ async def test_archiver_survives_the_storm_and_archives_every_record_once(cfg: C
     t0 = time.monotonic()
     archiver = Archiver(cfg, CollectorRegistry(), group_id=f"archiver-fuzz-{uuid.uuid4().hex[:6]}", root=root)
     task = asyncio.create_task(archiver.run())
-    storms = [await publish_storm(cfg, t, type_, n, seed=577 + i, run_id=run_id, tag=f"{run_id}-{i}")
-              for i, (t, type_) in enumerate(topics.items())]
+    storms = [
+        await publish_storm(cfg, t, type_, n, seed=577 + i, run_id=run_id, tag=f"{run_id}-{i}")
+        for i, (t, type_) in enumerate(topics.items())
+    ]
     ledger = Ledger(storms)
     seen: dict[Path, list[str]] = {}
 
@@ -72,8 +91,14 @@ async def test_archiver_survives_the_storm_and_archives_every_record_once(cfg: C
         prompts_topic = next(t for t, ty in topics.items() if ty is PromptRequest)
         async with Publisher(cfg) as pub:
             await pub.publish(prompts_topic, good, key=b"good")
-        await wait_until(lambda: (root / run_id / prompts_topic).exists()
-                         and any(m.id == good.id for _, m in read_messages(root / run_id, prompts_topic)), 60, "the good record archived")
+        await wait_until(
+            lambda: (
+                (root / run_id / prompts_topic).exists()
+                and any(m.id == good.id for _, m in read_messages(root / run_id, prompts_topic))
+            ),
+            60,
+            "the good record archived",
+        )
         assert not task.done(), f"the archiver exited: {task.exception()!r}"
     finally:
         await stop_stage(archiver.stop, task, [])

@@ -29,13 +29,34 @@ from transformers import AutoTokenizer
 
 import engine_workers.worker as worker_module
 from engine_workers.engine import SampleDelta, StepOutput
-from plumbing.model_store import resolve_model
 from engine_workers.worker import EngineWorker
 from plumbing.config import Config
 from plumbing.kafka import Publisher
-from schemas import TOPICS, Completion, CompletionChunk, DeadLetter, PolicyUpdate, PromptRequest, SamplingParams, Topic, decode
+from plumbing.model_store import resolve_model
+from schemas import (
+    TOPICS,
+    Completion,
+    CompletionChunk,
+    DeadLetter,
+    PolicyUpdate,
+    PromptRequest,
+    SamplingParams,
+    Topic,
+    decode,
+)
 from schemas.topics import DLQ
-from tests.fuzz.harness import DEFAULT_N, Ledger, Watch, assert_clean, dlq_watch, heavy_n, make_topic, publish_storm, stop_stage, wait_accounted
+from tests.fuzz.harness import (
+    DEFAULT_N,
+    Ledger,
+    Watch,
+    assert_clean,
+    dlq_watch,
+    heavy_n,
+    make_topic,
+    publish_storm,
+    stop_stage,
+    wait_accounted,
+)
 from tests.kafka_helpers import wait_until
 
 
@@ -52,8 +73,13 @@ class _StandInEngine:
 
     async def stream(self, prompt_token_ids: list[int], params: Any, request_id: str):
         await asyncio.sleep(0)
-        yield StepOutput(deltas=[SampleDelta(index=i, text="x", token_ids=[42], logprobs=[-0.5], finish_reason="length")
-                                 for i in range(params.n)], num_cached_tokens=0)
+        yield StepOutput(
+            deltas=[
+                SampleDelta(index=i, text="x", token_ids=[42], logprobs=[-0.5], finish_reason="length")
+                for i in range(params.n)
+            ],
+            num_cached_tokens=0,
+        )
 
     async def reload(self, weights_path: str, version: int) -> float:
         folder = Path(weights_path)  # the real engine's check, before it touches vLLM
@@ -69,14 +95,16 @@ def tokenizer():
 
 
 @pytest.mark.parametrize("variant", ["default", pytest.param("heavy", marks=pytest.mark.fuzz)])
-async def test_engine_worker_survives_the_storm_and_accounts_for_every_record(cfg: Config, tokenizer, tmp_path: Path, monkeypatch,
-                                                                              variant: str, pytestconfig) -> None:
+async def test_engine_worker_survives_the_storm_and_accounts_for_every_record(
+    cfg: Config, tokenizer, tmp_path: Path, monkeypatch, variant: str, pytestconfig
+) -> None:
     n = DEFAULT_N if variant == "default" else heavy_n(pytestconfig)
     run_id = f"fz-engine-{uuid.uuid4().hex[:6]}"
     routed, policy = await make_topic(cfg, "routed", 4), await make_topic(cfg, "policy", 1)
     completions, chunks = await make_topic(cfg, "completions", 4), await make_topic(cfg, "chunks", 4)
     monkeypatch.setattr(worker_module, "ROUTED", Topic(routed, 4, PromptRequest, "fuzz"))
     import plumbing.policy_feed as feed_module  # the follower moved here on main
+
     for module in (worker_module, feed_module):
         if hasattr(module, "POLICY"):
             monkeypatch.setattr(module, "POLICY", Topic(policy, 1, PolicyUpdate, "fuzz"))
@@ -96,8 +124,10 @@ async def test_engine_worker_survives_the_storm_and_accounts_for_every_record(cf
     async with Publisher(cfg) as pub:
         worker = EngineWorker(cfg, engine, pub, redis, CollectorRegistry(), worker_id=f"fuzz-{uuid.uuid4().hex[:6]}")  # type: ignore[arg-type]
         task = asyncio.create_task(worker.run())
-        storms = [await publish_storm(cfg, routed, PromptRequest, n, seed=4242, run_id=run_id, tag=f"{run_id}-q"),
-                  await publish_storm(cfg, policy, PolicyUpdate, n, seed=4343, run_id=run_id, tag=f"{run_id}-p")]
+        storms = [
+            await publish_storm(cfg, routed, PromptRequest, n, seed=4242, run_id=run_id, tag=f"{run_id}-q"),
+            await publish_storm(cfg, policy, PolicyUpdate, n, seed=4343, run_id=run_id, tag=f"{run_id}-p"),
+        ]
         ledger = Ledger(storms)
         samples: dict[str, set[int]] = {}
         doubled_samples: list[str] = []
@@ -133,16 +163,28 @@ async def test_engine_worker_survives_the_storm_and_accounts_for_every_record(cf
 
         try:
             await pub.publish(policy, good_policy)
-            await wait_until(lambda: engine.policy_version >= 1 or task.done(), 120, "the good policy update loaded after the storm")
+            await wait_until(
+                lambda: engine.policy_version >= 1 or task.done(), 120, "the good policy update loaded after the storm"
+            )
             # The follower wrote every letter before it loaded the good update, but the DLQ
             # watch reads behind: a sentinel on the follower's DLQ partition (same key),
             # once seen, says every follower letter before it has been seen too.
-            sentinel = DeadLetter(run_id=run_id, stage="fuzz-sentinel", error_type="", error="",
-                                  source_topic=f"sentinel.{run_id}", partition=0, offset=0, payload=b"")
+            sentinel = DeadLetter(
+                run_id=run_id,
+                stage="fuzz-sentinel",
+                error_type="",
+                error="",
+                source_topic=f"sentinel.{run_id}",
+                partition=0,
+                offset=0,
+                payload=b"",
+            )
             await pub.publish(DLQ.name, sentinel, key=b"policy-follower")
             await wait_until(lambda: sentinel.source_topic in ledger.seen_sources, 60, "the letter watch to catch up")
             report = await wait_accounted(ledger, [task], extra=policy_settled, what=f"engine {variant} n={n}")
-            good = PromptRequest(run_id=run_id, text="After the storm: 2 + 2 =", sampling=SamplingParams(max_tokens=2), group_size=2)
+            good = PromptRequest(
+                run_id=run_id, text="After the storm: 2 + 2 =", sampling=SamplingParams(max_tokens=2), group_size=2
+            )
             await pub.publish(routed, good, key=good.routing_key())
             await wait_until(lambda: samples.get(good.id) == {0, 1}, 60, "the good request served after the storm")
             assert not task.done(), f"the engine worker exited: {task.exception()!r}"

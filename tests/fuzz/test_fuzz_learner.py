@@ -27,11 +27,21 @@ from learners.worker import LearnerWorker
 from plumbing.config import Config
 from plumbing.kafka import Publisher
 from plumbing.redis_client import connect_redis
+from plumbing.trust import Keyring, Signer, generate_keypair
 from schemas import Completion, Reward, RewardStatus, Topic
-from tests.fuzz.harness import DEFAULT_N, Ledger, assert_clean, dlq_watch, heavy_n, make_topic, publish_storm, stop_stage, wait_accounted
+from tests.fuzz.harness import (
+    DEFAULT_N,
+    Ledger,
+    assert_clean,
+    dlq_watch,
+    heavy_n,
+    make_topic,
+    publish_storm,
+    stop_stage,
+    wait_accounted,
+)
 from tests.kafka_helpers import wait_until
 from tests.reward_helpers import make_completion
-from plumbing.trust import Keyring, Signer, generate_keypair
 
 
 class _RecordingTrainer:
@@ -47,8 +57,9 @@ class _RecordingTrainer:
 
 
 @pytest.mark.parametrize("variant", ["default", pytest.param("heavy", marks=pytest.mark.fuzz)])
-async def test_learner_survives_the_storm_and_accounts_for_every_record(cfg: Config, tmp_path: Path, monkeypatch,
-                                                                        variant: str, pytestconfig) -> None:
+async def test_learner_survives_the_storm_and_accounts_for_every_record(
+    cfg: Config, tmp_path: Path, monkeypatch, variant: str, pytestconfig
+) -> None:
     n = DEFAULT_N if variant == "default" else heavy_n(pytestconfig)
     run_id = f"fz-learner-{uuid.uuid4().hex[:6]}"
     cfg.run_id = run_id
@@ -62,11 +73,21 @@ async def test_learner_survives_the_storm_and_accounts_for_every_record(cfg: Con
     redis = connect_redis(cfg)
     t0 = time.monotonic()
     async with Publisher(cfg) as pub:
-        learner = LearnerWorker(cfg, trainer, ring, pub, redis, CollectorRegistry(),  # type: ignore[arg-type]
-                                checkpoint=tmp_path / "ckpt" / "learner.ckpt", policies_dir=tmp_path / "policies")
+        learner = LearnerWorker(
+            cfg,
+            trainer,
+            ring,
+            pub,
+            redis,
+            CollectorRegistry(),  # type: ignore[arg-type]
+            checkpoint=tmp_path / "ckpt" / "learner.ckpt",
+            policies_dir=tmp_path / "policies",
+        )
         task = asyncio.create_task(learner.run())
-        storms = [await publish_storm(cfg, completions_topic, Completion, n, seed=3141, run_id=run_id, tag=f"{run_id}-c"),
-                  await publish_storm(cfg, rewards_topic, Reward, n, seed=1618, run_id=run_id, tag=f"{run_id}-r")]
+        storms = [
+            await publish_storm(cfg, completions_topic, Completion, n, seed=3141, run_id=run_id, tag=f"{run_id}-c"),
+            await publish_storm(cfg, rewards_topic, Reward, n, seed=1618, run_id=run_id, tag=f"{run_id}-r"),
+        ]
         ledger = Ledger(storms)
         ends = {(s.topic, p): end for s in storms for p, end in s.ends().items()}
 
@@ -81,7 +102,11 @@ async def test_learner_survives_the_storm_and_accounts_for_every_record(cfg: Con
                 return False
             for storm in storms:
                 for s in storm.sent:
-                    if s.decoded_id is not None and not ledger.letters.get(s.fuzz_id) and not ledger.outputs.get(s.fuzz_id):
+                    if (
+                        s.decoded_id is not None
+                        and not ledger.letters.get(s.fuzz_id)
+                        and not ledger.outputs.get(s.fuzz_id)
+                    ):
                         ledger.output_for_fuzz_id(s.fuzz_id)
             return True
 
@@ -91,27 +116,67 @@ async def test_learner_survives_the_storm_and_accounts_for_every_record(cfg: Con
             except AssertionError as err:
                 raise AssertionError(f"{err}\nlearner read up to {learner.state.offsets}, fuzz ends {ends}") from None
             # A decoded completion of this run is held in the state (waiting for its reward that never comes).
-            held = {s.decoded_id for s in storms[0].sent
-                    if s.decoded_id and s.decoded_run == run_id and not ledger.letters.get(s.fuzz_id)}
-            assert held <= set(learner.state.buffer.completions) | {None}, sorted(held - set(learner.state.buffer.completions))[:5]
-            good = [msgspec.structs.replace(make_completion(f"<answer>{i}</answer>", reference="1"), run_id=run_id,
-                                            id=f"{run_id}-good/{i}", request_id=f"{run_id}-good", group_id=f"{run_id}-good",
-                                            group_size=2, sample_index=i) for i in range(2)]
+            held = {
+                s.decoded_id
+                for s in storms[0].sent
+                if s.decoded_id and s.decoded_run == run_id and not ledger.letters.get(s.fuzz_id)
+            }
+            assert held <= set(learner.state.buffer.completions) | {None}, sorted(
+                held - set(learner.state.buffer.completions)
+            )[:5]
+            good = [
+                msgspec.structs.replace(
+                    make_completion(f"<answer>{i}</answer>", reference="1"),
+                    run_id=run_id,
+                    id=f"{run_id}-good/{i}",
+                    request_id=f"{run_id}-good",
+                    group_id=f"{run_id}-good",
+                    group_size=2,
+                    sample_index=i,
+                )
+                for i in range(2)
+            ]
             for c, scalar in zip(good, (1.0, 0.0), strict=True):
                 await pub.publish(completions_topic, c, key=c.group_id.encode())
-                await pub.publish(rewards_topic, signer.sign(Reward(
-                    run_id=run_id, completion_id=c.id, request_id=c.request_id, group_id=c.group_id, prompt_hash="p",
-                    tokens_hash="t", policy_version=0, verifier_id="v", verifier_version="1", components={"correct": scalar},
-                    scalar=scalar, status=RewardStatus.OK)), key=c.group_id.encode())
-            await wait_until(lambda: any(g and g[0].group_id == good[0].group_id for groups in trainer.steps for g in groups),
-                             60, "the good group trained on after the storm")
+                await pub.publish(
+                    rewards_topic,
+                    signer.sign(
+                        Reward(
+                            run_id=run_id,
+                            completion_id=c.id,
+                            request_id=c.request_id,
+                            group_id=c.group_id,
+                            prompt_hash="p",
+                            tokens_hash="t",
+                            policy_version=0,
+                            verifier_id="v",
+                            verifier_version="1",
+                            components={"correct": scalar},
+                            scalar=scalar,
+                            status=RewardStatus.OK,
+                        )
+                    ),
+                    key=c.group_id.encode(),
+                )
+            await wait_until(
+                lambda: any(g and g[0].group_id == good[0].group_id for groups in trainer.steps for g in groups),
+                60,
+                "the good group trained on after the storm",
+            )
             assert not task.done(), f"the learner exited: {task.exception()!r}"
         finally:
             await stop_stage(learner.stop, task, watches)
             await redis.aclose()
     print(f"\n[fuzz] learner {variant}: n={n} per topic, {time.monotonic() - t0:.1f}s")
-    wrongly_lettered = [s for storm in storms for s in storm.sent
-                        if s.decoded_id and ledger.letters.get(s.fuzz_id)
-                        and not any(l.error_type == "RewardRejected" for l in ledger.letters[s.fuzz_id])]
-    assert not wrongly_lettered, [(s.fuzz_id, s.category, [l.error for l in ledger.letters[s.fuzz_id]]) for s in wrongly_lettered[:5]]
+    wrongly_lettered = [
+        s
+        for storm in storms
+        for s in storm.sent
+        if s.decoded_id
+        and ledger.letters.get(s.fuzz_id)
+        and not any(l.error_type == "RewardRejected" for l in ledger.letters[s.fuzz_id])
+    ]
+    assert not wrongly_lettered, [
+        (s.fuzz_id, s.category, [l.error for l in ledger.letters[s.fuzz_id]]) for s in wrongly_lettered[:5]
+    ]
     assert_clean(report, f"learner {variant}")

@@ -20,18 +20,30 @@ import verifier_workers.worker as verifier_module
 from plumbing.config import Config
 from plumbing.kafka import Publisher
 from plumbing.redis_client import connect_redis
+from plumbing.trust import Signer, generate_keypair
 from schemas import Completion, Reward, Topic, decode
-from tests.fuzz.harness import DEFAULT_N, Ledger, Watch, assert_clean, dlq_watch, heavy_n, make_topic, publish_storm, stop_stage, wait_accounted
+from tests.fuzz.harness import (
+    DEFAULT_N,
+    Ledger,
+    Watch,
+    assert_clean,
+    dlq_watch,
+    heavy_n,
+    make_topic,
+    publish_storm,
+    stop_stage,
+    wait_accounted,
+)
 from tests.kafka_helpers import wait_until
 from tests.reward_helpers import make_completion
 from verifier_workers.rewards import build_registry, close_registry
-from plumbing.trust import Signer, generate_keypair
 from verifier_workers.worker import VerifierWorker
 
 
 @pytest.mark.parametrize("variant", ["default", pytest.param("heavy", marks=pytest.mark.fuzz)])
-async def test_verifier_survives_the_storm_and_accounts_for_every_record(cfg: Config, tmp_path: Path, monkeypatch,
-                                                                         variant: str, pytestconfig) -> None:
+async def test_verifier_survives_the_storm_and_accounts_for_every_record(
+    cfg: Config, tmp_path: Path, monkeypatch, variant: str, pytestconfig
+) -> None:
     n = DEFAULT_N if variant == "default" else heavy_n(pytestconfig)
     run_id = f"fz-verifier-{uuid.uuid4().hex[:6]}"
     source, out = await make_topic(cfg, "completions", 4), await make_topic(cfg, "rewards", 4)
@@ -57,10 +69,16 @@ async def test_verifier_survives_the_storm_and_accounts_for_every_record(cfg: Co
         watches = [await dlq_watch(cfg, ledger).start(), await Watch(cfg, out, on_reward).start()]
         try:
             report = await wait_accounted(ledger, [task], what=f"verifier {variant} n={n}")
-            good = msgspec.structs.replace(make_completion("so <answer>4</answer>", reference="4"), run_id=run_id,
-                                           id=f"{run_id}-good/0", request_id=f"{run_id}-good")
+            good = msgspec.structs.replace(
+                make_completion("so <answer>4</answer>", reference="4"),
+                run_id=run_id,
+                id=f"{run_id}-good/0",
+                request_id=f"{run_id}-good",
+            )
             await pub.publish(source, good, key=good.group_id.encode())
-            await wait_until(lambda: any(r.completion_id == good.id for r in rewards), 60, "the good completion rewarded")
+            await wait_until(
+                lambda: any(r.completion_id == good.id for r in rewards), 60, "the good completion rewarded"
+            )
             assert next(r for r in rewards if r.completion_id == good.id).scalar == 1.0
             assert not task.done(), "the verifier exited"
         finally:

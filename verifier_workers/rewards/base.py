@@ -43,8 +43,12 @@ def clip(text: str, limit: int = MAX_TRACE_CHARS) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _failed(status: RewardStatus, reason: str, components: dict[str, float] | None, trace: dict[str, str] | None) -> Score:
-    return Score(components=dict(components or {}), scalar=0.0, status=status, trace={**(trace or {}), "reason": clip(reason)})
+def _failed(
+    status: RewardStatus, reason: str, components: dict[str, float] | None, trace: dict[str, str] | None
+) -> Score:
+    return Score(
+        components=dict(components or {}), scalar=0.0, status=status, trace={**(trace or {}), "reason": clip(reason)}
+    )
 
 
 def policy_fail(reason: str, components: dict[str, float] | None = None, trace: dict[str, str] | None = None) -> Score:

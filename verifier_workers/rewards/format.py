@@ -26,7 +26,6 @@ from schemas import Completion, Grammar, GrammarKind, RewardStatus
 from schemas.prompts import ANSWER_FORMAT_REGEX
 from verifier_workers.rewards.base import Score, infra_fail, policy_fail
 
-
 # Earley parsing and backtracking regexes grow fast with the input; outputs longer than
 # this are rejected before parsing so one completion cannot stall the verifier.
 MAX_FORMAT_TEXT = 32_768

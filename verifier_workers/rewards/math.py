@@ -58,7 +58,9 @@ _DECIMAL = re.compile(r"\d*\.\d+|\d+\.")
 _INTEGER = re.compile(r"\d+")
 # After `**`: a small literal, a small fraction or a single symbol, and no second
 # `**` straight after it (right-associative towers are the expensive case).
-_SAFE_EXPONENT = re.compile(r"\*\*\s*(?:-?\d{1,2}|\(\s*-?\d{1,2}\s*(?:/\s*\d{1,2}\s*)?\)|[A-Za-z]|\(\s*[A-Za-z]\s*\))(?!\s*\*\*)")
+_SAFE_EXPONENT = re.compile(
+    r"\*\*\s*(?:-?\d{1,2}|\(\s*-?\d{1,2}\s*(?:/\s*\d{1,2}\s*)?\)|[A-Za-z]|\(\s*[A-Za-z]\s*\))(?!\s*\*\*)"
+)
 MAX_SYMBOLIC_CHARS = 120
 MAX_POWERS = 2
 MAX_INTEGER_DIGITS = 12
@@ -200,7 +202,9 @@ class MathReward:
         fmt = 0.0 if source == "last_number" else 1.0
         trace = {"answer": clip(answer, 200), "source": source}
         try:
-            correct, method = await self._compare(normalize(answer), normalize(reference_answer(completion.reference or "")))
+            correct, method = await self._compare(
+                normalize(answer), normalize(reference_answer(completion.reference or ""))
+            )
         except TimeoutError:
             return timed_out("symbolic comparison timed out", {"correct": 0.0, "format": fmt}, trace)
         value = 1.0 if correct else 0.0
@@ -218,7 +222,9 @@ class MathReward:
             return answer.casefold() == reference.casefold(), "string"
         # A thread, so the event loop keeps serving; the input limits above bound the
         # work, the deadline bounds what they miss (the thread is left to finish).
-        equal = await asyncio.wait_for(asyncio.to_thread(symbolically_equal, ea, er, self.rel_tol), self.symbolic_timeout_s)
+        equal = await asyncio.wait_for(
+            asyncio.to_thread(symbolically_equal, ea, er, self.rel_tol), self.symbolic_timeout_s
+        )
         return equal, "symbolic"
 
 
