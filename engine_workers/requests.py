@@ -10,11 +10,8 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import RequestOutputKind
 
 from engine_workers.grammar import GrammarError, structured_outputs
+from plumbing.prompts import BadRequest, render_prompt
 from schemas import PromptRequest
-
-
-class BadRequest(ValueError):
-    """A request this worker will never be able to serve; it goes to the dead-letter topic."""
 
 
 class EngineInput(msgspec.Struct, frozen=True):
@@ -23,19 +20,6 @@ class EngineInput(msgspec.Struct, frozen=True):
     prompt: str
     prompt_token_ids: list[int]
     params: Any  # vllm.SamplingParams (not a msgspec type)
-
-
-def render_prompt(req: PromptRequest, tokenizer: Any) -> tuple[str, list[int]]:
-    """The prompt text and token ids; chat messages go through the model's chat template."""
-    if req.messages is not None:
-        msgs = [{"role": m.role, "content": m.content} for m in req.messages]
-        try:
-            text = tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
-        except Exception as err:  # noqa: BLE001 - a template rejecting the roles is bad input
-            raise BadRequest(f"chat template rejected the messages: {err}") from err
-        return text, tokenizer.encode(text, add_special_tokens=False)
-    assert req.text is not None
-    return req.text, tokenizer.encode(req.text)
 
 
 def build_input(req: PromptRequest, tokenizer: Any, max_model_len: int, max_group_size: int = 256) -> EngineInput:

@@ -41,8 +41,6 @@ from engine_workers.admission import Admission
 from engine_workers.deferral import DEFERRED_SINCE
 from engine_workers.engine import Engine, EngineDead
 from engine_workers.metrics import EngineMetrics
-from engine_workers.prefix_cache.held_blocks import HeldBlocks
-from engine_workers.prefix_cache.index import PrefixIndex
 from engine_workers.prefix_cache.kv_events import follow_kv_events
 from engine_workers.requests import build_input
 from plumbing.config import Config
@@ -51,6 +49,8 @@ from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
 from plumbing.ledger import Ledger
 from plumbing.policy_feed import PolicyFeed
+from plumbing.prefix_cache.held_blocks import HeldBlocks
+from plumbing.prefix_cache.index import PrefixIndex
 from schemas import Completion, CompletionChunk, PolicyUpdate, PromptRequest, Timings
 from schemas.completions import completion_id
 from schemas.registry import WorkerInfo

@@ -59,8 +59,8 @@ def publish(
     Exit status 0: every row published; 2: some rows were bad (the good ones were published);
     1: nothing could be published.
     """
-    from operations.prompt_files import BadRow, FileDefaults, read_prompt_file
-    from operations.publish import publish_requests
+    from producers.prompt_files import BadRow, FileDefaults, read_prompt_file
+    from producers.publish import publish_requests
     from schemas import Grammar, GrammarKind, SamplingParams
 
     cfg = command_config(config, state_dir)
@@ -111,7 +111,7 @@ def archive(
     state_dir: StateOpt = None,
 ) -> None:
     """Run the archiver (consumer group `archiver`) until SIGTERM: every record -> <root>/<run_id>/<topic>/*.parquet."""
-    from operations.archiver import serve_archiver
+    from archiver.archiver import serve_archiver
 
     cfg = command_config(config, state_dir, **{"archive.root": root, "metrics.port": metrics_port})
     run(serve_archiver(cfg))
@@ -208,7 +208,7 @@ def replay(
                 f"{d.replay_mean:9.4f} {d.changed:7d} {d.status_changed:10d} {d.max_abs_diff:7.4f}"
             )
         return
-    from operations.run_log import run_dir_name
+    from plumbing.run_log import run_dir_name
     from schemas import RewardStatus
 
     cfg = cfg.derive(

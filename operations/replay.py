@@ -1,4 +1,4 @@
-"""Re-driving one stage of an archived run (see operations/run_log.py) into a new run id.
+"""Re-driving one stage of an archived run (see plumbing/run_log.py) into a new run id.
 
 - prompts: the recorded prompt requests are published again under the new run id,
   with ids derived from (new run, old id), so replaying twice into one run id is
@@ -40,90 +40,12 @@ import pyarrow.parquet as pq
 from prometheus_client import CollectorRegistry, Gauge
 from tqdm import tqdm
 
-from operations.publish import PublishReport, publish_requests
-from operations.run_log import read_messages, run_dir_name, write_json_atomically
 from plumbing.config import Config
-from schemas import Completion, PolicyUpdate, PromptRequest, Reward, RewardStatus
-from schemas.topics import COMPLETIONS, POLICY, PROMPTS, REWARDS
+from plumbing.run_log import RunLog, run_dir_name, write_json_atomically
+from producers.prompt_replay import derived_id, replay_prompts, replayed_prompts
+from schemas import Completion, Reward, RewardStatus
 
 log = logging.getLogger(__name__)
-
-
-def derived_id(new_run: str, old_id: str) -> str:
-    """The id of a replayed message: deterministic in (new run, original id)."""
-    return hashlib.sha256(f"{new_run}|{old_id}".encode()).hexdigest()[:32]
-
-
-class RunLog:
-    """The decoded records of one archived run (first occurrence of each id, in broker append order)."""
-
-    def __init__(self, root: Path, run_id: str) -> None:
-        self.run_id = run_id
-        self.path = root / run_dir_name(run_id)
-        if not self.path.is_dir():
-            raise FileNotFoundError(f"no run log for {run_id!r} under {root} (is `primerl archive` running?)")
-
-    def _unique(self, topic: str) -> list[Any]:
-        seen: set[str] = set()
-        out = []
-        for _, msg in read_messages(self.path, topic):
-            if msg.id not in seen:
-                seen.add(msg.id)
-                out.append(msg)
-        return out
-
-    def prompts(self) -> list[PromptRequest]:
-        """Recorded prompt requests."""
-        return self._unique(PROMPTS.name)
-
-    def completions(self) -> list[Completion]:
-        """Recorded final completions."""
-        return self._unique(COMPLETIONS.name)
-
-    def rewards(self) -> list[Reward]:
-        """Recorded rewards (every verifier version)."""
-        return self._unique(REWARDS.name)
-
-    def policy_updates(self) -> list[PolicyUpdate]:
-        """Recorded policy updates."""
-        return self._unique(POLICY.name)
-
-
-# ---- prompts ---------------------------------------------------------------------------------
-
-
-def replayed_prompts(log_: RunLog, new_run: str) -> list[PromptRequest]:
-    """The run's prompt requests under `new_run`: new derived ids, groups and sessions kept together."""
-    out = []
-    for req in log_.prompts():
-        out.append(
-            msgspec.structs.replace(
-                req,
-                id=derived_id(new_run, req.id),
-                run_id=new_run,
-                group_id=derived_id(new_run, req.group_id),
-                session_id=derived_id(new_run, req.session_id) if req.session_id else None,
-                created_at=time.time(),
-                metadata={**req.metadata, "replay_of": f"{log_.run_id}/{req.id}"},
-            )
-        )
-    return out
-
-
-async def replay_prompts(
-    cfg: Config,
-    log_: RunLog,
-    new_run: str,
-    *,
-    rate: float = 0.0,
-    progress: bool = True,
-    registry: CollectorRegistry | None = None,
-) -> PublishReport:
-    """Publish the run's prompts again under `new_run`."""
-    reqs = replayed_prompts(log_, new_run)
-    if not reqs:
-        raise ValueError(f"run {log_.run_id} has no archived prompt requests")
-    return await publish_requests(cfg, reqs, rate=rate, progress=progress, registry=registry)
 
 
 # ---- verifier --------------------------------------------------------------------------------

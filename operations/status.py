@@ -72,7 +72,7 @@ class StatusReport(msgspec.Struct, kw_only=True):
 
 
 # What each known group consumes (the workers' code: engine_workers/worker.py ENGINE_GROUP,
-# engine_workers/routing/router.py ROUTER_GROUP,
+# router/router.py ROUTER_GROUP,
 # verifier_workers/worker.py VERIFIER_GROUP, learners/worker.py `learner-<run_id>`, the archiver).
 def group_topics(group_id: str, cfg: Config) -> list[str] | None:
     """The topics a known group consumes; None for a group this code does not run."""

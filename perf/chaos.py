@@ -596,7 +596,7 @@ class ChaosRun:
         """Each archived (topic, partition, offset) once, and every observed record of the run archived."""
         import pyarrow.parquet as pq
 
-        from operations.run_log import run_dir_name
+        from plumbing.run_log import run_dir_name
 
         run_dir = self.stack.archive_root / run_dir_name(self.settings.run_id)
         out: dict[str, Any] = {}

@@ -22,7 +22,6 @@ import msgspec
 
 from engine_workers.engine import Engine
 from engine_workers.requests import build_input
-from engine_workers.service import serve_engine
 from perf.common import ARTIFACTS, percentile, write_csv
 from plumbing.config import Config, load_config
 from plumbing.infra import infra_for_run
@@ -30,6 +29,7 @@ from plumbing.model_store import resolve_model
 from plumbing.runtime import run, setup_logging
 from primerl.embedded import publish_prompts, start_stage
 from primerl.observe import RunObserver
+from primerl.serve import serve_engine
 from producers.arithmetic import arithmetic_requests
 from schemas import PromptRequest
 

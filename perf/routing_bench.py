@@ -39,15 +39,15 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from tqdm import tqdm
 
-from engine_workers.prefix_cache.index import PrefixIndex
-from engine_workers.routing.router import Router
 from perf.common import ARTIFACTS, percentile, write_csv
 from plumbing.config import Config, load_config
 from plumbing.infra import infra_for_run
 from plumbing.kafka import Publisher
 from plumbing.model_store import resolve_model
+from plumbing.prefix_cache.index import PrefixIndex
 from plumbing.runtime import run, setup_logging
 from primerl.observe import RunObserver
+from router.router import Router
 from schemas import ChatMessage, Completion, PromptRequest, SamplingParams
 from schemas.topics import PROMPTS
 

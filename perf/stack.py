@@ -46,7 +46,7 @@ READY = {
     "router": "router assigned [",
     "engine": "engine assigned [",
     "verifier": "verifier assigned [",
-    "learner": "trusted keys",
+    "learner": "learner assigned [",
     "archiver": "archiver assigned",
 }
 OBSERVED = (PROMPTS.name, ROUTED.name, COMPLETIONS.name, REWARDS.name, POLICY.name, DLQ.name)
@@ -277,7 +277,7 @@ class Stack:
         for st in self.stages.values():
             st.start()
         deadline = time.monotonic() + timeout_s
-        while not all(st.check_ready() for st in self.stages.values()):
+        while not all([st.check_ready() for st in self.stages.values()]):  # a list: check (and time) every stage
             for st in self.stages.values():
                 if not st.alive():
                     raise RuntimeError(

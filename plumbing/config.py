@@ -162,7 +162,7 @@ class RoutingConfig(_Section):
     but does not block a new prefill the way queued prefill does."""
     latency_weight: float = Field(0.5, ge=0, le=1)
     """Weight of the request's own time to first token against the work it adds
-    (engine_workers/routing/cost_model.py): 1 scatters bursts, 0 makes hot spots."""
+    (router/cost_model.py): 1 scatters bursts, 0 makes hot spots."""
     pending_ttl_s: float = Field(60.0, gt=0)
     """Routed-but-not-yet-stored blocks count as held this long."""
     heartbeat_s: float = Field(1.0, gt=0, le=60)

@@ -131,8 +131,8 @@ def engine(
     ] = None,
 ) -> None:
     """Run one engine worker in the `engine` consumer group until SIGTERM."""
-    from engine_workers.service import serve_engine
     from plumbing.consumer import FatalError
+    from primerl.serve import serve_engine
 
     cfg = command_config(
         config,
@@ -159,7 +159,7 @@ def router(
     metrics_port: Annotated[Optional[int], typer.Option(help="/metrics port (0: any free)")] = None,
 ) -> None:
     """Run one router (rollout.prompts -> rollout.routed) in the `router` group until SIGTERM."""
-    from engine_workers.service import serve_router
+    from primerl.serve import serve_router
 
     cfg = command_config(config, state_dir, **{"routing.policy": policy, "metrics.port": metrics_port})
     run(serve_router(cfg))

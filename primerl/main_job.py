@@ -9,11 +9,11 @@ import uuid
 
 import typer
 
-from engine_workers.service import serve_engine
 from plumbing.config import Config
 from plumbing.infra import infra_for_run
 from primerl.embedded import publish_prompts, start_stage
 from primerl.observe import RunObserver
+from primerl.serve import serve_engine
 from producers.arithmetic import arithmetic_requests
 
 

@@ -19,13 +19,13 @@ from pathlib import Path
 import msgspec
 import typer
 
-from engine_workers.service import serve_engine
 from learners.service import serve_learner
 from learners.worker import LearnerWorker
 from plumbing.config import Config
 from primerl.embedded import publish_prompts, start_stage
 from primerl.observe import RunObserver
 from primerl.rewards_reader import RewardsReader
+from primerl.serve import serve_engine
 from producers.arithmetic import arithmetic_requests, heldout_pairs
 from schemas import RewardStatus
 from verifier_workers.service import load_signer, serve_verifier

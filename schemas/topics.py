@@ -30,7 +30,7 @@ ROUTED = Topic(
     "rollout.routed",
     16,
     PromptRequest,
-    "none: the router picks a partition owned by the chosen engine worker (see engine_workers/routing)",
+    "none: the router picks a partition owned by the chosen engine worker (see router/)",
 )
 CHUNKS = Topic("rollout.completion-chunks", 8, CompletionChunk, "request_id: a sample's chunks stay in order")
 COMPLETIONS = Topic(

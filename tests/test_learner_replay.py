@@ -16,11 +16,11 @@ import msgspec
 import torch
 from prometheus_client import CollectorRegistry
 
+from archiver.archiver import Archiver
 from learners.outcome_log import read_outcomes
 from learners.policy_model import Batch, PolicyModel
 from learners.service import build_trainer
 from learners.worker import LearnerWorker
-from operations.archiver import Archiver
 from operations.replay import RunLog, replay_learner, tensors_sha256
 from plumbing.config import Config
 from plumbing.kafka import Publisher

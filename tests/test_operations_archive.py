@@ -10,10 +10,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from prometheus_client import CollectorRegistry, generate_latest
 
-from operations.archiver import Archiver
-from operations.run_log import UNDECODABLE, read_messages, read_topic, run_files
+from archiver.archiver import Archiver
 from plumbing.config import Config
 from plumbing.kafka import Publisher
+from plumbing.run_log import UNDECODABLE, read_messages, read_topic, run_files
 from producers.arithmetic import arithmetic_requests
 from schemas import CONTENT_TYPE_HEADER, JSON, PolicyUpdate, PromptRequest
 from schemas.topics import POLICY, PROMPTS
@@ -166,7 +166,7 @@ def test_ints_a_column_cannot_hold_are_left_null_and_the_write_succeeds(tmp_path
     import msgspec
     from aiokafka.structs import ConsumerRecord
 
-    from operations.run_log import record_row, write_atomically
+    from plumbing.run_log import record_row, write_atomically
     from schemas import encode
     from schemas.topics import COMPLETIONS
     from tests.reward_helpers import make_completion
@@ -184,7 +184,7 @@ def test_a_non_finite_creation_time_does_not_poison_the_manifest(tmp_path: Path)
     # Found by the fuzz suite: a message with created_at NaN/inf (valid msgpack floats) put
     # NaN into manifest.json (json.dump writes it), which load_manifest cannot read: the
     # archiver exited at the next flush of that run, and on every restart.
-    from operations.run_log import Manifest, file_stats, load_manifest, save_manifest
+    from plumbing.run_log import Manifest, file_stats, load_manifest, save_manifest
 
     rows = [{"error": None, "created_at": x} for x in (float("nan"), float("inf"), 5.0, float("-inf"))]
     m = Manifest(run_id="r")

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from operations.archiver import Archiver
-from operations.publish import publish_requests
+from archiver.archiver import Archiver
 from operations.replay import RunLog, rescore, verifier_diff
 from operations.scale import read_workers, scale
 from plumbing.config import Config
@@ -24,6 +23,7 @@ from plumbing.redis_client import connect_redis
 from plumbing.trust import Signer, generate_keypair
 from primerl.rewards_reader import RewardsReader
 from producers.arithmetic import arithmetic_requests
+from producers.publish import publish_requests
 from schemas import CONTENT_TYPE_HEADER, JSON
 from schemas.topics import COMPLETIONS, PROMPTS
 from tests.kafka_helpers import wait_until

@@ -13,9 +13,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from operations.prompt_files import BadRow, FileDefaults, read_prompt_file
-from operations.publish import publish_requests
 from plumbing.config import Config
+from producers.prompt_files import BadRow, FileDefaults, read_prompt_file
+from producers.publish import publish_requests
 from schemas import GrammarKind, SamplingParams
 from tests.ops_helpers import prompts_of_run
 

@@ -20,7 +20,7 @@ import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
 
-from operations.archiver import Archiver
+from archiver.archiver import Archiver
 from operations.replay import RunLog, replay_learner, replay_prompts, rescore, verifier_diff
 from plumbing.config import Config
 from plumbing.kafka import Publisher

@@ -21,15 +21,15 @@ from redis.asyncio import Redis
 from transformers import AutoTokenizer
 from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
-from engine_workers.prefix_cache.block_hashes import cacheable_tokens, chain_hashes, policy_salt
-from engine_workers.prefix_cache.held_blocks import HeldBlocks
-from engine_workers.prefix_cache.index import PrefixIndex, Probe
-from engine_workers.routing.cost_model import choose
-from engine_workers.routing.router import Router
 from plumbing.config import Config
 from plumbing.kafka import Publisher, consumer_kwargs
 from plumbing.local_servers import start_redis, stop_process
 from plumbing.model_store import resolve_model
+from plumbing.prefix_cache.block_hashes import cacheable_tokens, chain_hashes, policy_salt
+from plumbing.prefix_cache.held_blocks import HeldBlocks
+from plumbing.prefix_cache.index import PrefixIndex, Probe
+from router.cost_model import choose
+from router.router import Router
 from schemas import ChatMessage, PromptRequest, SamplingParams, decode
 from schemas.keys import held_blocks as held_key
 from schemas.keys import load as load_key

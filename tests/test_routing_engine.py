@@ -9,11 +9,11 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from engine_workers.prefix_cache.block_hashes import chain_hashes, policy_salt
-from engine_workers.prefix_cache.index import PrefixIndex
 from plumbing.config import Config
 from plumbing.kafka import Publisher
 from plumbing.model_store import resolve_model
+from plumbing.prefix_cache.block_hashes import chain_hashes, policy_salt
+from plumbing.prefix_cache.index import PrefixIndex
 from primerl.observe import RunObserver
 from schemas import ChatMessage, Completion, PolicyUpdate, PromptRequest, SamplingParams
 from schemas.keys import held_blocks as held_key

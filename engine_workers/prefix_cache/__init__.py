@@ -1,1 +1,1 @@
-"""Which prefix blocks each engine holds: block hashing, vLLM KV events, the Redis index."""
+"""Following this engine's vLLM KV-cache events into the blocks it advertises (plumbing/prefix_cache)."""

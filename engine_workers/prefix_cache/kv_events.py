@@ -8,7 +8,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
-from engine_workers.prefix_cache.held_blocks import HeldBlocks
+from plumbing.prefix_cache.held_blocks import HeldBlocks
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client import CollectorRegistry
 
-from operations.archiver import Archiver
-from operations.run_log import parse_file_name, read_messages
+from archiver.archiver import Archiver
 from plumbing.config import Config
 from plumbing.kafka import Publisher
+from plumbing.run_log import parse_file_name, read_messages
 from schemas import TOPICS, Completion, DeadLetter, PolicyUpdate, PromptRequest, Reward, Topic
 from tests.fuzz.harness import (
     DEFAULT_N,

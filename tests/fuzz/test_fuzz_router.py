@@ -16,12 +16,12 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 from transformers import AutoTokenizer
 
-from engine_workers.prefix_cache.held_blocks import HeldBlocks
-from engine_workers.prefix_cache.index import PrefixIndex, WorkerInfo
-from engine_workers.routing.router import Router
 from plumbing.config import Config
 from plumbing.kafka import Publisher
 from plumbing.model_store import resolve_model
+from plumbing.prefix_cache.held_blocks import HeldBlocks
+from plumbing.prefix_cache.index import PrefixIndex, WorkerInfo
+from router.router import Router
 from schemas import ChatMessage, PromptRequest, SamplingParams, decode
 from tests.fuzz.harness import (
     DEFAULT_N,

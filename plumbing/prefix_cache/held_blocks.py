@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine_workers.prefix_cache.block_hashes import next_hash, policy_salt, root_hash
+from plumbing.prefix_cache.block_hashes import next_hash, policy_salt, root_hash
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from aiokafka.structs import ConsumerRecord
 
 from schemas import Completion, DeadLetter, Message, PolicyUpdate, PromptRequest, Reward, decode
-from schemas.topics import TOPICS
+from schemas.topics import COMPLETIONS, POLICY, PROMPTS, REWARDS, TOPICS
 
 UNDECODABLE = "_undecodable"
 
@@ -294,3 +294,38 @@ def load_manifest(run_path: Path, run_id: str) -> Manifest:
 def save_manifest(run_path: Path, manifest: Manifest) -> None:
     """Write manifest.json atomically."""
     write_json_atomically(run_path / "manifest.json", msgspec.to_builtins(manifest))
+
+
+class RunLog:
+    """The decoded records of one archived run (first occurrence of each id, in broker append order)."""
+
+    def __init__(self, root: Path, run_id: str) -> None:
+        self.run_id = run_id
+        self.path = root / run_dir_name(run_id)
+        if not self.path.is_dir():
+            raise FileNotFoundError(f"no run log for {run_id!r} under {root} (is `primerl archive` running?)")
+
+    def _unique(self, topic: str) -> list[Any]:
+        seen: set[str] = set()
+        out = []
+        for _, msg in read_messages(self.path, topic):
+            if msg.id not in seen:
+                seen.add(msg.id)
+                out.append(msg)
+        return out
+
+    def prompts(self) -> list[PromptRequest]:
+        """Recorded prompt requests."""
+        return self._unique(PROMPTS.name)
+
+    def completions(self) -> list[Completion]:
+        """Recorded final completions."""
+        return self._unique(COMPLETIONS.name)
+
+    def rewards(self) -> list[Reward]:
+        """Recorded rewards (every verifier version)."""
+        return self._unique(REWARDS.name)
+
+    def policy_updates(self) -> list[PolicyUpdate]:
+        """Recorded policy updates."""
+        return self._unique(POLICY.name)

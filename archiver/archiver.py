@@ -4,7 +4,7 @@ Consumer group `archiver`. Records are buffered per partition and flushed togeth
 for each partition, one file per run covering the buffered offset range, written
 atomically (temp file, fsync, rename); only then is the partition's offset committed.
 A restart re-reads from the last commit, and a record already covered by a file of
-its run is skipped (see operations/run_log.py), so nothing is written twice and
+its run is skipped (see plumbing/run_log.py), so nothing is written twice and
 nothing is lost.
 
 A flush that cannot write (disk full, folder gone) keeps its records buffered, pauses
@@ -31,7 +31,10 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from operations.run_log import (
+from plumbing.config import Config
+from plumbing.failures import Backoff
+from plumbing.kafka import consumer_kwargs
+from plumbing.run_log import (
     file_name,
     file_stats,
     load_manifest,
@@ -41,9 +44,6 @@ from operations.run_log import (
     save_manifest,
     write_atomically,
 )
-from plumbing.config import Config
-from plumbing.failures import Backoff
-from plumbing.kafka import consumer_kwargs
 from plumbing.stage import StageContext, serve_stage
 
 log = logging.getLogger(__name__)

@@ -29,14 +29,14 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from engine_workers.prefix_cache.block_hashes import chain_hashes, policy_salt
-from engine_workers.prefix_cache.index import PrefixIndex
-from engine_workers.requests import BadRequest, render_prompt
-from engine_workers.routing.cost_model import choose
 from plumbing.config import Config, RoutingPolicy
 from plumbing.consumer import ConsumerMetrics, ConsumerRunner
 from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
+from plumbing.prefix_cache.block_hashes import chain_hashes, policy_salt
+from plumbing.prefix_cache.index import PrefixIndex
+from plumbing.prompts import BadRequest, render_prompt
+from router.cost_model import choose
 from schemas import PromptRequest, Route
 from schemas.registry import WorkerInfo
 from schemas.topics import PROMPTS, ROUTED

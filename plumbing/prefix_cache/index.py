@@ -13,7 +13,7 @@ import time
 import msgspec
 from redis.asyncio import Redis
 
-from engine_workers.prefix_cache.held_blocks import HeldBlocks
+from plumbing.prefix_cache.held_blocks import HeldBlocks
 from schemas import keys
 from schemas.registry import WorkerInfo
 

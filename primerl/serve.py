@@ -7,12 +7,12 @@ import logging
 
 from engine_workers.deferral import Deferral
 from engine_workers.engine import Engine
-from engine_workers.routing.router import Router
 from engine_workers.speculation.metrics import SpeculationCollector
 from engine_workers.worker import EngineWorker
 from plumbing.config import Config
 from plumbing.model_store import resolve_model
 from plumbing.stage import Stage, StageContext, Supervised, serve_stage
+from router.router import Router
 
 log = logging.getLogger(__name__)
 

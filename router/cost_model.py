@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import msgspec
 
-from engine_workers.prefix_cache.block_hashes import cacheable_tokens
-from engine_workers.prefix_cache.index import Probe
+from plumbing.prefix_cache.block_hashes import cacheable_tokens
+from plumbing.prefix_cache.index import Probe
 
 
 class Choice(msgspec.Struct, frozen=True):
