@@ -276,7 +276,8 @@ class ChaosRun:
             delay = self.rng.uniform(0.5, 2.0)
             self._pending_restart[stage] = (time.time() + delay, f)
             self.say(
-                f"FAULT {len(self.faults)}/{len(self.plan)}: SIGKILL {stage} ({f.processes_killed} processes); restart in {delay:.1f}s"
+                f"FAULT {len(self.faults)}/{len(self.plan)}: SIGKILL {stage} ({f.processes_killed} processes); "
+                f"restart in {delay:.1f}s"
             )
         elif kind == "redis_restart":
             self._busy = True
@@ -333,7 +334,8 @@ class ChaosRun:
         self.say(
             f"published {self.feeder.samples}/{self.args.samples}  completions {len(obs.completion_ids)}  "
             f"rewarded {len(obs.reward_completion_ids)}  consumed {consumed}  steps {steps}  "
-            f"faults {len(self.faults)}/{len(self.plan)}  dead-lettered {len(obs.dead_sample_ids)}  crashes {len(self.crashes)}  [{states}]"
+            f"faults {len(self.faults)}/{len(self.plan)}  dead-lettered {len(obs.dead_sample_ids)}  "
+            f"crashes {len(self.crashes)}  [{states}]"
         )
 
     # --- the report ---------------------------------------------------------------------
@@ -689,12 +691,16 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     s, d = report["samples"], report["duplicate_effects"]
     print(
-        f"\nkills {report['kills']}, redis restarts {report['redis_restarts']}, broker pauses {report['broker_pauses']}, "
+        f"\nkills {report['kills']}, redis restarts {report['redis_restarts']}, "
+        f"broker pauses {report['broker_pauses']}, "
         f"crashes {len(report['crashes'])}"
     )
     print(f"samples: published {s['published']}, outcomes {s['outcomes']}, LOST {s['lost']}")
+    duplicates = {
+        t: v["identical_redeliveries"] + v["differing_content"] for t, v in report["duplicate_records"].items()
+    }
     print(
-        f"duplicate records: { {t: v['identical_redeliveries'] + v['differing_content'] for t, v in report['duplicate_records'].items()} }, "
+        f"duplicate records: {duplicates}, "
         f"duplicate effects {d['total']}; dead letters {report['dead_letters']['by_stage_error']}"
     )
     print(f"recovery: {json.dumps(report['recovery_s'])}")

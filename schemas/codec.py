@@ -102,7 +102,8 @@ def decode(payload: bytes, type_: type[M], headers: list[tuple[str, bytes]] | No
         raise _too_deep(type_.__name__) from err
     if header.schema_version > SCHEMA_VERSION:
         raise SchemaVersionError(
-            f"{type_.__name__} has schema_version {header.schema_version}, this reader knows <= {SCHEMA_VERSION}; upgrade the consumer",
+            f"{type_.__name__} has schema_version {header.schema_version}, this reader knows <= {SCHEMA_VERSION}; "
+            "upgrade the consumer",
             field="$.schema_version",
             expected=f"<= {SCHEMA_VERSION}",
         )

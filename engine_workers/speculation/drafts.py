@@ -70,7 +70,7 @@ def forced_tokens(
         return []
     ids = encode(text)
     priors = [LAST_TOKEN_PROB if i == len(ids) - 1 and i else FORCED_PROB for i in range(len(ids))]
-    return [(t, learned(t, p) if learned else p) for t, p in zip(ids, priors)]
+    return [(t, learned(t, p) if learned else p) for t, p in zip(ids, priors, strict=True)]
 
 
 def propose(

@@ -51,7 +51,7 @@ CONFIG_KEY = "primerl_speculation"
 
 def _common_prefix(a: Any, b: Any) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -225,7 +225,7 @@ class GrammarSpecScheduler(Scheduler):
             for name, source in self._sources_of(self._workload).items():  # the workload they were drafted for
                 source.observe(labels.count(name), labels[:accepted].count(name))
             # Each forced draft up to the first rejection was verified (the ones after it were not).
-            for i, (token, label) in enumerate(zip(spec[: accepted + 1], labels)):
+            for i, (token, label) in enumerate(zip(spec[: accepted + 1], labels, strict=False)):
                 if label == FORCED:
                     ok, n = self._forced_seen.get(token, (0, 0))
                     self._forced_seen[token] = (ok + (i < accepted), n + 1)
