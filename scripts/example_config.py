@@ -43,7 +43,9 @@ def render() -> str:
             else f"{name} = {value(default)}"
         )
     for name, _, default in sections:
-        out += ["", f"[{name}]", f"# {type(default).__doc__.splitlines()[0]}"]
+        doc = type(default).__doc__
+        assert doc, f"config section {name} needs a docstring"
+        out += ["", f"[{name}]", f"# {doc.splitlines()[0]}"]
         for fname, ff in type(default).model_fields.items():
             for line in textwrap.wrap(" ".join((ff.description or "").split()), 100):
                 out.append(f"# {line}")

@@ -99,6 +99,7 @@ def propose(
     pushed = 0  # tokens pushed into the matcher, rolled back at the end
     prob = 1.0
     cands: list[tuple[Sequence[int], int]] | None = None
+    token: int | None  # a forced run's token, or the n-gram vote's winner (None: no valid continuation)
 
     def push(token: int) -> bool:
         nonlocal pushed

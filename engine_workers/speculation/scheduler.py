@@ -35,7 +35,7 @@ import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, cast
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -87,7 +87,8 @@ class GrammarSpecScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         vllm_patches.apply(vllm_patches.ENGINE_CORE)  # the engine core asks `propose_drafts` directly
-        cfg = dict(self.vllm_config.additional_config or {}).get(CONFIG_KEY, {})
+        # vLLM types additional_config `dict | SupportsHash`; engine_workers/engine.py passes a dict.
+        cfg = dict(cast(dict[str, Any], self.vllm_config.additional_config or {})).get(CONFIG_KEY, {})
         # Written by engine_workers/engine.py from EngineConfig, whose defaults are the only ones.
         self._min_acceptance = float(cfg["min_acceptance"])
         self._probe_every = int(cfg["probe_every"])
