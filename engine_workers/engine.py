@@ -77,13 +77,14 @@ class Engine:
             model=self.model_path,
             enforce_eager=self.cfg.enforce_eager,
             enable_prefix_caching=self.cfg.enable_prefix_caching,
-            max_model_len=self.cfg.max_model_len,
+            max_model_len=self.cfg.max_model_len,  # type: ignore[arg-type]  # vLLM declares int, defaults to None
             seed=self.cfg.seed,
             dtype=self.cfg.dtype,
             disable_log_stats=False,
             max_num_seqs=max(self.cfg.max_in_flight * 8, 32),
             # Compact JSON: no free whitespace, so more of each record is forced by the grammar.
-            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+            # vLLM validates the dict into a StructuredOutputsConfig (its annotation names only the class).
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},  # type: ignore[arg-type]
             **spec,
             kv_events_config=KVEventsConfig(
                 enable_kv_cache_events=self.cfg.enable_prefix_caching,

@@ -289,7 +289,8 @@ class LearnerWorker:
             self.metrics.lag.set(stats.policy_lag_mean)
             self.metrics.step_seconds.observe(stats.wall_s)
             log.info(
-                "step %d -> policy v%d: %d samples, reward %.3f, loss %.4f, lag %.2f, %.1fs; buffer %d samples in partial groups, %d groups ready",
+                "step %d -> policy v%d: %d samples, reward %.3f, loss %.4f, lag %.2f, %.1fs; "
+                "buffer %d samples in partial groups, %d groups ready",
                 step,
                 version,
                 stats.samples,
@@ -312,7 +313,8 @@ class LearnerWorker:
         await retry_transient(lambda: self.publisher.publish(POLICY.name, update), f"announcing policy v{version}")
 
     async def _set_version_key(self, quiet: bool = False) -> None:
-        """The version in Redis for producers' admission; an outage is logged, not fatal (nothing depends on it for correctness)."""
+        """The version in Redis for producers' admission; an outage is logged, not fatal (nothing depends on it for
+        correctness)."""
         try:
             await self.redis.set(keys.policy_version(self.cfg.run_id), self.state.version)
         except (RedisError, OSError) as err:

@@ -90,7 +90,8 @@ def publish(
         raise typer.Exit(1)
     if dry_run:
         typer.echo(
-            f"dry run: {len(requests)} valid rows ({sum(r.group_size for r in requests)} samples), {len(errors)} bad; run {defaults.run_id}"
+            f"dry run: {len(requests)} valid rows ({sum(r.group_size for r in requests)} samples), {len(errors)} bad; "
+            f"run {defaults.run_id}"
         )
         raise typer.Exit(2 if errors else 0)
     report = run(
@@ -197,15 +198,18 @@ def replay(
         diff = verifier_diff(rows)
         out = save_rescored(root, new_run, rows, diff, run_id)
         typer.echo(
-            f"re-scored {len(rows)} completions of {run_id} (run {new_run}; per completion: {out}/replay_verifier.parquet)"
+            f"re-scored {len(rows)} completions of {run_id} "
+            f"(run {new_run}; per completion: {out}/replay_verifier.parquet)"
         )
         typer.echo(
-            f"{'original verifier':40s} {'replay verifier':28s} {'n':>5s} {'orig mean':>9s} {'new mean':>9s} {'changed':>7s} {'status chg':>10s} {'max |d|':>7s}"
+            f"{'original verifier':40s} {'replay verifier':28s} {'n':>5s} {'orig mean':>9s} {'new mean':>9s} "
+            f"{'changed':>7s} {'status chg':>10s} {'max |d|':>7s}"
         )
         for d in diff:
             typer.echo(
-                f"{d.original_verifier[:40]:40s} {d.replay_verifier[:28]:28s} {d.completions:5d} {d.original_mean:9.4f} "
-                f"{d.replay_mean:9.4f} {d.changed:7d} {d.status_changed:10d} {d.max_abs_diff:7.4f}"
+                f"{d.original_verifier[:40]:40s} {d.replay_verifier[:28]:28s} {d.completions:5d} "
+                f"{d.original_mean:9.4f} {d.replay_mean:9.4f} {d.changed:7d} {d.status_changed:10d} "
+                f"{d.max_abs_diff:7.4f}"
             )
         return
     from plumbing.run_log import run_dir_name
@@ -253,20 +257,25 @@ def replay(
     path = save_learner_replay(root, result)
     if result.mode == "recorded_steps":
         typer.echo(
-            f"learner replay of {run_id} as {new_run}: the live learner's {len(result.steps)} updates from {result.step_list} "
+            f"learner replay of {run_id} as {new_run}: the live learner's {len(result.steps)} updates "
+            f"from {result.step_list} "
             f"({result.groups_total} groups, {result.samples_missing} samples missing from the run log, "
-            f"{result.steps_mismatched} steps whose update differs), seed {result.seed}, {result.threads} torch thread(s), "
-            f"{result.wall_s:.1f}s"
+            f"{result.steps_mismatched} steps whose update differs), seed {result.seed}, "
+            f"{result.threads} torch thread(s), {result.wall_s:.1f}s"
         )
     else:
         typer.echo(
-            f"learner replay of {run_id} as {new_run}: {result.groups_total} complete groups ({result.groups_incomplete} incomplete, "
-            f"{result.samples_without_reward} completions without reward, {result.stale_dropped} stale samples dropped), "
-            f"seed {result.seed}, {result.threads} torch thread(s), {result.groups_per_step} groups/step, {result.wall_s:.1f}s"
+            f"learner replay of {run_id} as {new_run}: {result.groups_total} complete groups "
+            f"({result.groups_incomplete} incomplete, "
+            f"{result.samples_without_reward} completions without reward, "
+            f"{result.stale_dropped} stale samples dropped), "
+            f"seed {result.seed}, {result.threads} torch thread(s), {result.groups_per_step} groups/step, "
+            f"{result.wall_s:.1f}s"
         )
     for s in result.steps:
         typer.echo(
-            f"  step {s.step}: {s.groups} groups {s.samples} samples reward {s.reward_mean:.3f} loss {s.loss:.6f} weights sha256 {s.weights_sha256}"
+            f"  step {s.step}: {s.groups} groups {s.samples} samples reward {s.reward_mean:.3f} loss {s.loss:.6f} "
+            f"weights sha256 {s.weights_sha256}"
         )
     typer.echo(f"final weights sha256 (tensors): {result.final_sha256}")
     for version, checksum in sorted(result.original_checksums.items()):

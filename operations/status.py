@@ -211,7 +211,8 @@ async def collect_status(cfg: Config, redis: Redis, include_all: bool = False) -
     notes = []
     if any(m.partitions == [] for g in groups for m in g.members):
         notes.append(
-            "the broker did not report member assignments (Tansu does not): partitions below come from the worker registry"
+            "the broker did not report member assignments (Tansu does not): "
+            "partitions below come from the worker registry"
         )
     notes.append(
         "lag and the dead-letter count come from end offsets, which the local Tansu broker reports approximately "

@@ -276,7 +276,8 @@ class ChaosRun:
             delay = self.rng.uniform(0.5, 2.0)
             self._pending_restart[stage] = (time.time() + delay, f)
             self.say(
-                f"FAULT {len(self.faults)}/{len(self.plan)}: SIGKILL {stage} ({f.processes_killed} processes); restart in {delay:.1f}s"
+                f"FAULT {len(self.faults)}/{len(self.plan)}: SIGKILL {stage} ({f.processes_killed} processes); "
+                f"restart in {delay:.1f}s"
             )
         elif kind == "redis_restart":
             self._busy = True
@@ -288,6 +289,7 @@ class ChaosRun:
             self.say(f"redis back (empty) after {took:.1f}s")
         elif kind == "broker_pause":
             self._busy = True
+            assert self.stack.cfg is not None  # set by start_servers, before any fault
             self.say(
                 f"FAULT {len(self.faults)}/{len(self.plan)}: broker SIGSTOP for {self.args.pause_s:.0f}s "
                 f"(session timeout {self.stack.cfg.kafka.session_timeout_ms / 1000:.0f}s)"
@@ -312,6 +314,7 @@ class ChaosRun:
             return
         from redis.asyncio import Redis
 
+        assert self.stack.cfg is not None  # set by start_servers
         client = Redis.from_url(self.stack.cfg.redis_url, socket_timeout=1, socket_connect_timeout=1)
         try:
             keys = [k async for k in client.scan_iter("primerl:registry:*")]
@@ -333,7 +336,8 @@ class ChaosRun:
         self.say(
             f"published {self.feeder.samples}/{self.args.samples}  completions {len(obs.completion_ids)}  "
             f"rewarded {len(obs.reward_completion_ids)}  consumed {consumed}  steps {steps}  "
-            f"faults {len(self.faults)}/{len(self.plan)}  dead-lettered {len(obs.dead_sample_ids)}  crashes {len(self.crashes)}  [{states}]"
+            f"faults {len(self.faults)}/{len(self.plan)}  dead-lettered {len(obs.dead_sample_ids)}  "
+            f"crashes {len(self.crashes)}  [{states}]"
         )
 
     # --- the report ---------------------------------------------------------------------
@@ -445,6 +449,7 @@ class ChaosRun:
         dlq_records = obs.records.get(DLQ.name, [])
         self._attribute(dlq_records)
         recovery = self._recovery(lines)
+        assert self.stack.cfg is not None  # set by start_servers
         kills = Counter(f.kind.split(":", 1)[1] for f in self.faults if f.kind.startswith("kill:"))
         report: dict[str, Any] = {
             "run_id": self.settings.run_id,
@@ -569,12 +574,12 @@ class ChaosRun:
                 f.recovery["ready_s"] = since(f.ready_at or None, f.at)
                 after = f.ready_at or f.at
                 if stage in OUTPUT_TOPIC:
-                    out = obs.first_after(OUTPUT_TOPIC[stage], after)
+                    resumed = obs.first_after(OUTPUT_TOPIC[stage], after)
                 elif stage == "learner":
-                    out = first(step_times, after)
+                    resumed = first(step_times, after)
                 else:
-                    out = first(files, after)
-                f.recovery["output_resumed_s"] = since(out, f.at)
+                    resumed = first(files, after)
+                f.recovery["output_resumed_s"] = since(resumed, f.at)
             else:
                 ref = f.ended_at or f.at
                 f.recovery["fault_lasted_s"] = round(ref - f.at, 2)
@@ -587,9 +592,7 @@ class ChaosRun:
             if not fs:
                 continue
             keys = {k for f in fs for k in f.recovery}
-            out[kind] = {
-                k: _summary([f.recovery[k] for f in fs if f.recovery.get(k) is not None]) for k in sorted(keys)
-            }
+            out[kind] = {k: _summary([v for f in fs if (v := f.recovery.get(k)) is not None]) for k in sorted(keys)}
         return out
 
     def _archive_check(self) -> dict[str, Any]:
@@ -689,12 +692,16 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     s, d = report["samples"], report["duplicate_effects"]
     print(
-        f"\nkills {report['kills']}, redis restarts {report['redis_restarts']}, broker pauses {report['broker_pauses']}, "
+        f"\nkills {report['kills']}, redis restarts {report['redis_restarts']}, "
+        f"broker pauses {report['broker_pauses']}, "
         f"crashes {len(report['crashes'])}"
     )
     print(f"samples: published {s['published']}, outcomes {s['outcomes']}, LOST {s['lost']}")
+    duplicates = {
+        t: v["identical_redeliveries"] + v["differing_content"] for t, v in report["duplicate_records"].items()
+    }
     print(
-        f"duplicate records: { {t: v['identical_redeliveries'] + v['differing_content'] for t, v in report['duplicate_records'].items()} }, "
+        f"duplicate records: {duplicates}, "
         f"duplicate effects {d['total']}; dead letters {report['dead_letters']['by_stage_error']}"
     )
     print(f"recovery: {json.dumps(report['recovery_s'])}")

@@ -159,5 +159,6 @@ if __name__ == "__main__":
     pipe = [r for r in rows if r.mode == "pipeline"]
     ratio = sum(p.tokens_per_s for p in pipe) / sum(r.tokens_per_s for r in raw)
     print(
-        f"pipeline/raw tokens/s = {ratio:.3f}; TTFB p95 raw {[round(r.ttfb_p95_ms) for r in raw]} pipeline {[round(p.ttfb_p95_ms) for p in pipe]}"
+        f"pipeline/raw tokens/s = {ratio:.3f}; TTFB p95 raw {[round(r.ttfb_p95_ms) for r in raw]} "
+        f"pipeline {[round(p.ttfb_p95_ms) for p in pipe]}"
     )

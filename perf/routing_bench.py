@@ -40,7 +40,7 @@ from redis.asyncio import Redis
 from tqdm import tqdm
 
 from perf.common import ARTIFACTS, percentile, write_csv
-from plumbing.config import Config, load_config
+from plumbing.config import Config, RoutingPolicy, load_config
 from plumbing.infra import infra_for_run
 from plumbing.kafka import Publisher
 from plumbing.model_store import resolve_model
@@ -234,7 +234,9 @@ async def bench(args: argparse.Namespace) -> None:
             rows, preds = [], []
             async with Publisher(cfg) as pub:
                 for i, context in enumerate(args.contexts):
-                    policies = ("round_robin", "cache_aware") if i % 2 == 0 else ("cache_aware", "round_robin")
+                    policies: tuple[RoutingPolicy, ...] = (
+                        ("round_robin", "cache_aware") if i % 2 == 0 else ("cache_aware", "round_robin")
+                    )
                     for j, policy in enumerate(policies):
                         obs = RunObserver(cfg, f"route-{policy}-{context}-{uuid.uuid4().hex[:6]}")
                         await obs.start()

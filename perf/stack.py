@@ -410,15 +410,16 @@ class Observer:
             return
         rec = ObservedRecord(tp.topic, tp.partition, r.offset, (r.timestamp or 0) / 1000, now, msg, r.value or b"")
         if tp.topic == DLQ.name:
-            ids = dead_letter_sample_ids(msg, self.run_id) if msg is not None else []
-            if not ids:
+            # decode() returns the topic's own type: a DeadLetter here (None: undecodable).
+            ids = dead_letter_sample_ids(msg, self.run_id) if isinstance(msg, DeadLetter) else []
+            if not isinstance(msg, DeadLetter) or not ids:
                 self.records["dlq_other"].append(rec)
                 return
             for i in ids:
                 self.dead_sample_ids.setdefault(i, []).append(f"{msg.stage}:{msg.error_type}")
         elif tp.topic == COMPLETIONS.name and msg is not None:
             self.completion_ids.add(msg.id)
-        elif tp.topic == REWARDS.name and msg is not None:
+        elif tp.topic == REWARDS.name and isinstance(msg, Reward):
             self.reward_completion_ids.add(msg.completion_id)
         self.records[tp.topic].append(rec)
 

@@ -220,6 +220,7 @@ def describe(state: InfraState) -> str:
     out = [json.dumps(state.env, indent=2)]
     for proc, alive in process_status(state):
         out.append(
-            f"{proc.name:6s} pid={proc.pid:<7d} port={proc.port:<6d} {'running' if alive else 'STOPPED'}  log={proc.log_file}"
+            f"{proc.name:6s} pid={proc.pid:<7d} port={proc.port:<6d} {'running' if alive else 'STOPPED'}  "
+            f"log={proc.log_file}"
         )
     return "\n".join(out)

@@ -117,7 +117,7 @@ def convert_gguf(gguf_path: Path, dest: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(src_dir, gguf_file=name, dtype=torch.float32)
     # transformers marks GGUF-loaded models as quantized and refuses to
     # save them; the weights are already de-quantized to fp32, so drop the marks.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # torch types Module.__getattr__ as Tensor | Module
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     dest.mkdir(parents=True, exist_ok=True)

@@ -52,7 +52,8 @@ def infra_status(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
     state = read_state(cfg.state_dir)
     if state is None:
         typer.echo(
-            f"no local servers recorded in {cfg.state_dir}; configured: kafka={cfg.bootstrap or '-'} redis={cfg.redis_url or '-'}"
+            f"no local servers recorded in {cfg.state_dir}; "
+            f"configured: kafka={cfg.bootstrap or '-'} redis={cfg.redis_url or '-'}"
         )
         raise typer.Exit(1)
     typer.echo(describe(state))

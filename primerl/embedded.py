@@ -24,7 +24,8 @@ async def start_stage(serve: Serve[W], cfg: Config) -> tuple[asyncio.Task[None],
     """
     started: asyncio.Future[W] = asyncio.get_running_loop().create_future()
     task = asyncio.create_task(serve(cfg, started), name=serve.__name__.removeprefix("serve_"))
-    await asyncio.wait({task, started}, return_when=asyncio.FIRST_COMPLETED)
+    waiting: set[asyncio.Future[Any]] = {task, started}
+    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if not started.done():
         task.result()  # it ended before serving: raise why
         raise RuntimeError(f"{serve.__name__} returned before serving")

@@ -79,7 +79,8 @@ async def _engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: i
             f"{req.id:34s} {len(view.finals):>7d} {ttfb:>8.0f} {engine_ttfb:>14.0f} {tokens_req:>6d} {cache:>13s}"
         )
     typer.echo(
-        f"run {run_id}: {len(finals)}/{expected} completions, {tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tokens/s; "
+        f"run {run_id}: {len(finals)}/{expected} completions, "
+        f"{tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tokens/s; "
         f"TTFB p50 {statistics.median(ttfbs) if ttfbs else float('nan'):.0f} ms"
     )
     return 0 if len(finals) == expected else 1

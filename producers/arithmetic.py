@@ -10,7 +10,10 @@ import random
 
 from schemas import ChatMessage, Grammar, GrammarKind, PromptRequest, SamplingParams
 
-SYSTEM = "You are a careful calculator. Reply with the result inside <answer></answer> tags, for example <answer>12</answer>."
+SYSTEM = (
+    "You are a careful calculator. Reply with the result inside <answer></answer> tags, "
+    "for example <answer>12</answer>."
+)
 
 
 MAX_OPERAND = 20

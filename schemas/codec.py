@@ -7,6 +7,7 @@ The `content-type` header picks the decoder; without it, a payload that starts w
 from __future__ import annotations
 
 import re
+import types
 from typing import TypeVar
 
 import msgspec
@@ -86,6 +87,7 @@ def decode(payload: bytes, type_: type[M], headers: list[tuple[str, bytes]] | No
     (naming the field and what was expected) for anything else that is wrong.
     """
     ctype = _content_type(headers, payload)
+    lib: types.ModuleType
     if ctype == JSON:
         lib = msgspec.json
     elif ctype in (MSGPACK, "application/x-msgpack"):
@@ -102,7 +104,8 @@ def decode(payload: bytes, type_: type[M], headers: list[tuple[str, bytes]] | No
         raise _too_deep(type_.__name__) from err
     if header.schema_version > SCHEMA_VERSION:
         raise SchemaVersionError(
-            f"{type_.__name__} has schema_version {header.schema_version}, this reader knows <= {SCHEMA_VERSION}; upgrade the consumer",
+            f"{type_.__name__} has schema_version {header.schema_version}, this reader knows <= {SCHEMA_VERSION}; "
+            "upgrade the consumer",
             field="$.schema_version",
             expected=f"<= {SCHEMA_VERSION}",
         )

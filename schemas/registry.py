@@ -1,4 +1,5 @@
-"""The worker registry entry in Redis (`schemas/keys.py: registry`): written by workers, read by routers and `primerl status`."""
+"""The worker registry entry in Redis (`schemas/keys.py: registry`): written by workers, read by routers and
+`primerl status`."""
 
 from __future__ import annotations
 

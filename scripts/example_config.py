@@ -1,4 +1,5 @@
-"""Writes primerl.example.toml from the Config's own fields (defaults and docstrings): `python scripts/example_config.py [OUT]`."""
+"""Writes primerl.example.toml from the Config's own fields (defaults and docstrings):
+`python scripts/example_config.py [OUT]`."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def value(v):
 def render() -> str:
     """The example file's text."""
     out = [
-        "# Every setting with its default (generated from plumbing/config.py; `primerl --config FILE` or PRIMERL_CONFIG).",
+        "# Every setting with its default "
+        "(generated from plumbing/config.py; `primerl --config FILE` or PRIMERL_CONFIG).",
         "# Precedence: CLI > environment (PRIMERL_SECTION__FIELD) > this file > `primerl infra up` > defaults.",
         "",
     ]
@@ -40,8 +42,10 @@ def render() -> str:
             if default is None or name in ("redis_url", "kafka_bootstrap_servers")
             else f"{name} = {value(default)}"
         )
-    for name, f, default in sections:
-        out += ["", f"[{name}]", f"# {type(default).__doc__.splitlines()[0]}"]
+    for name, _, default in sections:
+        doc = type(default).__doc__
+        assert doc, f"config section {name} needs a docstring"
+        out += ["", f"[{name}]", f"# {doc.splitlines()[0]}"]
         for fname, ff in type(default).model_fields.items():
             for line in textwrap.wrap(" ".join((ff.description or "").split()), 100):
                 out.append(f"# {line}")

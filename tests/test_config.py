@@ -1,4 +1,5 @@
-"""The typed config: the shipped example loads, bad values fail at load time, overrides merge, nothing writes the environment."""
+"""The typed config: the shipped example loads, bad values fail at load time, overrides merge, nothing writes the
+environment."""
 
 from __future__ import annotations
 

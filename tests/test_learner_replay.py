@@ -112,11 +112,12 @@ async def test_replaying_the_recorded_steps_gives_the_live_weights_byte_for_byte
             # and only 3 of its 4 samples (trained once it timed out).
             await pub.publish_many(COMPLETIONS.name, [(c, b"A") for c in a])
             await pub.publish_many(
-                REWARDS.name, [(_reward(c, signer, s), b"A") for c, s in reversed(list(zip(a, (1.0, 0.0, 0.5, 0.0))))]
+                REWARDS.name,
+                [(_reward(c, signer, s), b"A") for c, s in reversed(list(zip(a, (1.0, 0.0, 0.5, 0.0), strict=False)))],
             )
             await wait_until(lambda: learner.state.version == 1, 60, "step 0")
             await pub.publish_many(
-                REWARDS.name, [(_reward(c, signer, s), b"B") for c, s in zip(b[:3], (0.0, 1.0, 0.2))]
+                REWARDS.name, [(_reward(c, signer, s), b"B") for c, s in zip(b[:3], (0.0, 1.0, 0.2), strict=False)]
             )
             await pub.publish_many(COMPLETIONS.name, [(c, b"B") for c in b[:3]])
             await wait_until(lambda: learner.state.version == 2, 60, "step 1")

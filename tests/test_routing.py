@@ -310,7 +310,7 @@ async def test_cache_aware_routing_keeps_a_shared_prefix_on_one_worker_and_balan
 async def test_round_robin_alternates_workers(cfg, redis, tokenizer) -> None:
     run_id = f"t-{uuid.uuid4().hex[:6]}"
     async with _Setup(cfg, redis, tokenizer, "round_robin") as s:
-        for i in range(4):  # one at a time: the order of decisions is the order of arrival
+        for _ in range(4):  # one at a time: the order of decisions is the order of arrival
             await s.send([_request(run_id, "Same prompt.", "Same question?")])
         owners = [s.owner(p) for p, _ in s.routed]
         assert owners in (["w0", "w1", "w0", "w1"], ["w1", "w0", "w1", "w0"])

@@ -90,7 +90,8 @@ async def test_exiting_early_is_not_a_pass(sandbox: Sandbox, exit_call: str) -> 
     "code",
     [
         # Patch what the runner calls after a failure, so that it falls through to "passed".
-        "import os, sys, builtins\nos._exit = lambda code: None\nsys.exit = lambda code=0: None\nbuiltins.exec = lambda *a, **k: None\n",
+        "import os, sys, builtins\nos._exit = lambda code: None\nsys.exit = lambda code=0: None\n"
+        "builtins.exec = lambda *a, **k: None\n",
         # Raise the runner's completion event itself.
         "import sys\nsys.audit('primerl.sandbox.done')\n",
         # Find the runner's frame and use its bound functions.
@@ -114,7 +115,8 @@ async def test_exiting_early_is_not_a_pass(sandbox: Sandbox, exit_call: str) -> 
             "sys.audit('open', 'x', None, Evil())\n"
         ),
         # Exit 0 from the runner's own final flush.
-        "import os, sys\nclass Out:\n    def write(self, s): return len(s)\n    def flush(self): os._exit(0)\nsys.stdout = Out()\n",
+        "import os, sys\nclass Out:\n    def write(self, s): return len(s)\n"
+        "    def flush(self): os._exit(0)\nsys.stdout = Out()\n",
     ],
 )
 async def test_a_pass_cannot_be_forged(sandbox: Sandbox, code: str) -> None:

@@ -81,7 +81,9 @@ def test_apply_is_idempotent_and_marks_what_each_patch_replaced(monkeypatch, unp
         assert replacement.primerl_replaced is unpatched[name]
         assert vllm_patches.is_applied(name)
     applied = [r.getMessage() for r in caplog.records if " applied: " in r.getMessage()]
-    assert len(applied) == len(PATCHES) and all(f"vLLM patch {n} applied" in m for n, m in zip(PATCHES, applied))
+    assert len(applied) == len(PATCHES) and all(
+        f"vLLM patch {n} applied" in m for n, m in zip(PATCHES, applied, strict=True)
+    )
     # Again, from every call site: nothing installed twice, nothing wrapped twice.
     assert vllm_patches.apply(vllm_patches.WORKER) == [] and vllm_patches.apply(vllm_patches.ENGINE_CORE) == []
     assert vllm_patches.apply_all() == []

@@ -176,7 +176,9 @@ def make_hook(root: str, read_roots: tuple[str, ...], nonce: bytes, main_frame: 
         if type_(path) is int_:
             return  # an already open descriptor, obtained through a checked open
         if type_(path) is bytes_:
-            path = path.decode(encoding, "surrogateescape")  # type: ignore[union-attr]
+            # `path: object` is narrowed by the local `type_ is bytes_` check above, which mypy cannot follow
+            # (it calls only names bound before the candidate exists, so no `typing.cast` here).
+            path = path.decode(encoding, "surrogateescape")  # type: ignore[attr-defined]
         if type_(path) is not str_:
             block(f"{event} with a path of an unsupported type")
         real = resolve(path)  # type: ignore[arg-type]

@@ -70,7 +70,7 @@ def forced_tokens(
         return []
     ids = encode(text)
     priors = [LAST_TOKEN_PROB if i == len(ids) - 1 and i else FORCED_PROB for i in range(len(ids))]
-    return [(t, learned(t, p) if learned else p) for t, p in zip(ids, priors)]
+    return [(t, learned(t, p) if learned else p) for t, p in zip(ids, priors, strict=True)]
 
 
 def propose(
@@ -99,6 +99,7 @@ def propose(
     pushed = 0  # tokens pushed into the matcher, rolled back at the end
     prob = 1.0
     cands: list[tuple[Sequence[int], int]] | None = None
+    token: int | None  # a forced run's token, or the n-gram vote's winner (None: no valid continuation)
 
     def push(token: int) -> bool:
         nonlocal pushed

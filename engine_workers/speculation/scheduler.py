@@ -35,7 +35,7 @@ import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Callable, Hashable
-from typing import Any
+from typing import Any, cast
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
@@ -51,7 +51,7 @@ CONFIG_KEY = "primerl_speculation"
 
 def _common_prefix(a: Any, b: Any) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1
@@ -87,7 +87,8 @@ class GrammarSpecScheduler(Scheduler):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         vllm_patches.apply(vllm_patches.ENGINE_CORE)  # the engine core asks `propose_drafts` directly
-        cfg = dict(self.vllm_config.additional_config or {}).get(CONFIG_KEY, {})
+        # vLLM types additional_config `dict | SupportsHash`; engine_workers/engine.py passes a dict.
+        cfg = dict(cast(dict[str, Any], self.vllm_config.additional_config or {})).get(CONFIG_KEY, {})
         # Written by engine_workers/engine.py from EngineConfig, whose defaults are the only ones.
         self._min_acceptance = float(cfg["min_acceptance"])
         self._probe_every = int(cfg["probe_every"])
@@ -225,7 +226,7 @@ class GrammarSpecScheduler(Scheduler):
             for name, source in self._sources_of(self._workload).items():  # the workload they were drafted for
                 source.observe(labels.count(name), labels[:accepted].count(name))
             # Each forced draft up to the first rejection was verified (the ones after it were not).
-            for i, (token, label) in enumerate(zip(spec[: accepted + 1], labels)):
+            for i, (token, label) in enumerate(zip(spec[: accepted + 1], labels, strict=False)):
                 if label == FORCED:
                     ok, n = self._forced_seen.get(token, (0, 0))
                     self._forced_seen[token] = (ok + (i < accepted), n + 1)

@@ -223,7 +223,7 @@ class Ledger:
             c["sent"] += 1
             c["dead_lettered"] += bool(self.letters.get(f))
             c["served"] += bool(self.outputs.get(f))
-        errors = collections.Counter(l.error_type for ls in self.letters.values() for l in ls)
+        errors = collections.Counter(letter.error_type for ls in self.letters.values() for letter in ls)
         return Report(
             len(self._by_fuzz),
             self.accounted(),
@@ -248,7 +248,8 @@ class Report:
     def summary(self) -> str:
         cats = "; ".join(f"{c}: {dict(v)}" for c, v in sorted(self.per_category.items()))
         lines = [
-            f"{self.accounted}/{self.total} accounted, {len(self.unaccounted)} unaccounted, {len(self.doubled)} doubled, "
+            f"{self.accounted}/{self.total} accounted, {len(self.unaccounted)} unaccounted, "
+            f"{len(self.doubled)} doubled, "
             f"{self.unmatched_letters} letters matching no record; error types {self.error_types}",
             cats,
         ]

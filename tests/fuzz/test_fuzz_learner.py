@@ -174,9 +174,9 @@ async def test_learner_survives_the_storm_and_accounts_for_every_record(
         for s in storm.sent
         if s.decoded_id
         and ledger.letters.get(s.fuzz_id)
-        and not any(l.error_type == "RewardRejected" for l in ledger.letters[s.fuzz_id])
+        and not any(letter.error_type == "RewardRejected" for letter in ledger.letters[s.fuzz_id])
     ]
     assert not wrongly_lettered, [
-        (s.fuzz_id, s.category, [l.error for l in ledger.letters[s.fuzz_id]]) for s in wrongly_lettered[:5]
+        (s.fuzz_id, s.category, [letter.error for letter in ledger.letters[s.fuzz_id]]) for s in wrongly_lettered[:5]
     ]
     assert_clean(report, f"learner {variant}")

@@ -216,7 +216,7 @@ class MathReward:
         plain_a, plain_r = latex_to_plain(answer), latex_to_plain(reference)
         fa, fr = as_fraction(plain_a), as_fraction(plain_r)
         if fa is not None and fr is not None:
-            return abs(fa - fr) <= Fraction(self.rel_tol) * max(1, abs(fr)), "numeric"
+            return abs(fa - fr) <= Fraction(self.rel_tol) * max(Fraction(1), abs(fr)), "numeric"
         ea, er = safe_sympy(plain_a), safe_sympy(plain_r)
         if ea is None or er is None:
             return answer.casefold() == reference.casefold(), "string"

@@ -130,7 +130,7 @@ class RemoteReward:
             return infra_fail("no remote verifier url configured")
         if not self.breaker.allow():
             return infra_fail("circuit open", trace={"url": url})
-        payload = {
+        payload: dict[str, object] = {
             "id": completion.id,
             "task": completion.task,
             "prompt": completion.prompt,
