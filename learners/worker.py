@@ -342,5 +342,9 @@ class _SeekToCheckpoint(ConsumerRebalanceListener):
             if offset is not None:
                 self._consumer.seek(tp, offset)
         self._learner.assigned.set()
-        log.info("learner assigned [%d partitions] at step %d, policy v%d", len(assigned), self._learner.state.step,
-                 self._learner.state.version)
+        log.info(
+            "learner assigned [%d partitions] at step %d, policy v%d",
+            len(assigned),
+            self._learner.state.step,
+            self._learner.state.version,
+        )

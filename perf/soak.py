@@ -15,9 +15,9 @@ A learner's RSS swings 2.5-4.1 GB within every step (activations and optimizer b
 allocated and returned to the OS), and an engine's jumps during a weight reload; a
 sample-by-sample check failed on those swings (27 % and 14 % in a 6-minute run) while
 saying nothing about growth. A leak raises the peaks window after window; the swings
-do not. The largest sample-by-sample drift is still reported (`max_sample_drift`). The broker and Redis are sampled too but
-not judged: Tansu's memory storage keeps every record (it grows by design, see the
-broker notes), and Redis holds the ledgers' processed ids (a 7-day TTL), so both grow
+do not. The largest sample-by-sample drift is still reported (`max_sample_drift`).
+The broker and Redis are sampled too but not judged: Tansu's memory storage keeps every
+record (it grows by design, see the broker notes), and Redis holds the ledgers' processed ids (a 7-day TTL), so both grow
 with the records served. A stage that exits during the soak fails it.
 
 Writes artifacts/soak_report.csv (one row per process and sample), artifacts/soak_report.png
@@ -57,7 +57,9 @@ def judge(rows: list[dict[str, Any]], warmup_s: float, tolerance: float, windows
             continue
         t0, t1 = after[0]["t_s"], after[-1]["t_s"]
         span = max(t1 - t0, 1e-9)
-        cut = [[r for r in after if min(windows - 1, int((r["t_s"] - t0) / span * windows)) == w] for w in range(windows)]
+        cut = [
+            [r for r in after if min(windows - 1, int((r["t_s"] - t0) / span * windows)) == w] for w in range(windows)
+        ]
         res: dict[str, Any] = {"judged": proc not in SERVERS, "samples": len(after), "windows": windows}
         ok = True
         for metric in ("rss_mb", "fds"):
@@ -196,7 +198,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             shutil.rmtree(stack.state_dir / "policies", ignore_errors=True)
             stack.checkpoint_path.unlink(missing_ok=True)  # 1.1 GB with AdamW state
     warmup_s = wall * args.warmup_frac
-    verdicts = judge(rows, warmup_s, args.tolerance)
+    verdicts = judge(rows, warmup_s, args.tolerance, args.windows)
     steps = sum(1 for x in read_outcomes(stack.outcomes_path) if x.get("kind") == "step")
     summary = {
         "run_id": run_id,
@@ -228,6 +230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interval-s", type=float, default=5.0)
     p.add_argument("--warmup-frac", type=float, default=0.2)
     p.add_argument("--tolerance", type=float, default=0.10)
+    p.add_argument("--windows", type=int, default=4, help="post-warm-up windows whose peaks and troughs are compared")
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--prompts-per-batch", type=int, default=8)
     p.add_argument("--groups-per-step", type=int, default=8)

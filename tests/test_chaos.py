@@ -119,9 +119,13 @@ def test_soak_judges_stages_on_drift_after_the_warm_up_and_not_the_servers() -> 
 def test_soak_tells_a_per_step_swing_from_a_leak() -> None:
     from perf.soak import judge
 
-    swing = [{"t_s": i * 5.0, "process": "learner", "rss_mb": 4100.0 if i % 3 == 0 else 2500.0, "fds": 19} for i in range(60)]
-    leak = [{"t_s": i * 5.0, "process": "learner", "rss_mb": (4100.0 if i % 3 == 0 else 2500.0) + 12 * i, "fds": 19}
-            for i in range(60)]
+    swing = [
+        {"t_s": i * 5.0, "process": "learner", "rss_mb": 4100.0 if i % 3 == 0 else 2500.0, "fds": 19} for i in range(60)
+    ]
+    leak = [
+        {"t_s": i * 5.0, "process": "learner", "rss_mb": (4100.0 if i % 3 == 0 else 2500.0) + 12 * i, "fds": 19}
+        for i in range(60)
+    ]
     ok, bad = judge(swing, 60.0, 0.10)["learner"], judge(leak, 60.0, 0.10)["learner"]
     assert ok["pass"] and ok["rss_mb"]["max_sample_drift"] > 0.10  # a swing of 39 % per step, no growth
     assert not bad["pass"]  # the same swing, growing 12 MB a sample
