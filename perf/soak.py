@@ -17,7 +17,8 @@ sample-by-sample check failed on those swings (27 % and 14 % in a 6-minute run) 
 saying nothing about growth. A leak raises the peaks window after window; the swings
 do not. The largest sample-by-sample drift is still reported (`max_sample_drift`).
 The broker and Redis are sampled too but not judged: Tansu's memory storage keeps every
-record (it grows by design, see the broker notes), and Redis holds the ledgers' processed ids (a 7-day TTL), so both grow
+record (it grows by design, see the broker notes), and Redis holds the ledgers' processed ids
+(a 7-day TTL), so both grow
 with the records served. A stage that exits during the soak fails it.
 
 Writes artifacts/soak_report.csv (one row per process and sample), artifacts/soak_report.png
