@@ -132,9 +132,9 @@ def plot(rows: list[Row], path: str) -> None:
 
 async def main(args: argparse.Namespace) -> list[Row]:
     cfg = load_config()
-    cfg.engine.max_in_flight = max(cfg.engine.max_in_flight, args.prompts)
+    cfg = cfg.derive(**{"engine.max_in_flight": max(cfg.engine.max_in_flight, args.prompts)})
     rows: list[Row] = []
-    async with infra_for_run(cfg):
+    async with infra_for_run(cfg) as cfg:
         for i in range(args.repeats):
             for mode in (raw_vllm, pipeline):
                 print(f"[{i + 1}/{args.repeats}] {mode.__name__} ...", flush=True)

@@ -222,7 +222,7 @@ async def bench(args: argparse.Namespace) -> None:
     cfg = load_config()
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    async with infra_for_run(cfg):
+    async with infra_for_run(cfg) as cfg:
         procs = start_engines(cfg, log_dir)
         redis = Redis.from_url(cfg.redis_url)
         try:

@@ -228,8 +228,9 @@ class Stack:
         bootstrap, redis_url = f"127.0.0.1:{self.broker.port}", f"redis://127.0.0.1:{self.redis.port}/0"
         await wait_kafka(bootstrap)
         await wait_redis(redis_url)
-        self.cfg = load_config(state_dir=self.state_dir, kafka_bootstrap_servers=bootstrap, redis_url=redis_url)
-        self.cfg.run_id = self.s.run_id
+        self.cfg = load_config(
+            state_dir=self.state_dir, kafka_bootstrap_servers=bootstrap, redis_url=redis_url, run_id=self.s.run_id
+        )
         await create_topics(self.cfg)
         if not list(self.cfg.keys_dir.glob("*.key")):  # before the learner reads its keyring
             generate_keypair(self.cfg.keys_dir)

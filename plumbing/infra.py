@@ -67,8 +67,8 @@ async def wait_redis(url: str, timeout_s: float = 30) -> None:
         await client.aclose()
 
 
-async def ensure_infra(cfg: Config) -> InfraState:
-    """Make a broker and Redis available, with topics; updates `cfg` in place.
+async def ensure_infra(cfg: Config) -> tuple[InfraState, Config]:
+    """Make a broker and Redis available, with topics; returns the state and `cfg` pointed at them.
 
     Reuses servers from the environment or from an earlier `infra up` that still
     runs; starts local processes for what is missing.
@@ -84,29 +84,30 @@ async def ensure_infra(cfg: Config) -> InfraState:
     if not cfg.bootstrap:
         _, rec = start_broker(log_dir)
         state.processes.append(rec)
-        cfg.kafka_bootstrap_servers = f"127.0.0.1:{rec.port}"
+        cfg = cfg.derive(kafka_bootstrap_servers=f"127.0.0.1:{rec.port}")
         log.info("started local Kafka-compatible broker (Tansu) on %s, pid %d", cfg.kafka_bootstrap_servers, rec.pid)
     if not cfg.redis_url:
         _, rec = start_redis(log_dir)
         state.processes.append(rec)
-        cfg.redis_url = f"redis://127.0.0.1:{rec.port}/0"
+        cfg = cfg.derive(redis_url=f"redis://127.0.0.1:{rec.port}/0")
         log.info("started local redis-server on %s, pid %d", cfg.redis_url, rec.pid)
     state.env = {"KAFKA_BOOTSTRAP_SERVERS": cfg.bootstrap, "REDIS_URL": cfg.redis_url}
     write_state(cfg.state_dir, state)
     await wait_kafka(cfg.bootstrap)
     await wait_redis(cfg.redis_url)
     await create_topics(cfg)
-    return state
+    return state, cfg
 
 
 @asynccontextmanager
-async def infra_for_run(cfg: Config, keep: bool = False) -> AsyncIterator[InfraState]:
-    """`ensure_infra` for one run: stops on exit what it started, never what was running before."""
+async def infra_for_run(cfg: Config, keep: bool = False) -> AsyncIterator[Config]:
+    """`ensure_infra` for one run, yielding the config pointed at the servers: stops on exit what it
+    started, never what was running before."""
     earlier = read_state(cfg.state_dir)
     owned = earlier is None or not all(alive for _, alive in process_status(earlier))
-    state = await ensure_infra(cfg)
+    _, cfg = await ensure_infra(cfg)
     try:
-        yield state
+        yield cfg
     finally:
         if owned and not keep:
             teardown_infra(cfg)

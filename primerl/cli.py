@@ -28,7 +28,7 @@ def infra_up(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
     from plumbing.infra import ensure_infra
 
     cfg = command_config(config, state_dir)
-    state = run(ensure_infra(cfg))
+    state, cfg = run(ensure_infra(cfg))
     typer.echo(f"# servers ready; written to {cfg.state_dir / 'infra.env'} (other primerl commands read it)")
     for key, value in sorted(state.env.items()):
         typer.echo(f"export {key}={value}")
@@ -85,9 +85,9 @@ def up(
         raise typer.Exit(run(engine_demo(cfg, prompts, group_size, max_tokens, keep)))
 
     async def main() -> None:
-        async with infra_for_run(cfg, keep):
+        async with infra_for_run(cfg, keep) as served:
             rows = await rl_loop(
-                cfg,
+                served,
                 RunSettings(
                     steps=steps,
                     prompts_per_step=prompts,

@@ -22,8 +22,8 @@ async def engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: in
 
     Returns the process exit code (0 when every expected completion arrived).
     """
-    async with infra_for_run(cfg, keep):
-        return await _engine_demo(cfg, prompts, group_size, max_tokens)
+    async with infra_for_run(cfg, keep) as served:
+        return await _engine_demo(served, prompts, group_size, max_tokens)
 
 
 async def _engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: int) -> int:
