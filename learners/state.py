@@ -31,6 +31,7 @@ class LearnerState(msgspec.Struct):
     step: int = 0
     version: int = 0
     weights_path: str = ""
+    checksum: str = ""  # of the weights at `weights_path`, as announced (a re-announcement repeats it)
     offsets: dict[str, int] = {}  # "topic:partition" -> next offset to read
     buffer: BufferState = msgspec.field(
         default_factory=BufferState

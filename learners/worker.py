@@ -156,8 +156,10 @@ class LearnerWorker:
             if self.state.version > 0:
                 # A crash between the checkpoint and the announcement would leave engines
                 # behind forever: announce the checkpointed version again (engines ignore
-                # versions they have).
-                await self._announce(self.state.step - 1, self.state.version, self.state.weights_path, "")
+                # versions they have). The same checksum: one version, one set of weights.
+                await self._announce(
+                    self.state.step - 1, self.state.version, self.state.weights_path, self.state.checksum
+                )
             await self._set_version_key()
             version_key_at = time.monotonic()
             while not self._stopping.is_set():
@@ -276,7 +278,7 @@ class LearnerWorker:
             version += 1
             dest = self.policies_dir / f"v{version}"
             checksum = await asyncio.to_thread(self.trainer.model.save_policy, dest)
-            self.state.version, self.state.weights_path = version, str(dest)
+            self.state.version, self.state.weights_path, self.state.checksum = version, str(dest), checksum
         save_checkpoint(self.checkpoint, self.state, self.trainer.optimizer)
         if updated:
             await self._announce(step, version, self.state.weights_path, checksum)

@@ -34,7 +34,7 @@ from plumbing.local_servers import (
 
 ROLES = ("engine", "verifier", "learner")
 # The log line that says a worker has joined its group and is serving.
-_READY = {"engine": " assigned [", "verifier": " assigned [", "learner": "trusted keys"}
+_READY = {"engine": " assigned [", "verifier": " assigned [", "learner": "learner assigned ["}
 
 
 class WorkerProcess(msgspec.Struct, kw_only=True):

@@ -81,8 +81,10 @@ def test_apply_is_idempotent_and_marks_what_each_patch_replaced(monkeypatch, unp
         assert replacement.primerl_replaced is unpatched[name]
         assert vllm_patches.is_applied(name)
     applied = [r.getMessage() for r in caplog.records if " applied: " in r.getMessage()]
-    assert len(applied) == len(PATCHES) and all(
-        f"vLLM patch {n} applied" in m for n, m in zip(PATCHES, applied, strict=True)
+    # Distinct lines: in the full suite a record can reach caplog twice (vLLM's own handlers are set up by then).
+    lines = sorted(set(applied))
+    assert len(lines) == len(PATCHES) and {n for n in PATCHES for m in lines if f"vLLM patch {n} applied" in m} == set(
+        PATCHES
     )
     # Again, from every call site: nothing installed twice, nothing wrapped twice.
     assert vllm_patches.apply(vllm_patches.WORKER) == [] and vllm_patches.apply(vllm_patches.ENGINE_CORE) == []
