@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     for proc, v in summary["processes"].items():
         if "rss_mb" in v:
             print(
-                f"{proc:9s} {'judged' if v['judged'] else 'not judged'}: RSS window peaks {v['rss_mb']['window_peaks']} MiB, "
-                f"drift {v['rss_mb']['max_drift']:.1%}; fds {v['fds']['window_peaks']}, drift {v['fds']['max_drift']:.1%} -> "
+                f"{proc:9s} {'judged' if v['judged'] else 'not judged'}: "
+                f"RSS window peaks {v['rss_mb']['window_peaks']} MiB, drift {v['rss_mb']['max_drift']:.1%}; "
+                f"fds {v['fds']['window_peaks']}, drift {v['fds']['max_drift']:.1%} -> "
                 f"{'ok' if v['pass'] else 'OVER'}"
             )
     print(
