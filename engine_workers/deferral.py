@@ -15,7 +15,6 @@ again, which the engine's ledger turns into a no-op.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -26,7 +25,7 @@ from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from plumbing.config import Config
-from plumbing.consumer import ConsumerMetrics, ConsumerRunner
+from plumbing.consumer import ConsumerMetrics, ConsumerRunner, ConsumerStage
 from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
 from plumbing.policy_feed import PolicyFeed
@@ -57,7 +56,7 @@ class _Metrics:
 
 
 @dataclass
-class Deferral:
+class Deferral(ConsumerStage):
     """See the module doc. `policy` is the process's policy feed (shared with its engine worker)."""
 
     cfg: Config
@@ -80,19 +79,6 @@ class Deferral:
             metrics=self.consumer_metrics,
             max_in_flight=self.cfg.engine.max_parked,
         )
-
-    async def run(self) -> None:
-        """Hold and release until stopped."""
-        await self.runner.run()
-
-    def stop(self) -> None:
-        """Stop taking requests; parked ones stay uncommitted for the next member."""
-        self.runner.stop()
-
-    @property
-    def ready(self) -> asyncio.Event:
-        """Set once the group gave this member partitions."""
-        return self.runner.assigned
 
     async def handle(self, req: PromptRequest, record: ConsumerRecord) -> None:
         """Wait for `req`'s version (bounded), then re-publish it to rollout.prompts."""

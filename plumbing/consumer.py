@@ -26,7 +26,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
@@ -354,3 +354,26 @@ class ConsumerRunner(Generic[M]):
             if hw is not None and pos is not None:
                 lag += max(0, hw - max(pos.committed, 0))
         self.metrics.lag.labels(self.group_id).set(lag)
+
+
+class ConsumerStage:
+    """A stage that is one `ConsumerRunner` (router, deferral, verifier): `run`, `stop` and `ready` are the runner's.
+
+    `stop` finishes in-flight records and commits them; records still waiting (a parked
+    request, a letter the DLQ has not taken) stay uncommitted for the next member.
+    """
+
+    runner: ConsumerRunner[Any]
+
+    async def run(self) -> None:
+        """Consume until `stop()` (raises the runner's FatalError)."""
+        await self.runner.run()
+
+    def stop(self) -> None:
+        """Finish in-flight records, commit, and return from `run`."""
+        self.runner.stop()
+
+    @property
+    def ready(self) -> asyncio.Event:
+        """Set once the group gave this member partitions."""
+        return self.runner.assigned

@@ -30,7 +30,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from plumbing.config import Config, RoutingPolicy
-from plumbing.consumer import ConsumerMetrics, ConsumerRunner
+from plumbing.consumer import ConsumerMetrics, ConsumerRunner, ConsumerStage
 from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
 from plumbing.prefix_cache.block_hashes import chain_hashes, policy_salt
@@ -74,7 +74,7 @@ class RouterMetrics:
 
 
 @dataclass
-class Router:
+class Router(ConsumerStage):
     """Routes every prompt request to one engine worker's partition; see the module doc."""
 
     cfg: Config
@@ -117,19 +117,6 @@ class Router:
             metrics=self.consumer_metrics,
             max_in_flight=64,
         )
-
-    async def run(self) -> None:
-        """Route until stopped."""
-        await self.runner.run()
-
-    def stop(self) -> None:
-        """Finish in-flight routing, commit, and return from `run`."""
-        self.runner.stop()
-
-    @property
-    def ready(self) -> asyncio.Event:
-        """Set once the group gave this member partitions."""
-        return self.runner.assigned
 
     async def handle(self, req: PromptRequest, record: ConsumerRecord) -> None:
         """Route one request and wait for the routed copy's ack."""

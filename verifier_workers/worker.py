@@ -9,7 +9,6 @@ huggingface-hub (click >= 8.4.2) cannot share one environment with.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import time
@@ -20,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from plumbing.config import Config
-from plumbing.consumer import ConsumerRunner
+from plumbing.consumer import ConsumerRunner, ConsumerStage
 from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
 from plumbing.ledger import Ledger
@@ -41,7 +40,7 @@ def reward_id(completion_id: str, verifier_id: str, version: str) -> str:
 
 
 @dataclass
-class VerifierWorker:
+class VerifierWorker(ConsumerStage):
     """Scores completions with the reward function each one's task names; see the module doc."""
 
     cfg: Config
@@ -65,19 +64,6 @@ class VerifierWorker:
             registry=self.registry,
             max_in_flight=v.max_in_flight,
         )
-
-    async def run(self) -> None:
-        """Serve until `stop()`."""
-        await self.runner.run()
-
-    def stop(self) -> None:
-        """Finish in-flight completions, commit, return from `run`."""
-        self.runner.stop()
-
-    @property
-    def ready(self) -> asyncio.Event:
-        """Set once the group gave this member partitions."""
-        return self.runner.assigned
 
     async def handle(self, completion: Completion, _record: ConsumerRecord) -> None:
         """Score, sign and publish one reward; returns once the broker acked it."""
