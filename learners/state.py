@@ -8,7 +8,6 @@ counted twice.
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -45,13 +44,16 @@ class LearnerState(msgspec.Struct):
 
 
 def save_checkpoint(path: Path, state: LearnerState, optimizer: torch.optim.Optimizer) -> None:
-    """Write state and optimizer in one file, atomically (temp file, fsync, rename)."""
-    buf = io.BytesIO()
-    torch.save({"state": msgspec.msgpack.encode(state), "optimizer": optimizer.state_dict()}, buf)
+    """Write state and optimizer in one file, atomically (temp file, fsync, rename).
+
+    torch.save streams into the temp file: it once went through a BytesIO and its
+    getvalue() copy, 2 x 1.1 GB of AdamW state held for every step's checkpoint (the
+    learner's one-off 4.6 GB RSS peak in the 25-minute soak, against ~4.1 GB otherwise).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
+        torch.save({"state": msgspec.msgpack.encode(state), "optimizer": optimizer.state_dict()}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

@@ -56,8 +56,12 @@ class Trainer:
         self.model = model
         self.cfg = cfg
         self.reference = reference
+        # fused: one in-place kernel per parameter. The default foreach path allocates
+        # parameter-sized temporaries every step, and zero_grad(set_to_none=True) frees and
+        # re-faults the 540 MB of gradients; with both, RSS swung 2.9-4.2 GB inside a step.
+        # Fused and gradients kept: 3.75-4.2 GB, a flat trough (SmolLM2-135M, 32 samples/step).
         self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0
+            [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=0.0, fused=True
         )
 
     def prepare(self, groups: list[list[Sample]]) -> tuple[list[Sample], list[float]]:
@@ -122,7 +126,7 @@ class Trainer:
         if not samples:
             return None
         self.model.train()
-        self.optimizer.zero_grad()
+        self.optimizer.zero_grad(set_to_none=False)  # keep the gradient buffers (see __init__)
         total = 0.0
         stats_acc: dict[str, float] = {"clip_frac": 0.0, "masked_frac": 0.0}
         mb = self.cfg.micro_batch
