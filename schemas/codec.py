@@ -109,6 +109,12 @@ def decode(payload: bytes, type_: type[M], headers: list[tuple[str, bytes]] | No
             field="$.schema_version",
             expected=f"<= {SCHEMA_VERSION}",
         )
+    if header.schema_version < 1:  # versions start at 1: 0 or below is no writer's
+        raise DecodeError(
+            f"{type_.__name__} has schema_version {header.schema_version}; versions start at 1",
+            field="$.schema_version",
+            expected=f"1..{SCHEMA_VERSION}",
+        )
     try:
         # The tag is optional from outside producers: kcat users should not have to
         # know our class names, so a missing `kind` is filled in.

@@ -110,6 +110,15 @@ def test_future_schema_version_is_rejected_not_misread() -> None:
         decode(future, PromptRequest)
 
 
+@pytest.mark.parametrize("version", [0, -1, -(2**63)])
+def test_schema_version_below_one_is_rejected(version: int) -> None:
+    raw = msgspec.msgpack.encode(
+        {**msgspec.to_builtins(PromptRequest(run_id="r", text="hi")), "schema_version": version}
+    )
+    with pytest.raises(DecodeError, match="versions start at 1"):
+        decode(raw, PromptRequest)
+
+
 def test_kcat_style_json_without_kind_or_header_is_accepted() -> None:
     raw = b'{"run_id": "ext", "messages": [{"role": "user", "content": "2+2?"}], "group_size": 4}'
     msg = decode(raw, PromptRequest)
