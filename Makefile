@@ -37,3 +37,13 @@ soak: bootstrap
 # suite runs the 1,000-per-topic version). PRIMERL_FUZZ_N=... to change the count.
 fuzz: bootstrap
 	PRIMERL_FUZZ_N=$${PRIMERL_FUZZ_N:-10000} .venv/bin/python -m pytest -v -rs -m fuzz tests/fuzz $(PYTEST_ARGS)
+
+# Issue 18: the metrics guardrail. A short real-stack run (perf/guardrail_run.py: engine,
+# verifier, learner, archiver; one learner step and a weight reload) scraped into
+# artifacts/metrics.txt, linted by promtool, then checked against the SLOs that are not
+# timings (deploy/slo/ci.toml). About 4 minutes on the 2-core machine.
+.PHONY: guardrail
+guardrail: bootstrap
+	.venv/bin/python -m perf.guardrail_run --out artifacts/metrics.txt $(GUARDRAIL_ARGS)
+	promtool check metrics < artifacts/metrics.txt
+	.venv/bin/python scripts/analyze_metrics.py --slo deploy/slo/ci.toml artifacts/metrics.txt
