@@ -43,3 +43,14 @@ fuzz: bootstrap
 	@set -e; for f in tests/fuzz/test_fuzz_*.py; do \
 	  PRIMERL_FUZZ_N=$${PRIMERL_FUZZ_N:-10000} .venv/bin/python -m pytest -v -rs -m fuzz $$f $(PYTEST_ARGS); \
 	done
+
+# Issue 18: the metrics guardrail. A short real-stack run (perf/guardrail_run.py: engine,
+# verifier, learner, archiver; one learner step and a weight reload) scraped into
+# artifacts/guardrail_metrics.txt (artifacts/metrics.txt is the bench matrix's), linted
+# by promtool, then checked against the SLOs that are not timings (deploy/slo/ci.toml).
+# About 4 minutes on the 2-core machine.
+.PHONY: guardrail
+guardrail: bootstrap
+	.venv/bin/python -m perf.guardrail_run --out artifacts/guardrail_metrics.txt $(GUARDRAIL_ARGS)
+	promtool check metrics < artifacts/guardrail_metrics.txt
+	.venv/bin/python scripts/analyze_metrics.py --slo deploy/slo/ci.toml artifacts/guardrail_metrics.txt

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -50,6 +51,8 @@ READY = {
     "archiver": "archiver assigned",
 }
 OBSERVED = (PROMPTS.name, ROUTED.name, COMPLETIONS.name, REWARDS.name, POLICY.name, DLQ.name)
+# plumbing/metrics.py logs the port it bound (every stage runs with --metrics-port 0).
+METRICS_LINE = re.compile(r"metrics on http://[^:/\s]+:(\d+)/metrics")
 
 
 def process_tree(pid: int) -> list[psutil.Process]:
@@ -125,6 +128,13 @@ class Stage:
             return True
         return False
 
+    def metrics_url(self) -> str | None:
+        """The current process's /metrics URL, from its log (None before it has bound the port)."""
+        if self.log_file is None or not self.log_file.exists():
+            return None
+        found = METRICS_LINE.search(self.log_file.read_text(errors="replace"))
+        return f"http://127.0.0.1:{found.group(1)}/metrics" if found else None
+
     def log_tail(self, lines: int = 25) -> str:
         """The end of the current process's log."""
         if self.log_file is None or not self.log_file.exists():
@@ -188,6 +198,8 @@ class StackSettings:
     engine_max_in_flight: int = 8
     seed: int = 0
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Without "router" the engine embeds its router (one process fewer, for short runs).
+    kinds: tuple[str, ...] = KINDS
 
 
 class Stack:
@@ -260,16 +272,21 @@ class Stack:
         env = self.stage_env()
         base = [sys.executable, "-m", "primerl"]
         common = ["--state-dir", str(self.state_dir), "--metrics-port", "0"]
+        embedded_router = "router" not in self.s.kinds
         cmds = {
             "router": [*base, "router", *common],
-            "engine": [*base, "engine", "--no-router", *common],
+            "engine": [*base, "engine", *([] if embedded_router else ["--no-router"]), *common],
             "verifier": [*base, "verifier", *common],
             "learner": [*base, "learner", "--run-id", self.s.run_id, *common],
             "archiver": [*base, "archive", "--root", str(self.archive_root), *common],
         }
-        self.stages = {k: Stage(k, cmds[k], env, self.log_dir) for k in KINDS}
+        self.stages = {k: Stage(k, cmds[k], env, self.log_dir) for k in KINDS if k in self.s.kinds}
         # torch's OpenMP threads spin against vLLM's busy engine core on 2 cores: one thread.
-        self.stages["learner"].env = {**env, "OMP_NUM_THREADS": os.environ.get("PRIMERL_CHAOS_LEARNER_THREADS", "1")}
+        if "learner" in self.stages:
+            self.stages["learner"].env = {
+                **env,
+                "OMP_NUM_THREADS": os.environ.get("PRIMERL_CHAOS_LEARNER_THREADS", "1"),
+            }
         return self.stages
 
     async def start_stages(self, timeout_s: float = 400) -> None:
@@ -328,6 +345,11 @@ class Stack:
             if st is not None:
                 codes[kind] = st.stop()
         return codes
+
+    def metrics_targets(self) -> dict[str, str]:
+        """Stage kind -> /metrics URL of every stage that has bound its port (perf/scrape.py's targets)."""
+        urls = {kind: st.metrics_url() for kind, st in self.stages.items()}
+        return {kind: url for kind, url in urls.items() if url}
 
     def stop_servers(self) -> None:
         for proc in (self._redis_proc, self._broker_proc):

@@ -162,6 +162,10 @@ class ConsumerRunner(Generic[M]):
                 raise ValueError("a ConsumerRunner needs a registry or shared metrics")
             metrics = ConsumerMetrics(registry)
         self.metrics = metrics
+        # Series at 0 from the start: a group that never dead-letters still answers the DLQ
+        # share (dead-lettered / consumed) and the dashboard's DLQ rate, instead of "no data".
+        for counter in (metrics.records, metrics.failed, metrics.retries):
+            counter.labels(group_id)
 
     def stop(self) -> None:
         """Ask the loop to finish: no new records; in-flight ones complete and commit."""

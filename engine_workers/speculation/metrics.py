@@ -80,11 +80,12 @@ class SpeculationCollector(Collector):
             "Acceptance a draft token needs to pay for its verification at the current batch",
             value=s["break_even"],
         )
+        # In seconds, the base unit: promtool's lint fails a name with an abbreviated unit (_ms).
         cost = GaugeMetricFamily(
-            "primerl_spec_step_cost_ms",
+            "primerl_spec_step_cost_seconds",
             "Fitted step time at the current batch: fixed + per_token x tokens",
             labels=["part"],
         )
-        cost.add_metric(["fixed"], s["step_fixed_ms"])
-        cost.add_metric(["per_token"], s["step_per_token_ms"])
+        cost.add_metric(["fixed"], s["step_fixed_ms"] / 1000)
+        cost.add_metric(["per_token"], s["step_per_token_ms"] / 1000)
         yield cost
