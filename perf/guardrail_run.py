@@ -1,6 +1,6 @@
 """A short real-stack run whose metrics feed the guardrail (`make guardrail`) and the dashboard test.
 
-    python -m perf.guardrail_run --out artifacts/metrics.txt
+    python -m perf.guardrail_run --out artifacts/guardrail_metrics.txt
 
 perf/stack.py's processes on their own Tansu broker and redis-server: an engine (its
 router embedded, speculation on, so the speculation gauges exist), a verifier, a
@@ -185,7 +185,7 @@ async def guardrail_run(out: Path, work_dir: Path, s: ShortRunSettings | None = 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, default=ARTIFACTS / "metrics.txt", help="the merged scrape")
+    p.add_argument("--out", type=Path, default=ARTIFACTS / "guardrail_metrics.txt", help="the merged scrape")
     p.add_argument("--work-dir", type=Path, default=None, help="stack state and logs (default: a temp dir, removed)")
     p.add_argument("--batches", type=int, default=ShortRunSettings.batches)
     p.add_argument("--no-speculation", action="store_true")
