@@ -48,9 +48,11 @@ fuzz: bootstrap
 # verifier, learner, archiver; one learner step and a weight reload) scraped into
 # artifacts/guardrail_metrics.txt (artifacts/metrics.txt is the bench matrix's), linted
 # by promtool, then checked against the SLOs that are not timings (deploy/slo/ci.toml).
-# About 4 minutes on the 2-core machine.
+# Then the dashboard's every PromQL query against a real Prometheus scraping another
+# short run (tests/test_dashboard.py, marker `guardrail`). About 6 minutes on 2 cores.
 .PHONY: guardrail
 guardrail: bootstrap
 	.venv/bin/python -m perf.guardrail_run --out artifacts/guardrail_metrics.txt $(GUARDRAIL_ARGS)
 	promtool check metrics < artifacts/guardrail_metrics.txt
 	.venv/bin/python scripts/analyze_metrics.py --slo deploy/slo/ci.toml artifacts/guardrail_metrics.txt
+	.venv/bin/python -m pytest -v -rs -m guardrail tests/test_dashboard.py $(PYTEST_ARGS)

@@ -39,7 +39,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """The heavy fuzz tests (marker `fuzz`) run only when asked for: `-m fuzz`, --fuzz-n or PRIMERL_FUZZ_N;
     the long chaos run (marker `chaos`) only with `-m chaos`. Every test is marked `integration` when it
     needs the real servers (the `servers` fixture, directly or through another fixture), else `unit`."""
-    real = ("engine", "chaos", "fuzz", "integration")  # the ones that start their own servers or engine are marked
+    real = ("engine", "chaos", "fuzz", "guardrail", "integration")  # the ones that start their own servers or engine are marked
     for item in items:
         heavy = "servers" in getattr(item, "fixturenames", ()) or any(item.get_closest_marker(m) for m in real)
         item.add_marker("integration" if heavy else "unit")
@@ -120,13 +120,20 @@ class _Servers:
 
 
 def _skip_long_chaos(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The long chaos run only when asked for (`-m chaos`; `make chaos` runs it without pytest)."""
-    if "chaos" in (config.getoption("markexpr") or "").replace("not chaos", ""):
-        return
-    skip = pytest.mark.skip(reason="the long chaos run: `make chaos` or `pytest -m chaos`")
-    for item in items:
-        if item.get_closest_marker("chaos") is not None:
-            item.add_marker(skip)
+    """The long chaos run only when asked for (`-m chaos`; `make chaos` runs it without pytest);
+    the real-Prometheus dashboard test only with `-m guardrail` (`make guardrail`, which CI runs
+    after `make test`: its own short stack is ~2 minutes the default suite need not carry)."""
+    expr = config.getoption("markexpr") or ""
+    for marker, reason in (
+        ("chaos", "the long chaos run: `make chaos` or `pytest -m chaos`"),
+        ("guardrail", "the real-Prometheus dashboard test: `make guardrail` (CI runs it) or `pytest -m guardrail`"),
+    ):
+        if marker in expr.replace(f"not {marker}", ""):
+            continue
+        skip = pytest.mark.skip(reason=reason)
+        for item in items:
+            if item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -165,6 +165,7 @@ class Prometheus:
 
 @pytest.mark.integration
 @pytest.mark.engine
+@pytest.mark.guardrail
 @pytest.mark.timeout(900)
 async def test_every_dashboard_query_returns_data_from_a_real_prometheus(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
