@@ -39,7 +39,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     """The heavy fuzz tests (marker `fuzz`) run only when asked for: `-m fuzz`, --fuzz-n or PRIMERL_FUZZ_N;
     the long chaos run (marker `chaos`) only with `-m chaos`. Every test is marked `integration` when it
     needs the real servers (the `servers` fixture, directly or through another fixture), else `unit`."""
-    real = ("engine", "chaos", "fuzz", "guardrail", "integration")  # the ones that start their own servers or engine are marked
+    # the ones that start their own servers or engine are marked
+    real = ("engine", "chaos", "fuzz", "guardrail", "integration")
     for item in items:
         heavy = "servers" in getattr(item, "fixturenames", ()) or any(item.get_closest_marker(m) for m in real)
         item.add_marker("integration" if heavy else "unit")
