@@ -317,8 +317,12 @@ async def test_the_event_loop_keeps_serving_while_code_runs() -> None:
 async def test_cancelling_a_run_kills_the_candidate() -> None:
     box = Sandbox(FAST)
     task = asyncio.create_task(box.run("import time\ntime.sleep(60)\n", ""))
-    await asyncio.sleep(1.0)
-    assert _leftover_runners() != []
+    # Wait for the runner to exist (1 s was not always enough on 2 loaded cores).
+    for _ in range(300):
+        if _leftover_runners():
+            break
+        await asyncio.sleep(0.1)
+    assert _leftover_runners() != [], "the candidate's runner never started"
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
