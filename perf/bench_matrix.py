@@ -372,6 +372,7 @@ class PipelineSet:
                     "PRIMERL_ENGINE__KV_CACHE_GIB": str(a.kv_cache_gib),
                     "PRIMERL_ENGINE__SPECULATION": str(self.spec.speculation).lower(),
                     "PRIMERL_LOG_LEVEL": "INFO",
+                    **({"PRIMERL_ENGINE__BLOCK_SIZE": str(a.block_size)} if a.block_size else {}),
                 },
             )
         )
@@ -442,7 +443,7 @@ class PipelineSet:
             if time.monotonic() > deadline:
                 cell.fail(f"no reward after {cell.timeout_s:.0f}s")
                 return ""
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)  # the times come from the observer; this only paces the next turn
         final = view.finals[0]
         first = view.first_chunk_at or view.final_at
         tokens, prompt, cached = len(final.token_ids), final.prompt_tokens, final.cached_prompt_tokens
@@ -488,7 +489,10 @@ class RawEngines:
         for core in self.cores:
             # The engine core is spawned with this process's environment: bind its OpenMP threads to `core`.
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
-            e = Engine(EngineConfig(kv_cache_gib=a.kv_cache_gib, speculation=STACKS["raw"].speculation), model)
+            cfg = EngineConfig(
+                kv_cache_gib=a.kv_cache_gib, speculation=STACKS["raw"].speculation, block_size=a.block_size
+            )
+            e = Engine(cfg, model)
             await e.start()
             self.engines.append(e)
         os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
@@ -697,6 +701,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--structured-share", type=float, default=0.5, help="share of sessions and groups asking JSON")
     p.add_argument("--kv-cache-gib", type=int, default=1, help="KV cache per engine (GiB)")
+    p.add_argument("--block-size", type=int, default=None, help="KV block of every engine (default: vLLM's, 128)")
     p.add_argument("--max-in-flight", type=int, default=16, help="requests per engine worker at once")
     p.add_argument("--request-timeout-s", type=float, default=600)
     p.add_argument("--pause-s", type=float, default=2.0, help="pause before each cell")

@@ -214,6 +214,7 @@ def bench(
     max_tokens: Annotated[int, typer.Option(help="tokens per sample at most")] = 32,
     structured_share: Annotated[float, typer.Option(help="share of sessions and groups asking JSON")] = 0.5,
     kv_cache_gib: Annotated[int, typer.Option(help="KV cache per engine (GiB)")] = 1,
+    block_size: Annotated[Optional[int], typer.Option(help="KV block of every engine (default: vLLM's, 128)")] = None,
     raw: Annotated[bool, typer.Option("--raw/--no-raw", help="also run the raw-engine upper bound")] = True,
     seed: Annotated[int, typer.Option(help="seed of the cells' text")] = 0,
     out_dir: Annotated[Optional[Path], typer.Option(help="where the CSV, plot and scrape go")] = None,
@@ -226,8 +227,9 @@ def bench(
     # scripts/check_imports.py refuses an import cycle between the two packages.
     argv = [sys.executable, "-m", "perf.bench_matrix", "--group-size", str(group_size), "--max-tokens", str(max_tokens)]
     argv += ["--structured-share", str(structured_share), "--kv-cache-gib", str(kv_cache_gib), "--seed", str(seed)]
-    for flag, value in (("--contexts", contexts), ("--repeats", repeats), ("--sessions", sessions),
-                        ("--turns", turns), ("--groups", groups), ("--out-dir", out_dir)):  # fmt: skip
+    optional = {"--contexts": contexts, "--repeats": repeats, "--sessions": sessions, "--turns": turns}
+    optional |= {"--groups": groups, "--block-size": block_size, "--out-dir": out_dir}
+    for flag, value in optional.items():
         if value is not None:
             argv += [flag, str(value)]
     argv += ["--smoke"] if smoke else []
