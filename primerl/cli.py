@@ -227,7 +227,8 @@ def bench(
     # scripts/check_imports.py refuses an import cycle between the two packages.
     argv = [sys.executable, "-m", "perf.bench_matrix", "--group-size", str(group_size), "--max-tokens", str(max_tokens)]
     argv += ["--structured-share", str(structured_share), "--kv-cache-gib", str(kv_cache_gib), "--seed", str(seed)]
-    optional = {"--contexts": contexts, "--repeats": repeats, "--sessions": sessions, "--turns": turns}
+    optional: dict[str, object] = {"--contexts": contexts, "--repeats": repeats, "--sessions": sessions}
+    optional["--turns"] = turns
     optional |= {"--groups": groups, "--block-size": block_size, "--out-dir": out_dir}
     for flag, value in optional.items():
         if value is not None:
