@@ -77,6 +77,7 @@ class Engine:
             model=self.model_path,
             enforce_eager=self.cfg.enforce_eager,
             enable_prefix_caching=self.cfg.enable_prefix_caching,
+            block_size=self.cfg.block_size,  # type: ignore[arg-type]  # vLLM declares int, defaults to None
             max_model_len=self.cfg.max_model_len,  # type: ignore[arg-type]  # vLLM declares int, defaults to None
             seed=self.cfg.seed,
             dtype=self.cfg.dtype,

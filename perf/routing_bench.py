@@ -25,10 +25,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -40,22 +38,16 @@ from redis.asyncio import Redis
 from tqdm import tqdm
 
 from perf.common import ARTIFACTS, percentile, write_csv
+from perf.workload import ROOT, Shape, Workload, engine_command, engine_env, pinned, wait_workers
 from plumbing.config import Config, RoutingPolicy, load_config
 from plumbing.infra import infra_for_run
 from plumbing.kafka import Publisher
 from plumbing.model_store import resolve_model
-from plumbing.prefix_cache.index import PrefixIndex
 from plumbing.runtime import run, setup_logging
 from primerl.observe import RunObserver
 from router.router import Router
-from schemas import ChatMessage, Completion, PromptRequest, SamplingParams
+from schemas import Completion, PromptRequest
 from schemas.topics import PROMPTS
-
-ROOT = Path(__file__).resolve().parents[1]
-WORDS = (
-    "search result file line error value table index cache token block query answer tool call step plan note "
-    "config server client request reply stream batch group policy model weight reward score check test"
-).split()
 
 
 class Row(msgspec.Struct):
@@ -82,11 +74,6 @@ class Predictions(msgspec.Struct):
     missed_share: float
 
 
-def _text(rng: random.Random, tokens: int) -> str:
-    # ~1.3 tokens per word with this vocabulary and tokenizer
-    return " ".join(rng.choice(WORDS) for _ in range(int(tokens / 1.3)))
-
-
 class Phase:
     """One policy at one context size: its workload, publish times and results."""
 
@@ -94,63 +81,23 @@ class Phase:
         self, cfg: Config, pub: Publisher, obs: RunObserver, context: int, seed: int, args: argparse.Namespace
     ) -> None:
         self.cfg, self.pub, self.obs, self.context, self.args = cfg, pub, obs, context, args
-        self.rng = random.Random(seed)
-        self.run_id = obs.run_id
+        shape = Shape(context, args.sessions, args.turns, args.groups, args.group_size, args.max_tokens)
+        self.workload = Workload(shape, obs.run_id, seed)
         self.published: dict[str, float] = {}
-        self.bar = tqdm(
-            total=args.sessions * args.turns + args.groups * args.group_size, desc=f"{context} tok", leave=False
-        )
+        self.bar = tqdm(total=shape.requests, desc=f"{context} tok", leave=False)
 
-    async def _send(self, req: PromptRequest) -> Completion:
+    async def _send(self, req: PromptRequest) -> str:
         self.published[req.id] = time.time()
         await self.pub.publish(PROMPTS.name, req, key=req.routing_key())
         while req.id not in self.obs.requests or not self.obs.requests[req.id].finals:
             await asyncio.sleep(0.02)
         self.bar.update()
-        return self.obs.requests[req.id].finals[0]
-
-    async def session(self, system: str) -> None:
-        c = self.context
-        sid = uuid.uuid4().hex[:12]
-        messages = [ChatMessage("system", system), ChatMessage("user", "Task: " + _text(self.rng, int(c * 0.4)))]
-        for turn in range(self.args.turns):
-            req = PromptRequest(
-                run_id=self.run_id,
-                messages=list(messages),
-                session_id=sid,
-                turn_index=turn,
-                sampling=SamplingParams(max_tokens=self.args.max_tokens),
-            )
-            done = await self._send(req)
-            messages += [
-                ChatMessage("assistant", done.text),
-                ChatMessage("user", "Tool output: " + _text(self.rng, int(c * 0.08))),
-            ]
-
-    async def group(self, system: str) -> None:
-        gid = uuid.uuid4().hex[:12]
-        question = _text(self.rng, int(self.context * 0.65))
-        reqs = [
-            PromptRequest(
-                run_id=self.run_id,
-                messages=[ChatMessage("system", system), ChatMessage("user", question)],
-                group_id=gid,
-                sampling=SamplingParams(max_tokens=self.args.max_tokens),
-            )
-            for _ in range(self.args.group_size)
-        ]
-        await asyncio.gather(*(self._send(r) for r in reqs))
+        return self.obs.requests[req.id].finals[0].text
 
     async def run(self) -> tuple[float, list[Completion]]:
-        # Shared across this phase's sessions and groups: a system prompt of a quarter of the context.
-        system = "You are an agent. Rules: " + _text(self.rng, int(self.context * 0.25))
-        t0 = time.time()
-        await asyncio.gather(
-            *(self.session(system) for _ in range(self.args.sessions)),
-            *(self.group(system) for _ in range(self.args.groups)),
-        )
+        wall = await self.workload.run(self._send)
         self.bar.close()
-        return time.time() - t0, self.obs.finals()
+        return wall, self.obs.finals()
 
 
 def summarise(
@@ -181,40 +128,12 @@ def start_engines(cfg: Config, log_dir: Path) -> list[subprocess.Popen[bytes]]:
     """Two engine workers, one core each, no embedded router."""
     procs = []
     for core in (0, 1):
-        env = {
-            **os.environ,
-            "KAFKA_BOOTSTRAP_SERVERS": cfg.bootstrap,
-            "REDIS_URL": cfg.redis_url,
-            "VLLM_CPU_OMP_THREADS_BIND": str(core),
-            "VLLM_CPU_KVCACHE_SPACE": "2",
-            "PRIMERL_METRICS__PORT": "0",
-        }
+        cmd, env = pinned(core, engine_command(), {**engine_env(cfg), "PRIMERL_METRICS__PORT": "0"})
         with open(log_dir / f"engine-{core}.log", "wb") as out:
             procs.append(
-                subprocess.Popen(
-                    ["taskset", "-c", str(core), sys.executable, "-m", "primerl", "engine", "--no-router"],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+                subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
             )
     return procs
-
-
-async def wait_workers(redis: Redis, cfg: Config, procs: list[subprocess.Popen[bytes]], timeout_s: float = 400) -> None:
-    """Until both workers are in the registry with partitions."""
-    index = PrefixIndex(redis, cfg.routing.ttl_s)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if any(p.poll() is not None for p in procs):
-            raise RuntimeError("an engine exited during start-up; see its log")
-        live = [w for w in await index.live_workers() if w.partitions]
-        if len(live) == 2 and sum(len(w.partitions) for w in live) == 16:
-            return
-        await asyncio.sleep(1)
-    raise TimeoutError("engines not ready")
 
 
 async def bench(args: argparse.Namespace) -> None:
@@ -227,7 +146,7 @@ async def bench(args: argparse.Namespace) -> None:
         redis = Redis.from_url(cfg.redis_url)
         try:
             print("starting two engine workers (one core each)...", flush=True)
-            await wait_workers(redis, cfg, procs)
+            await wait_workers(redis, cfg, lambda: all(p.poll() is None for p in procs))
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.engine.model))

@@ -217,6 +217,42 @@ def analyze_metrics(ctx: typer.Context) -> None:
     raise typer.Exit(analyze(ctx.args))
 
 
+@app.command("bench")
+def bench(
+    smoke: Annotated[bool, typer.Option(help="a few minutes: contexts 512,1024, 1 repeat, fewer sessions")] = False,
+    contexts: Annotated[Optional[str], typer.Option(help="prompt sizes in tokens (default 512,...,8192)")] = None,
+    repeats: Annotated[Optional[int], typer.Option(help="repeats of every cell (default 2, smoke 1)")] = None,
+    sessions: Annotated[Optional[int], typer.Option(help="multi-turn sessions per cell (default 4)")] = None,
+    turns: Annotated[Optional[int], typer.Option(help="turns per session (default 4)")] = None,
+    groups: Annotated[Optional[int], typer.Option(help="GRPO groups per cell (default 2)")] = None,
+    group_size: Annotated[int, typer.Option(help="samples per group, sent as separate requests (G)")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="tokens per sample at most")] = 32,
+    structured_share: Annotated[float, typer.Option(help="share of sessions and groups asking JSON")] = 0.5,
+    kv_cache_gib: Annotated[int, typer.Option(help="KV cache per engine (GiB)")] = 1,
+    block_size: Annotated[Optional[int], typer.Option(help="KV block of every engine (default: vLLM's, 128)")] = None,
+    raw: Annotated[bool, typer.Option("--raw/--no-raw", help="also run the raw-engine upper bound")] = True,
+    seed: Annotated[int, typer.Option(help="seed of the cells' text")] = 0,
+    out_dir: Annotated[Optional[Path], typer.Option(help="where the CSV, plot and scrape go")] = None,
+) -> None:
+    """Prime stack vs baseline vs raw engines over contexts (perf/bench_matrix.py); results in artifacts/."""
+    import subprocess
+    import sys
+
+    # A child process, not an import: perf/ imports primerl/ (the run observer), and
+    # scripts/check_imports.py refuses an import cycle between the two packages.
+    argv = [sys.executable, "-m", "perf.bench_matrix", "--group-size", str(group_size), "--max-tokens", str(max_tokens)]
+    argv += ["--structured-share", str(structured_share), "--kv-cache-gib", str(kv_cache_gib), "--seed", str(seed)]
+    optional: dict[str, object] = {"--contexts": contexts, "--repeats": repeats, "--sessions": sessions}
+    optional["--turns"] = turns
+    optional |= {"--groups": groups, "--block-size": block_size, "--out-dir": out_dir}
+    for flag, value in optional.items():
+        if value is not None:
+            argv += [flag, str(value)]
+    argv += ["--smoke"] if smoke else []
+    argv += [] if raw else ["--no-raw"]
+    raise typer.Exit(subprocess.call(argv))
+
+
 # publish, archive, replay, scale, status: the operations folder's commands.
 register_operations(app)
 

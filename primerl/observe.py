@@ -1,4 +1,4 @@
-"""Watching a run from outside: chunk and completion arrival times, per request."""
+"""Watching a run from outside: chunk, completion and (optionally) reward arrival times, per request."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from aiokafka import AIOKafkaConsumer
 
 from plumbing.config import Config
 from plumbing.kafka import consumer_kwargs
-from schemas import Completion, CompletionChunk, DecodeError, decode
-from schemas.topics import CHUNKS, COMPLETIONS
+from schemas import Completion, CompletionChunk, DecodeError, Reward, decode
+from schemas.topics import CHUNKS, COMPLETIONS, REWARDS
 
 
 @dataclass
@@ -23,18 +23,20 @@ class RequestView:
     chunks: dict[int, list[CompletionChunk]] = field(default_factory=dict)
     finals: dict[int, Completion] = field(default_factory=dict)
     final_at: float = 0.0
+    rewards: dict[int, Reward] = field(default_factory=dict)  # by sample index (with_rewards only)
+    reward_at: float = 0.0
 
 
 class RunObserver:
-    """Consumes chunks and completions of one run (a private group, from the beginning)."""
+    """Consumes chunks and completions of one run (a private group, from the beginning);
+    also its rewards with `with_rewards` (what a client of the verified pipeline sees)."""
 
-    def __init__(self, cfg: Config, run_id: str) -> None:
+    def __init__(self, cfg: Config, run_id: str, with_rewards: bool = False) -> None:
         self.run_id = run_id
         self.requests: dict[str, RequestView] = {}
         self.duplicates = 0
-        self._consumer = AIOKafkaConsumer(
-            CHUNKS.name, COMPLETIONS.name, **consumer_kwargs(cfg, f"observer-{run_id}-{uuid.uuid4().hex[:6]}")
-        )
+        topics = [CHUNKS.name, COMPLETIONS.name] + ([REWARDS.name] if with_rewards else [])
+        self._consumer = AIOKafkaConsumer(*topics, **consumer_kwargs(cfg, f"observer-{run_id}-{uuid.uuid4().hex[:6]}"))
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
@@ -78,6 +80,14 @@ class RunObserver:
                             view = self.requests.setdefault(chunk.request_id, RequestView())
                             view.first_chunk_at = view.first_chunk_at or now
                             view.chunks.setdefault(chunk.sample_index, []).append(chunk)
+                        elif tp.topic == REWARDS.name:
+                            reward = decode(r.value, Reward, list(r.headers))
+                            if reward.run_id != self.run_id:
+                                continue
+                            view = self.requests.setdefault(reward.request_id, RequestView())
+                            index = int(reward.completion_id.rpartition("/")[2])
+                            view.rewards.setdefault(index, reward)
+                            view.reward_at = view.reward_at or now
                         else:
                             final = decode(r.value, Completion, list(r.headers))
                             if final.run_id != self.run_id:

@@ -1,0 +1,192 @@
+"""The pure parts of perf/bench_matrix.py: CSV columns, cell order, summaries, ratios, the scrape merge."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import math
+import random
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client.parser import text_string_to_metric_families
+
+from perf.bench_matrix import (
+    COLUMNS,
+    Cell,
+    Row,
+    Sample,
+    acceptance,
+    cell_order,
+    meets,
+    parser,
+    ratios,
+    resolve,
+    spec_counters,
+    summarise,
+)
+from perf.common import write_csv
+from perf.scrape import scrape
+from perf.workload import Shape, Workload
+from schemas import GrammarKind, PromptRequest
+
+RESEARCH_COLUMNS = "context,speculation,global_cache,tokens_per_s,ttfb_ms,p95_ms,cache_hit_rate".split(",")
+EXTRA_COLUMNS = "stack,repeat,requests,ttfb_p95_ms,load_max_over_mean,acceptance_rate".split(",")
+
+
+def _row(stack: str, context: int, repeat: int, tps: float, ttfb: float, p95: float, hit: float) -> Row:
+    return Row(context, "off", "off", tps, ttfb, p95, hit, stack, repeat, 10, ttfb * 2, 1.0, float("nan"))
+
+
+def test_csv_has_the_research_notes_columns_then_ours(tmp_path: Path) -> None:
+    assert list(Row.__struct_fields__) == COLUMNS == RESEARCH_COLUMNS + EXTRA_COLUMNS
+    path = tmp_path / "perf_results.csv"
+    write_csv(path, [_row("baseline", 512, 0, 10.0, 100.0, 300.0, 0.5)])
+    with open(path) as f:
+        header, line = list(csv.reader(f))
+    assert header == COLUMNS
+    assert line[:3] == ["512", "off", "off"] and line[7] == "baseline" and line[-1] == "nan"
+
+
+def test_cells_interleave_baseline_and_prime_per_context_after_the_raw_bound() -> None:
+    cells = cell_order([512, 2048], repeats=2, raw=True)
+    assert [(c.stack, c.context, c.repeat) for c in cells] == [
+        ("raw", 512, 0),
+        ("raw", 512, 1),
+        ("raw", 2048, 0),
+        ("raw", 2048, 1),
+        ("baseline", 512, 0),
+        ("prime", 512, 0),
+        ("baseline", 512, 1),
+        ("prime", 512, 1),
+        ("baseline", 2048, 0),
+        ("prime", 2048, 0),
+        ("baseline", 2048, 1),
+        ("prime", 2048, 1),
+    ]
+    # The stacks get the same text at one (context, repeat); one stack never sees a seed twice.
+    seeds = {(c.stack, c.context, c.repeat): c.seed for c in cells}
+    assert seeds["raw", 512, 1] == seeds["baseline", 512, 1] == seeds["prime", 512, 1]
+    for stack in ("raw", "baseline", "prime"):
+        mine = [c.seed for c in cells if c.stack == stack]
+        assert len(set(mine)) == len(mine)
+    assert [c.stack for c in cell_order([512], 1, raw=False)] == ["baseline", "prime"]
+
+
+def test_summary_of_a_cell() -> None:
+    samples = [
+        Sample(sent=0.0, first=0.1, done=1.0, tokens=10, prompt_tokens=100, cached_tokens=50, worker="a"),
+        Sample(sent=0.0, first=0.3, done=2.0, tokens=10, prompt_tokens=100, cached_tokens=100, worker="a"),
+        Sample(sent=1.0, first=1.2, done=4.0, tokens=20, prompt_tokens=200, cached_tokens=0, worker="b"),
+    ]
+    row = summarise(Cell("prime", 1024, 1, 7), samples, acceptance=0.5)
+    assert (row.speculation, row.global_cache, row.stack, row.repeat, row.requests) == ("on", "on", "prime", 1, 3)
+    assert row.tokens_per_s == pytest.approx(40 / 4.0)
+    assert row.ttfb_ms == pytest.approx(200.0)  # median of 100, 200, 300
+    assert row.ttfb_p95_ms == pytest.approx(300.0)
+    assert row.p95_ms == pytest.approx(3000.0)  # end to end: 1000, 2000, 3000
+    assert row.cache_hit_rate == pytest.approx(150 / 400)
+    assert row.load_max_over_mean == pytest.approx(2 / 1.5)
+    assert row.acceptance_rate == 0.5
+    one_worker = summarise(Cell("baseline", 512, 0, 1), samples[:2], acceptance=float("nan"))
+    assert one_worker.load_max_over_mean == pytest.approx(2.0)  # the idle worker counts
+    assert one_worker.speculation == "off" and math.isnan(one_worker.acceptance_rate)
+    assert summarise(Cell("raw", 512, 0, 1), [], float("nan")).requests == 0
+
+
+def test_ratios_are_prime_over_baseline_of_means_over_repeats_and_pipelines_over_raw() -> None:
+    rows = [
+        _row("baseline", 2048, 0, 10.0, 1000.0, 4000.0, 0.6),
+        _row("baseline", 2048, 1, 12.0, 1200.0, 4400.0, 0.7),
+        _row("prime", 2048, 0, 16.0, 600.0, 3000.0, 0.8),
+        _row("prime", 2048, 1, 17.0, 700.0, 3200.0, 0.8),
+        _row("raw", 2048, 0, 20.0, 300.0, 1000.0, 0.9),
+        _row("raw", 2048, 1, 16.0, 300.0, 1000.0, 0.9),
+        _row("baseline", 512, 0, 30.0, 100.0, 400.0, 0.5),  # no prime cell at 512: no ratio
+    ]
+    [r] = ratios(rows)
+    assert r.context == 2048
+    assert r.tokens_per_s == pytest.approx(16.5 / 11.0)
+    assert r.ttfb == pytest.approx(650 / 1100)
+    assert r.p95 == pytest.approx(3100 / 4200)
+    assert r.hit_rate == pytest.approx(0.8 / 0.65)
+    assert (r.prime_hit_rate, r.baseline_hit_rate) == (pytest.approx(0.8), pytest.approx(0.65))
+    assert r.raw_fraction == pytest.approx(16.5 / 18.0)
+    assert r.baseline_raw_fraction == pytest.approx(11.0 / 18.0)
+    assert meets(r) == {"tokens_per_s": True, "ttfb": True, "p95": True, "prime_hit_rate": True, "raw_fraction": True}
+    [no_raw] = ratios([x for x in rows if x.stack != "raw"])
+    assert math.isnan(no_raw.raw_fraction)
+    assert not meets(no_raw)["raw_fraction"]
+
+
+def test_acceptance_from_two_metrics_pages() -> None:
+    page = (
+        "# HELP primerl_spec_drafted_tokens Draft tokens proposed, by source\n"
+        "# TYPE primerl_spec_drafted_tokens counter\n"
+        'primerl_spec_drafted_tokens_total{source="forced"} 30.0\n'
+        'primerl_spec_drafted_tokens_total{source="ngram"} 10.0\n'
+        "# HELP primerl_spec_accepted_tokens Draft tokens accepted, by source\n"
+        "# TYPE primerl_spec_accepted_tokens counter\n"
+        'primerl_spec_accepted_tokens_total{source="forced"} 28.0\n'
+        'primerl_spec_accepted_tokens_total{source="ngram"} 2.0\n'
+    )
+    assert spec_counters(page) == (40.0, 30.0)
+    assert acceptance((10.0, 5.0), (40.0, 30.0)) == pytest.approx(25 / 30)
+    assert math.isnan(acceptance((40.0, 30.0), (40.0, 30.0)))
+
+
+def test_smoke_and_full_defaults() -> None:
+    smoke = resolve(parser().parse_args(["--smoke"]))
+    assert (smoke.contexts, smoke.repeats) == ([512, 1024], 1)
+    full = resolve(parser().parse_args([]))
+    assert (full.contexts, full.repeats, full.sessions) == ([512, 1024, 2048, 4096, 8192], 2, 4)
+    assert resolve(parser().parse_args(["--smoke", "--contexts", "2048"])).contexts == [2048]
+
+
+def test_workload_sends_sessions_that_extend_their_context_and_groups_of_separate_requests() -> None:
+    shape = Shape(256, sessions=2, turns=3, groups=2, group_size=4, max_tokens=8, structured_share=0.5, tasks=True)
+    sent: list[PromptRequest] = []
+
+    async def send(req: PromptRequest) -> str:
+        sent.append(req)
+        await asyncio.sleep(random.random() / 1000)
+        return "answer"
+
+    asyncio.run(Workload(shape, "r", seed=3).run(send))
+    assert len(sent) == shape.requests == 2 * 3 + 2 * 4
+    sessions = {r.session_id for r in sent if r.session_id}
+    assert len(sessions) == 2
+    for sid in sessions:
+        turns = sorted((r for r in sent if r.session_id == sid), key=lambda r: r.turn_index)
+        assert [t.turn_index for t in turns] == [0, 1, 2]
+        for prev, nxt in zip(turns, turns[1:], strict=False):
+            assert nxt.messages is not None and prev.messages is not None
+            assert nxt.messages[: len(prev.messages)] == prev.messages  # the context only grows
+    groups = [r for r in sent if not r.session_id]
+    assert {r.group_size for r in groups} == {1} and len({r.group_id for r in groups}) == 2
+    systems = {r.messages[0].content for r in sent if r.messages}
+    assert len(systems) == 1  # one shared system prompt
+    structured = [r for r in sent if r.grammar is not None]
+    assert structured and all(r.grammar and r.grammar.kind is GrammarKind.JSON_SCHEMA for r in structured)
+    assert {r.task for r in structured} == {"format"}
+    assert {r.task for r in sent if r.grammar is None} == {"regex"}
+
+
+def test_scrape_merges_processes_under_one_family_with_a_process_label() -> None:
+    servers = []
+    for value in (3, 5):
+        reg = CollectorRegistry()
+        Counter("primerl_demo_things", "Things", registry=reg).inc(value)
+        servers.append(start_http_server(0, addr="127.0.0.1", registry=reg)[0])
+    try:
+        text = asyncio.run(
+            scrape({f"p{i}": f"http://127.0.0.1:{s.server_port}/metrics" for i, s in enumerate(servers)})
+        )
+    finally:
+        for s in servers:
+            s.shutdown()
+    assert text.count("# TYPE primerl_demo_things_total counter") == 1
+    [fam] = [f for f in text_string_to_metric_families(text) if f.name == "primerl_demo_things"]
+    totals = {s.labels["process"]: s.value for s in fam.samples if s.name.endswith("_total")}
+    assert totals == {"p0": 3.0, "p1": 5.0}
