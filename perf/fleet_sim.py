@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import heapq
 import itertools
 import math
@@ -86,6 +87,7 @@ import msgspec
 from tqdm import tqdm
 
 from perf.common import ARTIFACTS, percentile, write_csv
+from perf.workload import Shape
 from plumbing.config import EngineConfig, RoutingConfig
 from plumbing.prefix_cache.block_hashes import cacheable_tokens, chain_hashes, policy_salt
 from plumbing.prefix_cache.index import Probe
@@ -167,21 +169,12 @@ class RoutingKnobs(msgspec.Struct, frozen=True, kw_only=True):
         )
 
 
-class WorkloadShape(msgspec.Struct, frozen=True, kw_only=True):
-    """The routing bench's workload at one context size (per two engines unless scaled)."""
-
-    context: int
-    sessions: int = 4
-    turns: int = 4
-    groups: int = 2
-    group_size: int = 8
-    max_tokens: int = 32
-
-    def scaled(self, workers: int) -> WorkloadShape:
-        """The same load per engine on `workers` engines (the bench ran 2)."""
-        return msgspec.structs.replace(
-            self, sessions=math.ceil(self.sessions * workers / 2), groups=math.ceil(self.groups * workers / 2)
-        )
+def scaled(shape: Shape, workers: int) -> Shape:
+    """The same load per engine on `workers` engines (the bench ran 2); the workload's
+    shape and its defaults are the real bench's (perf/workload.Shape)."""
+    return dataclasses.replace(
+        shape, sessions=math.ceil(shape.sessions * workers / 2), groups=math.ceil(shape.groups * workers / 2)
+    )
 
 
 class SimRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -288,7 +281,7 @@ def _request(ids: list[int], output: list[int], block_size: int, rid: int, max_t
     )
 
 
-def make_workload(shape: WorkloadShape, block_size: int, seed: int) -> Workload:
+def make_workload(shape: Shape, block_size: int, seed: int) -> Workload:
     """The routing bench's requests at `shape`, token ids drawn from `seed` (proportions of perf/routing_bench.py)."""
     rng = random.Random(f"fleet-sim:{seed}:{shape.context}")
     c = shape.context
@@ -663,15 +656,15 @@ def summarise(records: list[RequestRecord], workers: int, context: int, policy: 
 
 def run_cell(
     costs: EngineCosts,
-    shape: WorkloadShape,
+    shape: Shape,
     workers: int,
     policy: Policy,
     seed: int,
     knobs: RoutingKnobs | None = None,
 ) -> SimResult:
     """Simulate one (W, context, policy) cell with the workload scaled to W."""
-    scaled = shape.scaled(workers)
-    records = simulate(costs, make_workload(scaled, costs.block_size, seed), workers, policy, knobs)
+    scaled_shape = scaled(shape, workers)
+    records = simulate(costs, make_workload(scaled_shape, costs.block_size, seed), workers, policy, knobs)
     return summarise(records, workers, shape.context, policy)
 
 
@@ -742,11 +735,11 @@ def _policy(name: str) -> Policy:
     return "round_robin" if name == "round_robin" else "cache_aware"
 
 
-def fit_loss(costs: EngineCosts, cells: Sequence[RealCell], shape: WorkloadShape, seed: int) -> float:
+def fit_loss(costs: EngineCosts, cells: Sequence[RealCell], shape: Shape, seed: int) -> float:
     """Mean squared log error of the simulated W=2 timings against `cells`."""
     errs = []
     for cell in cells:
-        sim = run_cell(costs, msgspec.structs.replace(shape, context=cell.context), 2, cell.policy, seed)
+        sim = run_cell(costs, dataclasses.replace(shape, context=cell.context), 2, cell.policy, seed)
         errs += [math.log(getattr(sim, m) / getattr(cell, m)) ** 2 for m in TIMING_METRICS]
     return sum(errs) / len(errs)
 
@@ -801,7 +794,7 @@ def calibrate(
     cells: Sequence[RealCell],
     *,
     base: EngineCosts,
-    shape: WorkloadShape,
+    shape: Shape,
     fit_on: Policy | Literal["all"] = "round_robin",
     seed: int = 0,
     iters: int = 120,
@@ -929,12 +922,12 @@ def measured_base(engine_csv: Path) -> EngineCosts:
 
 
 def validate(
-    costs: EngineCosts, cells: Sequence[RealCell], shape: WorkloadShape, fit_on: str, seed: int
+    costs: EngineCosts, cells: Sequence[RealCell], shape: Shape, fit_on: str, seed: int
 ) -> list[ValidationRow]:
     """Simulated vs real at W=2, per cell and metric (relative error = simulated / real - 1)."""
     rows = []
     for cell in sorted(cells, key=lambda c: (c.context, c.policy)):
-        sim = run_cell(costs, msgspec.structs.replace(shape, context=cell.context), 2, cell.policy, seed)
+        sim = run_cell(costs, dataclasses.replace(shape, context=cell.context), 2, cell.policy, seed)
         for m in VALIDATED_METRICS:
             real, got = float(getattr(cell, m)), float(getattr(sim, m))
             role = "fitted" if m in TIMING_METRICS and fit_on in ("all", cell.policy) else "held_out"
@@ -957,13 +950,13 @@ def print_validation(rows: Sequence[ValidationRow]) -> None:
 
 
 def sweep(
-    costs: EngineCosts, shape: WorkloadShape, workers: Sequence[int], contexts: Sequence[int], seed: int
+    costs: EngineCosts, shape: Shape, workers: Sequence[int], contexts: Sequence[int], seed: int
 ) -> list[SimResult]:
     """Every (W, context, policy) cell, the same workload for both policies."""
     cells = [(w, c, p) for c in contexts for w in workers for p in POLICIES]
     out = []
     for w, c, p in tqdm(cells, desc="fleet cells", unit="cell"):
-        out.append(run_cell(costs, msgspec.structs.replace(shape, context=c), w, p, seed))
+        out.append(run_cell(costs, dataclasses.replace(shape, context=c), w, p, seed))
     return out
 
 
@@ -1024,7 +1017,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--out-dir", type=Path, default=ARTIFACTS)
     args = p.parse_args(argv)
 
-    shape = WorkloadShape(
+    shape = Shape(
         context=args.contexts[0],
         sessions=args.sessions,
         turns=args.turns,

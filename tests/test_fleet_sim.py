@@ -15,7 +15,6 @@ from perf.fleet_sim import (
     EngineCosts,
     PrefillSample,
     RealCell,
-    WorkloadShape,
     calibrate,
     calibrate_from_samples,
     fit_loss,
@@ -28,6 +27,7 @@ from perf.fleet_sim import (
     step_seconds,
     summarise,
 )
+from perf.workload import Shape
 
 COSTS = EngineCosts(
     step_fixed_s=0.05,
@@ -40,7 +40,7 @@ BS = COSTS.block_size
 
 
 def test_same_seed_same_result_other_seed_other_tokens() -> None:
-    shape = WorkloadShape(context=1024)
+    shape = Shape(context=1024)
     a = run_cell(COSTS, shape, 4, "cache_aware", seed=3)
     b = run_cell(COSTS, shape, 4, "cache_aware", seed=3)
     assert a == b
@@ -49,7 +49,7 @@ def test_same_seed_same_result_other_seed_other_tokens() -> None:
 
 
 def test_cache_aware_keeps_a_session_on_one_engine_and_it_hits_round_robin_does_not() -> None:
-    shape = WorkloadShape(context=2048, sessions=1, turns=5, groups=0)
+    shape = Shape(context=2048, sessions=1, turns=5, groups=0)
     wl = make_workload(shape, BS, 0)
     turns = sorted(simulate(COSTS, wl, 4, "cache_aware"), key=lambda r: r.turn)
     assert len({r.engine for r in turns}) == 1
@@ -63,7 +63,7 @@ def test_cache_aware_keeps_a_session_on_one_engine_and_it_hits_round_robin_does_
 
 
 def test_round_robin_hit_rate_of_a_group_falls_as_engines_grow() -> None:
-    wl = make_workload(WorkloadShape(context=2048, sessions=0, groups=1, group_size=8), BS, 0)
+    wl = make_workload(Shape(context=2048, sessions=0, groups=1, group_size=8), BS, 0)
     hit = {
         w: summarise(simulate(COSTS, wl, w, "round_robin"), w, 2048, "round_robin").cache_hit_rate for w in (1, 2, 4, 8)
     }
@@ -74,7 +74,7 @@ def test_round_robin_hit_rate_of_a_group_falls_as_engines_grow() -> None:
 
 
 def test_a_small_kv_cache_hits_less_than_an_unbounded_one() -> None:
-    shape = WorkloadShape(context=2048)
+    shape = Shape(context=2048)
     wl = make_workload(shape, BS, 0)
     rate = {}
     for blocks in (20, 10**6):  # 20: a little more than the largest request's 16 blocks
@@ -94,7 +94,7 @@ def test_cache_aware_routing_calls_the_real_cost_model(monkeypatch: pytest.Monke
         return real(*args, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(fleet_sim, "choose", spy)
-    run_cell(COSTS, WorkloadShape(context=512), 2, "cache_aware", seed=0)
+    run_cell(COSTS, Shape(context=512), 2, "cache_aware", seed=0)
     assert len(calls) == 32
 
 
@@ -131,7 +131,7 @@ def test_direct_samples_recover_the_costs_that_made_them(tmp_path: Path) -> None
 
 
 def test_calibration_on_simulated_cells_moves_towards_the_truth() -> None:
-    shape = WorkloadShape(context=512)
+    shape = Shape(context=512)
     sim = run_cell(COSTS, shape, 2, "round_robin", seed=0)
     cell = RealCell(context=512, policy="round_robin", **{k: getattr(sim, k) for k in RealCell.__struct_fields__[2:]})
     start = msgspec.structs.replace(COSTS, step_fixed_s=0.05, decode_per_seq_s=0.005, prefill_per_token_s=0.005)
