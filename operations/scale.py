@@ -33,8 +33,10 @@ from plumbing.local_servers import (
 )
 
 ROLES = ("engine", "verifier", "learner")
-# The log line that says a worker has joined its group and is serving.
-_READY = {"engine": " assigned [", "verifier": " assigned [", "learner": "learner assigned ["}
+# The log line that says a worker has joined its group and is serving. An engine process
+# also runs a router and a deferral consumer, whose groups settle first (~0.5 s earlier):
+# its own group's line is the one that says it takes rollout.routed work.
+_READY = {"engine": "engine assigned [", "verifier": " assigned [", "learner": "learner assigned ["}
 
 
 class WorkerProcess(msgspec.Struct, kw_only=True):

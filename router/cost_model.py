@@ -20,6 +20,8 @@ recomputing it elsewhere, which replicates it.
 
 from __future__ import annotations
 
+import hashlib
+
 import msgspec
 
 from plumbing.prefix_cache.block_hashes import cacheable_tokens
@@ -43,19 +45,34 @@ def choose(
     decode_tokens: float,
     decode_token_cost: float,
     latency_weight: float = 0.5,
+    tie_key: bytes | None = None,
 ) -> Choice:
-    """The cheapest worker for a request of `prompt_len` prompt tokens; ties go to the least loaded."""
+    """The cheapest worker for a request of `prompt_len` prompt tokens; ties go to the least
+    loaded, then (with `tie_key`, the request's routing key) to its rendezvous-hash favourite.
+
+    Why the hash: prompts shorter than one KV block (the CPU default is 128 tokens) match
+    nothing, so an idle fleet ties on every request; breaking ties by list order (workers
+    sorted by id) sent every such request to the same worker while the others idled, which
+    is what a 1 -> 2 engines scale-up under a light load saw. The hash spreads the keys of a
+    tie evenly and keeps a key on one worker while the fleet is unchanged."""
     if not probes:
         raise ValueError("no worker to choose from")
     best: Choice | None = None
-    best_key: tuple[float, float] = (0.0, 0.0)
+    best_key: tuple[float, float, int] = (0.0, 0.0, 0)
     for p in probes:
         cached = cacheable_tokens(p.matched_blocks, prompt_len, block_size)
         queued = p.prefill_load + decode_token_cost * p.decode_load
         uncached = prompt_len - cached
         cost = latency_weight * queued + uncached
-        key = (cost, queued)
+        tie = _rendezvous(tie_key, p.worker.worker_id) if tie_key is not None else 0
+        key = (cost, queued, tie)
         if best is None or key < best_key:
             best, best_key = Choice(p, cached, cost, float(uncached), decode_tokens), key
     assert best is not None
     return best
+
+
+def _rendezvous(key: bytes, worker_id: str) -> int:
+    """A well-mixed hash of (key, worker): crc32 is linear, so worker ids that differ in one
+    character ranked the same way for most keys (one worker of three got none in a test)."""
+    return int.from_bytes(hashlib.blake2b(key + b"\0" + worker_id.encode(), digest_size=8).digest(), "big")

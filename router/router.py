@@ -162,7 +162,7 @@ class Router(ConsumerStage):
         probes = await self.index.probe(workers, hashes)
         decode = float(req.sampling.max_tokens * req.group_size)
         r = self.cfg.routing
-        c = choose(probes, len(ids), block_size, decode, r.decode_token_cost, r.latency_weight)
+        c = choose(probes, len(ids), block_size, decode, r.decode_token_cost, r.latency_weight, tie_key=key)
         w = c.probe.worker
         await self.index.add_route(
             w.worker_id, hashes[w.policy_version], c.prefill_tokens, decode, self.cfg.routing.pending_ttl_s

@@ -142,6 +142,20 @@ def test_equal_costs_go_to_the_least_loaded() -> None:
     assert c.probe.worker.worker_id == "b"
 
 
+def test_ties_on_an_idle_fleet_spread_by_the_request_key_and_stay_put() -> None:
+    # Prompts under one block match nothing, so idle workers tie on cost and load: list
+    # order would send every request to "a"; the key's hash spreads them, stably per key.
+    probes = [_probe("a", 0), _probe("b", 0), _probe("c", 0)]
+    keys = [b"g%d" % i for i in range(300)]
+    picks = {k: choose(probes, 14, BS, 8, 1, tie_key=k).probe.worker.worker_id for k in keys}
+    counts = {w: list(picks.values()).count(w) for w in "abc"}
+    assert all(60 < n < 140 for n in counts.values()), counts
+    assert all(choose(probes[::-1], 14, BS, 8, 1, tie_key=k).probe.worker.worker_id == w for k, w in picks.items())
+    # Without a key (or with any real difference in load) the old order still decides.
+    assert choose(probes, 14, BS, 8, 1).probe.worker.worker_id == "a"
+    assert choose([_probe("a", 0, prefill=1), _probe("b", 0)], 14, BS, 8, 1, tie_key=b"k").probe.worker.worker_id == "b"
+
+
 def test_pure_ttft_would_scatter_a_burst_and_the_blend_keeps_it() -> None:
     # The first sample of a group is queued on `home` (12 prefill tokens); the second
     # starts sooner on `idle` by recomputing, but that doubles the work.
