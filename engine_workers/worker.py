@@ -45,12 +45,14 @@ from engine_workers.prefix_cache.kv_events import follow_kv_events
 from engine_workers.requests import build_input
 from plumbing.config import Config
 from plumbing.consumer import ConsumerRunner, FatalError
+from plumbing.custody import engine_signer
 from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
 from plumbing.ledger import Ledger
 from plumbing.policy_feed import PolicyFeed
 from plumbing.prefix_cache.held_blocks import HeldBlocks
 from plumbing.prefix_cache.index import PrefixIndex
+from plumbing.trust import Signer
 from schemas import Completion, CompletionChunk, PolicyUpdate, PromptRequest, Timings
 from schemas.completions import completion_id
 from schemas.registry import WorkerInfo
@@ -85,8 +87,11 @@ class EngineWorker:
     redis: Redis
     registry: CollectorRegistry
     worker_id: str = field(default_factory=lambda: f"engine-{uuid.uuid4().hex[:8]}")
+    signer: Signer | None = None  # None: engine.key_file, else the state dir's engine key
 
     def __post_init__(self) -> None:
+        if self.signer is None:
+            self.signer = engine_signer(self.cfg)
         self.metrics = EngineMetrics(self.registry)
         # Fail open: with Redis down the worker keeps serving (routers hash-route meanwhile).
         self.ledger = Ledger(self.redis, "engine", fail_open=True)
@@ -270,41 +275,46 @@ class EngineWorker:
                     s.seq += 1
                     acks.append(await self.publisher.send(CHUNKS.name, chunk, key=req.id.encode()))
         finished_at = time.time()
+        signer = self.signer
+        assert signer is not None  # set in __post_init__
+        # Signed here, the one place finals are built: verifiers and learners refuse unsigned ones.
         finals = [
-            Completion(
-                id=completion_id(req.id, i),
-                run_id=req.run_id,
-                request_id=req.id,
-                group_id=req.group_id,
-                group_size=req.group_size,
-                sample_index=i,
-                session_id=req.session_id,
-                turn_index=req.turn_index,
-                prompt=prompt,
-                prompt_token_ids=prompt_ids,
-                text="".join(s.text),
-                token_ids=s.token_ids,
-                logprobs=s.logprobs,
-                finish_reason=s.finish_reason or "abort",
-                policy_version=version,
-                worker_id=self.worker_id,
-                timings=Timings(
-                    enqueued_at=enqueued_at,
-                    started_at=started_at,
-                    first_token_at=s.first_token_at or finished_at,
-                    finished_at=finished_at,
-                ),
-                prompt_tokens=len(prompt_ids),
-                cached_prompt_tokens=cached,
-                task=req.task,
-                reference=req.reference,
-                grammar=req.grammar,
-                route=req.route,
-                # The grammar mask allows end-of-sequence only where the grammar is complete,
-                # so a stop (not a length cut, not a stop string) means the output completed it.
-                grammar_completed=None
-                if req.grammar is None
-                else (s.finish_reason == "stop" and not req.sampling.stop),
+            signer.sign(
+                Completion(
+                    id=completion_id(req.id, i),
+                    run_id=req.run_id,
+                    request_id=req.id,
+                    group_id=req.group_id,
+                    group_size=req.group_size,
+                    sample_index=i,
+                    session_id=req.session_id,
+                    turn_index=req.turn_index,
+                    prompt=prompt,
+                    prompt_token_ids=prompt_ids,
+                    text="".join(s.text),
+                    token_ids=s.token_ids,
+                    logprobs=s.logprobs,
+                    finish_reason=s.finish_reason or "abort",
+                    policy_version=version,
+                    worker_id=self.worker_id,
+                    timings=Timings(
+                        enqueued_at=enqueued_at,
+                        started_at=started_at,
+                        first_token_at=s.first_token_at or finished_at,
+                        finished_at=finished_at,
+                    ),
+                    prompt_tokens=len(prompt_ids),
+                    cached_prompt_tokens=cached,
+                    task=req.task,
+                    reference=req.reference,
+                    grammar=req.grammar,
+                    route=req.route,
+                    # The grammar mask allows end-of-sequence only where the grammar is complete,
+                    # so a stop (not a length cut, not a stop string) means the output completed it.
+                    grammar_completed=None
+                    if req.grammar is None
+                    else (s.finish_reason == "stop" and not req.sampling.stop),
+                )
             )
             for i, s in enumerate(samples)
         ]

@@ -22,8 +22,14 @@ Drop reasons (the counters the buffer keeps in the `counters` it is given):
   (counter `groups_dropped`, groups; one with >= 2 becomes ready, counter `groups_partial`).
 - `orphan_completion`: a completion whose reward did not come within `orphan_timeout_s`.
 - `orphan_reward`: a verified reward whose completion did not come within `orphan_timeout_s`.
-- `binding_mismatch`: a reward whose request or group id is not its completion's; the
-  reward is dropped and the completion keeps waiting for a good one.
+- `binding_mismatch`: a completion that the verified reward for its id does not bind:
+  the reward's prompt_hash or tokens_hash is not the completion's, or its request or
+  group id differs. The completion is rejected (`Drop.rejected` holds it, for the
+  learner's dead letter) and the reward keeps waiting for the completion it scored.
+  Completions are candidates: several with one id may wait (a forged one that came
+  first, a regenerated one), and a reward joins the one it binds, whatever the order.
+- `duplicate_completion`: a copy of a waiting candidate, or a candidate over
+  `MAX_CANDIDATES` for one id (not consumed: it holds no sample).
 
 "consumed" counts samples (completion ids) leaving the buffer: trained (taken), stale,
 duplicate_in_group, group_timeout and orphan_completion. An orphan reward or a rejected
@@ -39,13 +45,18 @@ from __future__ import annotations
 import msgspec
 
 from learners.samples import Sample
+from plumbing.trust import prompt_hash, token_hash
 from schemas import Completion, Reward
+
+# Completions with one id waiting at once; more are dropped (bounds what a flood of
+# same-id records, which only a holder of an engine key can sign, can make the buffer hold).
+MAX_CANDIDATES = 4
 
 
 class BufferState(msgspec.Struct):
     """What the buffer holds (checkpointed with the learner)."""
 
-    completions: dict[str, Completion] = {}  # waiting for their reward
+    completions: dict[str, list[Completion]] = {}  # candidates waiting for their reward, by id
     completion_seen: dict[str, float] = {}  # completion id -> when it arrived
     rewards: dict[str, Reward] = {}  # verified, waiting for their completion
     reward_seen: dict[str, float] = {}  # completion id -> when its reward arrived
@@ -60,6 +71,7 @@ class Drop(msgspec.Struct, frozen=True):
     reason: str
     ids: list[str]
     detail: str = ""
+    rejected: list[Completion] = []  # binding_mismatch: the completions refused (dead-lettered)
 
 
 class Taken(msgspec.Struct, frozen=True):
@@ -92,13 +104,18 @@ def sample_of(c: Completion, r: Reward) -> Sample:
 
 
 def binding_mismatch(c: Completion, r: Reward) -> str | None:
-    """Why `r` cannot score `c` (its request or group id is another's), or None."""
+    """Why `r` cannot score `c`, or None: the reward's signed ids and hashes must be `c`'s
+    (the tokens hash is what makes the tokens trained on the tokens the verifier scored)."""
     if r.completion_id != c.id:
         return f"reward for {r.completion_id!r}, completion {c.id!r}"
     if r.request_id != c.request_id:
         return f"reward request_id {r.request_id!r} != completion's {c.request_id!r}"
     if r.group_id != c.group_id:
         return f"reward group_id {r.group_id!r} != completion's {c.group_id!r}"
+    if r.tokens_hash != token_hash(c.token_ids):
+        return f"reward tokens_hash {r.tokens_hash[:12]}... is not the hash of the completion's token_ids"
+    if r.prompt_hash != prompt_hash(c.prompt):
+        return f"reward prompt_hash {r.prompt_hash[:12]}... is not the hash of the completion's prompt"
     return None
 
 
@@ -157,11 +174,17 @@ class GroupBuffer:
         s.reward_seen = dict.fromkeys(s.rewards, now)
 
     def add_completion(self, c: Completion, now: float, version: int) -> list[Drop]:
-        """Take in a completion (the first copy of an id waiting for its reward is kept)."""
+        """Take in a completion as a candidate for its id (a verbatim copy of one waiting is dropped)."""
         s = self.state
-        if c.id not in s.completions:
-            s.completions[c.id] = c
-            s.completion_seen[c.id] = now
+        cands = s.completions.setdefault(c.id, [])
+        if any(x == c for x in cands) or len(cands) >= MAX_CANDIDATES:
+            self._count("duplicate_completion")
+            why = (
+                "a copy of a waiting completion" if any(x == c for x in cands) else f"over {MAX_CANDIDATES} candidates"
+            )
+            return [Drop("duplicate_completion", [c.id], why)]
+        cands.append(c)
+        s.completion_seen.setdefault(c.id, now)
         return self._join(c.id, now, version)
 
     def add_reward(self, r: Reward, now: float, version: int) -> list[Drop]:
@@ -173,31 +196,40 @@ class GroupBuffer:
 
     def _join(self, completion_id: str, now: float, version: int) -> list[Drop]:
         s = self.state
-        c = s.completions.get(completion_id)
+        cands = s.completions.get(completion_id)
         r = s.rewards.get(completion_id)
-        if c is None or r is None:
+        if not cands or r is None:
             return []
-        why = binding_mismatch(c, r)
-        if why is not None:
-            del s.rewards[completion_id], s.reward_seen[completion_id]
-            self._count("rejected_binding_mismatch")
-            return [Drop("binding_mismatch", [completion_id], why)]
+        # The reward is verified, so it says which completion was scored: candidates it does
+        # not bind are refused; the reward waits on if the one it scored has not come yet.
+        c: Completion | None = None
+        drops: list[Drop] = []
+        for x in cands:
+            why = binding_mismatch(x, r)
+            if why is None and c is None:
+                c = x
+            elif why is not None:
+                self._count("rejected_binding_mismatch")
+                drops.append(Drop("binding_mismatch", [completion_id], why, [x]))
+        if c is None:
+            del s.completions[completion_id], s.completion_seen[completion_id]
+            return drops
         del s.completions[completion_id], s.completion_seen[completion_id]
         del s.rewards[completion_id], s.reward_seen[completion_id]
         if self.is_stale(c.policy_version, version):
             self._count("stale")
             self._consumed(1)
-            return [Drop("stale", [c.id], f"policy v{c.policy_version}, learner v{version}")]
+            return [*drops, Drop("stale", [c.id], f"policy v{c.policy_version}, learner v{version}")]
         group = s.groups.setdefault(c.group_id, [])
         s.group_first_seen.setdefault(c.group_id, now)
         if any(x.sample_index == c.sample_index for x in group):
             self._count("duplicate_in_group")
             self._consumed(1)
-            return [Drop("duplicate_in_group", [c.id], f"sample {c.sample_index} of group {c.group_id}")]
+            return [*drops, Drop("duplicate_in_group", [c.id], f"sample {c.sample_index} of group {c.group_id}")]
         group.append(sample_of(c, r))
         if len(group) >= c.group_size:
             self._make_ready(c.group_id)
-        return []
+        return drops
 
     def _make_ready(self, group_id: str) -> None:
         s = self.state

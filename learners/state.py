@@ -62,10 +62,16 @@ def save_checkpoint(path: Path, state: LearnerState, optimizer: torch.optim.Opti
 def decode_state(raw: bytes) -> LearnerState:
     """A checkpoint's LearnerState; one written before the GroupBuffer (buffer fields at the
     top level) is moved into `buffer` (its waiting completions/rewards get no arrival time
-    and start their orphan timeout now: see `LearnerWorker`)."""
+    and start their orphan timeout now: see `LearnerWorker`); one written when a single
+    completion waited per id gets one-candidate lists."""
     data = msgspec.msgpack.decode(raw)
     if isinstance(data, dict) and "buffer" not in data and any(k in data for k in _LEGACY_BUFFER_FIELDS):
         data["buffer"] = {k: data.pop(k) for k in _LEGACY_BUFFER_FIELDS if k in data}
+        raw = msgspec.msgpack.encode(data)
+    waiting = data.get("buffer", {}).get("completions", {}) if isinstance(data, dict) else {}
+    if isinstance(waiting, dict) and any(isinstance(v, dict) for v in waiting.values()):
+        # Written when one completion waited per id: each becomes a one-candidate list.
+        data["buffer"]["completions"] = {k: v if isinstance(v, list) else [v] for k, v in waiting.items()}
         raw = msgspec.msgpack.encode(data)
     return msgspec.msgpack.decode(raw, type=LearnerState)
 

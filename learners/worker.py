@@ -2,9 +2,10 @@
 
 One process per run (group `learner-<run_id>`). This module is the learner's Kafka
 I/O, verification, training calls and publishing; group assembly and the staleness
-rule are the GroupBuffer's (learners/group_buffer.py). Every reward passes
-`verify_reward` (signature, key, replay) before the buffer joins it with the
-completion it scores; samples older than `max_policy_lag` versions are dropped.
+rule are the GroupBuffer's (learners/group_buffer.py). Every completion passes
+`verify_completion` (engine signature) and every reward `verify_reward` (signature,
+key, replay) before the buffer joins a reward with the completion it binds (ids and
+hashes; the others with that id are dead-lettered); samples older than `max_policy_lag` versions are dropped.
 Complete groups (or groups timed out with >= 2 samples) are trained on once
 `groups_per_step` are ready; the new weights are written as a safetensors folder and
 announced on rollout.policy, and the version goes to Redis, where producers read it
@@ -34,11 +35,12 @@ from learners.samples import Sample, StepStats
 from learners.state import REPLAY_WINDOW, LearnerState, load_checkpoint, save_checkpoint
 from learners.trainer import Trainer
 from plumbing.config import Config
+from plumbing.custody import engine_keyring
 from plumbing.dead_letters import DeadLetters
 from plumbing.failures import retry_transient
 from plumbing.kafka import Publisher, consumer_kwargs
-from plumbing.trust import Keyring, RewardRejected, verify_reward
-from schemas import Completion, PolicyUpdate, Reward, decode, keys
+from plumbing.trust import Keyring, Rejected, verify_completion, verify_reward
+from schemas import Completion, PolicyUpdate, Reward, decode, encode, keys
 from schemas.topics import COMPLETIONS, POLICY, REWARDS
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,12 @@ class _LearnerMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.rejected = Counter(
             "primerl_learner_rewards_rejected", "Rewards failing verification", ["reason"], registry=registry
+        )
+        self.completions_rejected = Counter(
+            "primerl_learner_completions_rejected",
+            "Completions refused (dead-lettered): engine signature, or not bound by their verified reward",
+            ["reason"],
+            registry=registry,
         )
         self.stale = Counter(
             "primerl_learner_samples_stale", "Samples dropped for exceeding the max policy lag", registry=registry
@@ -102,8 +110,11 @@ class LearnerWorker:
     checkpoint: Path
     policies_dir: Path
     history: list[StepStats] = field(default_factory=list)
+    engine_keys: Keyring | None = None  # None: from the config (custody.require_engine_signatures)
 
     def __post_init__(self) -> None:
+        if self.engine_keys is None and self.cfg.custody.require_engine_signatures:
+            self.engine_keys = engine_keyring(self.cfg)
         self.metrics = _LearnerMetrics(self.registry)
         self.dead_letters = DeadLetters.from_config(self.cfg, self.publisher, "learner", self.registry)
         self.state = LearnerState(run_id=self.cfg.run_id)
@@ -191,16 +202,24 @@ class LearnerWorker:
         try:
             if record.topic == COMPLETIONS.name:
                 completion = decode(record.value or b"", Completion, list(record.headers or ()))
-                if completion.run_id == self.cfg.run_id:
-                    self._record(self.buffer.add_completion(completion, time.time(), self.state.version))
-            else:
-                reward = decode(record.value or b"", Reward, list(record.headers or ()))
-                if reward.run_id != self.cfg.run_id:
+                if completion.run_id != self.cfg.run_id:
                     return True
-                await verify_reward(reward, self.keyring, self.replay)
-                self._record(self.buffer.add_reward(reward, time.time(), self.state.version))
-            return True
-        except RewardRejected as err:
+                try:
+                    # Before the buffer: a forged completion never becomes a candidate.
+                    verify_completion(completion, self.engine_keys)
+                except Rejected as err:
+                    self.metrics.completions_rejected.labels(err.reason).inc()
+                    self.state.count(f"rejected_completion_{err.reason}")
+                    return await self._dead_letter(consumer, record, err)
+                return await self._take(
+                    consumer, self.buffer.add_completion(completion, time.time(), self.state.version)
+                )
+            reward = decode(record.value or b"", Reward, list(record.headers or ()))
+            if reward.run_id != self.cfg.run_id:
+                return True
+            await verify_reward(reward, self.keyring, self.replay)
+            return await self._take(consumer, self.buffer.add_reward(reward, time.time(), self.state.version))
+        except Rejected as err:
             self.metrics.rejected.labels(err.reason).inc()
             self.state.count(f"rejected_{err.reason}")
             return await self._dead_letter(consumer, record, err)
@@ -208,6 +227,29 @@ class LearnerWorker:
             raise
         except Exception as err:  # noqa: BLE001 - DecodeError and whatever else one record causes
             return await self._dead_letter(consumer, record, err)
+
+    async def _take(self, consumer: AIOKafkaConsumer, drops: list[Drop]) -> bool:
+        """Record a join's drops; dead-letter the completions it refused (their records were read
+        earlier, so the letter carries the completion re-encoded, at offset -1)."""
+        self._record(drops)
+        for d in drops:
+            for c in d.rejected:
+                rebuilt = ConsumerRecord(
+                    topic=COMPLETIONS.name,
+                    partition=-1,
+                    offset=-1,
+                    timestamp=int(time.time() * 1000),
+                    timestamp_type=0,
+                    key=c.group_id.encode(),
+                    value=encode(c),
+                    checksum=None,
+                    serialized_key_size=-1,
+                    serialized_value_size=-1,
+                    headers=[],
+                )
+                if not await self._dead_letter(consumer, rebuilt, Rejected(d.reason, d.detail)):
+                    return False
+        return True
 
     async def _dead_letter(self, consumer: AIOKafkaConsumer, record: ConsumerRecord, err: BaseException) -> bool:
         """Write the letter, retrying while the DLQ is down; meanwhile poll paused partitions to keep the membership."""
@@ -231,8 +273,11 @@ class LearnerWorker:
         for d in drops:
             self.outcomes.dropped(d.reason, self.state.step, d.ids)
             if d.reason == "binding_mismatch":
-                self.metrics.rejected.labels(d.reason).inc()
-                log.warning("reward for %s rejected: %s", d.ids[0], d.detail)
+                self.metrics.completions_rejected.labels(d.reason).inc()
+                log.warning("completion %s refused: %s", d.ids[0], d.detail)
+                continue
+            if d.reason == "duplicate_completion":
+                self.metrics.dropped.labels(d.reason).inc(len(d.ids))
                 continue
             self.metrics.dropped.labels(d.reason).inc(len(d.ids))
             if d.reason == "stale":

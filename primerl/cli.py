@@ -18,7 +18,7 @@ app = typer.Typer(
 )
 infra_app = typer.Typer(no_args_is_help=True, help="Local broker and Redis.")
 app.add_typer(infra_app, name="infra")
-keys_app = typer.Typer(no_args_is_help=True, help="Verifier signing keys.")
+keys_app = typer.Typer(no_args_is_help=True, help="Engine and verifier signing keys.")
 app.add_typer(keys_app, name="keys")
 
 
@@ -187,19 +187,115 @@ def verifier(
     run(serve_verifier(cfg))
 
 
+Role = Annotated[str, typer.Option(help="engine (signs completions) or verifier (signs rewards)")]
+
+
+def _keys_folder(role: str, out_dir: Path | None, config: Path | None, state_dir: Path | None) -> Path:
+    if role not in ("engine", "verifier"):
+        raise typer.BadParameter(f"role must be engine or verifier, not {role!r}")
+    if out_dir is not None:
+        return out_dir
+    cfg = command_config(config, state_dir)
+    return cfg.engine_keys_dir if role == "engine" else cfg.keys_dir
+
+
 @keys_app.command("generate")
 def keys_generate(
-    out_dir: Annotated[Optional[Path], typer.Option(help="folder for the pair (default: <state-dir>/keys)")] = None,
-    key_id: Annotated[Optional[str], typer.Option(help="key id (default: verifier-<date>-<random>)")] = None,
+    role: Role = "verifier",
+    out_dir: Annotated[
+        Optional[Path], typer.Option(help="folder (default: <state-dir>/keys, engine keys in <state-dir>/keys/engine)")
+    ] = None,
+    key_id: Annotated[Optional[str], typer.Option(help="key id (default: <role>-<date>-<random>)")] = None,
     config: ConfigOpt = None,
     state_dir: StateOpt = None,
 ) -> None:
-    """Write an Ed25519 key pair: <key-id>.key (mode 0600) and <key-id>.pub."""
+    """Write an Ed25519 key pair: <key-id>.key (mode 0600) and <key-id>.pub.
+
+    Signers use the newest key of their folder without a .retired marker; checkers trust
+    every .pub of the folder and re-read it when they meet a key id they do not know.
+    """
     from plumbing.trust import generate_keypair
 
+    priv, pub = generate_keypair(_keys_folder(role, out_dir, config, state_dir), key_id, role=role)
+    typer.echo(f"private key: {priv} (0600)\npublic key:  {pub} (trusted by whoever reads this folder)")
+
+
+@keys_app.command("list")
+def keys_list(
+    role: Role = "verifier",
+    out_dir: Annotated[Optional[Path], typer.Option(help="folder (default: the role's under the state dir)")] = None,
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Every key of a folder: id, whether its private half is here, when it was made and retired."""
+    import time
+
+    from plumbing.trust import list_keys, newest_live_key
+
+    folder = _keys_folder(role, out_dir, config, state_dir)
+    keys = list_keys(folder) if folder.is_dir() else []
+    if not keys:
+        typer.echo(f"no {role} keys in {folder}")
+        return
+    signing = newest_live_key(folder)
+
+    def when(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+    for k in keys:
+        state = "live" if k.retired_at is None else f"retired from {when(k.retired_at)}"
+        mark = " (signs)" if signing is not None and signing.stem == k.key_id else ""
+        typer.echo(
+            f"{k.key_id}\tmade {when(k.created_at)}\t{'private+public' if k.has_private else 'public only'}\t"
+            f"{state}{mark}"
+        )
+
+
+@keys_app.command("rotate")
+def keys_rotate(
+    role: Role = "verifier",
+    grace_s: Annotated[
+        Optional[float], typer.Option(help="old keys retire this long from now (default: custody.rotation_grace_s)")
+    ] = None,
+    key_id: Annotated[Optional[str], typer.Option(help="the new key's id (default: <role>-<date>-<random>)")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option(help="folder (default: the role's under the state dir)")] = None,
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """A new key; every other live key retires after the grace. Restart (or scale) the signers within
+    the grace: what they signed before the retirement stays valid, what they sign after is refused."""
+    from plumbing.trust import rotate_keys
+
     cfg = command_config(config, state_dir)
-    priv, pub = generate_keypair(out_dir or cfg.keys_dir, key_id)
-    typer.echo(f"private key: {priv} (0600)\npublic key:  {pub} (add it to the learners' keyring folder)")
+    folder = _keys_folder(role, out_dir, config, state_dir)
+    grace = cfg.custody.rotation_grace_s if grace_s is None else grace_s
+    priv, retired = rotate_keys(folder, role, grace, key_id)
+    typer.echo(f"new {role} key: {priv.stem} ({priv})")
+    typer.echo(f"retiring in {grace:.0f}s: {', '.join(retired) if retired else 'none'}")
+
+
+@keys_app.command("retire")
+def keys_retire(
+    key_id: Annotated[str, typer.Argument(help="the key to retire")],
+    role: Role = "verifier",
+    in_s: Annotated[float, typer.Option(help="retire this long from now (0: now)")] = 0.0,
+    out_dir: Annotated[Optional[Path], typer.Option(help="folder (default: the role's under the state dir)")] = None,
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Refuse what `key_id` signs after the retirement time (signers stop choosing it; checkers
+    re-read the marker when they next refresh their keyring, and on start)."""
+    import time
+
+    from plumbing.trust import retire_key
+
+    folder = _keys_folder(role, out_dir, config, state_dir)
+    try:
+        at = retire_key(folder, key_id, time.time() + in_s)
+    except FileNotFoundError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(1) from err
+    typer.echo(f"{key_id} retired from {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(at))}")
 
 
 @app.command(

@@ -59,3 +59,9 @@ class Completion(Message, kw_only=True):
     grammar: Grammar | None = None
     grammar_completed: bool | None = None
     route: Route | None = None
+    # Custody (plumbing/trust.py): the engine worker's Ed25519 signature over the fields a
+    # verifier scores and a learner trains on. Empty on completions written before it
+    # existed; verifiers and learners refuse those unless custody.require_engine_signatures
+    # is off. Older readers ignore the two fields (unknown fields are skipped on decode).
+    engine_key_id: str = ""
+    engine_signature: bytes = b""

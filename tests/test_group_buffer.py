@@ -8,6 +8,7 @@ import msgspec
 
 from learners.group_buffer import BufferState, GroupBuffer
 from learners.state import LearnerState, decode_state
+from plumbing.trust import prompt_hash, token_hash
 from schemas import Completion, Reward, RewardStatus
 from tests.reward_helpers import make_completion
 
@@ -25,12 +26,16 @@ def _c(group: str, i: int, n: int = 2, version: int = 0, cid: str | None = None)
 
 
 def _r(c: Completion, scalar: float = 1.0, **over: str) -> Reward:
-    fields = {"request_id": c.request_id, "group_id": c.group_id, **over}
+    fields = {
+        "request_id": c.request_id,
+        "group_id": c.group_id,
+        "prompt_hash": prompt_hash(c.prompt),
+        "tokens_hash": token_hash(c.token_ids),
+        **over,
+    }
     return Reward(
         run_id=c.run_id,
         completion_id=c.id,
-        prompt_hash="p",
-        tokens_hash="t",
         policy_version=c.policy_version,
         verifier_id="v",
         verifier_version="1",
@@ -62,33 +67,57 @@ def test_duplicates() -> None:
     b = _buf()
     c0 = _c("g", 0, n=3)
     b.add_completion(c0, 0.0, 0)
-    b.add_completion(
-        msgspec.structs.replace(c0, token_ids=[9]), 0.5, 0
-    )  # a second copy while waiting: the first is kept
-    assert b.state.completions["g/0"].token_ids == c0.token_ids
-    b.add_reward(_r(c0), 1.0, 0)
+    [drop] = b.add_completion(c0, 0.2, 0)  # a verbatim copy while waiting: dropped, not consumed
+    assert drop.reason == "duplicate_completion"
+    other = msgspec.structs.replace(c0, token_ids=[9])
+    assert b.add_completion(other, 0.5, 0) == []  # another candidate with that id: both wait
+    assert [x.token_ids for x in b.state.completions["g/0"]] == [c0.token_ids, [9]]
+    [drop] = b.add_reward(_r(c0), 1.0, 0)  # binds c0; the other candidate is refused
+    assert drop.reason == "binding_mismatch" and drop.rejected == [other] and "tokens_hash" in drop.detail
     # Another completion with the same sample index of the same group: dropped, consumed.
     dup = _c("g", 0, n=3, cid="g/0-regenerated")
     b.add_completion(dup, 2.0, 0)
     [drop] = b.add_reward(_r(dup), 2.0, 0)
     assert drop.reason == "duplicate_in_group" and drop.ids == ["g/0-regenerated"]
-    assert b.partial_samples == 1 and b.counters == {"duplicate_in_group": 1, "consumed": 1}
+    assert b.partial_samples == 1
+    assert b.counters == {
+        "duplicate_completion": 1,
+        "rejected_binding_mismatch": 1,
+        "duplicate_in_group": 1,
+        "consumed": 1,
+    }
 
 
-def test_a_reward_bound_to_another_request_or_group_is_rejected_and_the_completion_waits() -> None:
+def test_a_completion_its_reward_does_not_bind_is_refused_and_the_reward_waits() -> None:
     b = _buf()
     c0, c1 = _c("g", 0), _c("g", 1)
-    b.add_completion(c0, 0.0, 0)
-    [drop] = b.add_reward(_r(c0, group_id="other"), 1.0, 0)
+    b.add_completion(msgspec.structs.replace(c0, group_id="other"), 0.0, 0)
+    [drop] = b.add_reward(_r(c0), 1.0, 0)
     assert drop.reason == "binding_mismatch" and drop.ids == ["g/0"] and "group_id" in drop.detail
-    b.add_reward(_r(c1, request_id="req-other"), 1.0, 0)  # reward first: checked when the completion comes
-    [drop] = b.add_completion(c1, 2.0, 0)
-    assert drop.reason == "binding_mismatch" and "request_id" in drop.detail
-    assert set(b.state.completions) == {"g/0", "g/1"} and not b.state.rewards
-    assert b.counters == {"rejected_binding_mismatch": 2}  # nothing left the buffer
-    b.add_reward(_r(c0), 3.0, 0)
-    b.add_reward(_r(c1), 3.0, 0)
+    b.add_reward(_r(c1), 1.0, 0)  # reward first: checked when a completion comes
+    [drop] = b.add_completion(msgspec.structs.replace(c1, request_id="req-other"), 2.0, 0)
+    assert drop.reason == "binding_mismatch" and "request_id" in drop.detail and len(drop.rejected) == 1
+    [drop] = b.add_completion(msgspec.structs.replace(c1, prompt="another prompt"), 2.0, 0)
+    assert "prompt_hash" in drop.detail
+    assert not b.state.completions and set(b.state.rewards) == {"g/0", "g/1"}
+    assert b.counters == {"rejected_binding_mismatch": 3}  # nothing left the buffer as a sample
+    assert b.add_completion(c0, 3.0, 0) == [] and b.add_completion(c1, 3.0, 0) == []
     assert b.ready_groups == 1
+
+
+def test_a_forged_completion_that_comes_first_is_never_trained_and_the_genuine_one_joins() -> None:
+    for reward_first in (False, True):
+        b = _buf()
+        genuine = _c("g", 0, n=1)
+        forged = msgspec.structs.replace(genuine, token_ids=[6, 6, 6], text="forged")
+        drops = b.add_reward(_r(genuine), 0.0, 0) if reward_first else []
+        drops += b.add_completion(forged, 0.5, 0)
+        drops += b.add_completion(genuine, 1.0, 0)
+        if not reward_first:
+            drops += b.add_reward(_r(genuine), 1.5, 0)
+        assert [(d.reason, d.rejected) for d in drops] == [("binding_mismatch", [forged])]
+        [group] = b.take(1, 0).groups
+        assert [s.token_ids for s in group] == [genuine.token_ids]
 
 
 def test_staleness_at_join_and_at_take() -> None:
@@ -181,10 +210,13 @@ def test_the_buffer_is_checkpointed_inside_the_learner_state_and_old_checkpoints
     b.add_completion(c1, 2.0, 0)
     back = decode_state(msgspec.msgpack.encode(state))
     assert back.buffer == b.state and set(back.buffer.completions) == {"g/1"}
+    one_per_id = msgspec.msgpack.decode(msgspec.msgpack.encode(state))
+    one_per_id["buffer"]["completions"] = {"g/1": msgspec.msgpack.decode(msgspec.msgpack.encode(c1))}
+    assert decode_state(msgspec.msgpack.encode(one_per_id)).buffer == b.state
     legacy = {
         "run_id": "r",
         "step": 3,
-        "completions": {"g/1": msgspec.to_builtins(c1)},
+        "completions": {"g/1": msgspec.msgpack.decode(msgspec.msgpack.encode(c1))},
         "rewards": {},
         "groups": msgspec.to_builtins(b.state.groups),
         "group_first_seen": {"g": 1.0},

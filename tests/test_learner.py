@@ -24,7 +24,7 @@ from plumbing.trust import Keyring, Signer, generate_keypair
 from schemas import Reward, RewardStatus
 from schemas.topics import COMPLETIONS, REWARDS
 from tests.kafka_helpers import wait_until
-from tests.reward_helpers import make_completion
+from tests.reward_helpers import engine_signed, make_completion, reward_for
 
 
 @pytest.fixture(scope="module")
@@ -80,22 +80,7 @@ def test_groups_without_signal_and_masked_samples_are_not_trained(trainer: Train
 
 
 def _reward_for(c, signer: Signer, scalar: float = 1.0) -> Reward:
-    return signer.sign(
-        Reward(
-            run_id=c.run_id,
-            completion_id=c.id,
-            request_id=c.request_id,
-            group_id=c.group_id,
-            prompt_hash="p",
-            tokens_hash="t",
-            policy_version=c.policy_version,
-            verifier_id="v",
-            verifier_version="1",
-            components={"correct": scalar},
-            scalar=scalar,
-            status=RewardStatus.OK,
-        )
-    )
+    return reward_for(c, signer, scalar)
 
 
 async def test_learner_assembles_groups_across_a_restart_and_rejects_bad_rewards(
@@ -113,14 +98,17 @@ async def test_learner_assembles_groups_across_a_restart_and_rejects_bad_rewards
 
     def completions(group: str, n: int, version: int = 0):
         return [
-            msgspec.structs.replace(
-                make_completion(f"<answer>{i}</answer>", reference="1"),
-                run_id=run_id,
-                id=f"{group}/{i}",
-                group_id=group,
-                group_size=n,
-                sample_index=i,
-                policy_version=version,
+            engine_signed(
+                msgspec.structs.replace(
+                    make_completion(f"<answer>{i}</answer>", reference="1"),
+                    run_id=run_id,
+                    id=f"{group}/{i}",
+                    group_id=group,
+                    group_size=n,
+                    sample_index=i,
+                    policy_version=version,
+                ),
+                cfg,
             )
             for i in range(n)
         ]

@@ -26,57 +26,42 @@ from plumbing.config import Config
 from plumbing.kafka import Publisher
 from plumbing.redis_client import connect_redis
 from plumbing.trust import Keyring, Signer, generate_keypair
-from schemas import Completion, Reward, RewardStatus
+from schemas import Completion, Reward
 from schemas.topics import COMPLETIONS, POLICY, REWARDS
 from tests.kafka_helpers import wait_until
 from tests.ops_helpers import tiny_llama
-from tests.reward_helpers import make_completion
+from tests.reward_helpers import engine_signed, make_completion, reward_for
 
 G = 4
 
 
-def _group(run_id: str, group: str, gi: int, policy: PolicyModel) -> list[Completion]:
-    """G samples with the starting policy's own log-probs (ratio 1)."""
+def _group(cfg: Config, group: str, gi: int, policy: PolicyModel) -> list[Completion]:
+    """G samples with the starting policy's own log-probs (ratio 1), signed with the state dir's engine key."""
     out = []
     for i in range(G):
         prompt, tokens = [2, 40 + gi, 50], [10 + gi, 20 + i, 30 + (i * gi) % 7, 1]
         batch = Batch([prompt], [tokens], [[]], policy.pad_id)
         with torch.no_grad():
             logp, _ = policy(batch)
-        out.append(
-            msgspec.structs.replace(
-                make_completion("x"),
-                id=f"{group}/{i}",
-                run_id=run_id,
-                request_id=f"{group}-req",
-                group_id=group,
-                group_size=G,
-                sample_index=i,
-                prompt_token_ids=prompt,
-                token_ids=tokens,
-                logprobs=logp[0][batch.mask[0] == 1].tolist(),
-            )
+        c = msgspec.structs.replace(
+            make_completion("x"),
+            id=f"{group}/{i}",
+            run_id=cfg.run_id,
+            request_id=f"{group}-req",
+            group_id=group,
+            group_size=G,
+            sample_index=i,
+            prompt_token_ids=prompt,
+            token_ids=tokens,
+            logprobs=logp[0][batch.mask[0] == 1].tolist(),
         )
+        out.append(engine_signed(c, cfg))
     return out
 
 
 def _reward(c: Completion, signer: Signer, scalar: float) -> Reward:
-    return signer.sign(
-        Reward(
-            run_id=c.run_id,
-            completion_id=c.id,
-            request_id=c.request_id,
-            group_id=c.group_id,
-            prompt_hash="p",
-            tokens_hash="t",
-            policy_version=c.policy_version,
-            verifier_id="v",
-            verifier_version="1",
-            components={"correct": scalar},
-            scalar=scalar,
-            status=RewardStatus.OK,
-        )
-    )
+    """A verifier-signed reward binding `c` (its ids, prompt hash and tokens hash)."""
+    return reward_for(c, signer, scalar)
 
 
 async def test_replaying_the_recorded_steps_gives_the_live_weights_byte_for_byte(cfg: Config, tmp_path: Path) -> None:
@@ -92,7 +77,7 @@ async def test_replaying_the_recorded_steps_gives_the_live_weights_byte_for_byte
     signer = Signer.from_file(generate_keypair(tmp_path / "keys", "k")[0])
     trainer = await asyncio.to_thread(build_trainer, cfg)
     initial = tensors_sha256(trainer.model.lm)
-    a, b = (_group(run_id, g, gi, trainer.model) for gi, g in enumerate(("A", "B")))
+    a, b = (_group(cfg, g, gi, trainer.model) for gi, g in enumerate(("A", "B")))
     redis = connect_redis(cfg)
     archiver = Archiver(cfg, CollectorRegistry(), group_id=f"archiver-{run_id}")
     async with Publisher(cfg) as pub:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,9 @@ async def test_engines_scaled_1_2_1_during_a_run_serve_every_request_once(
     engine, cfg: Config, observed, tmp_path: Path
 ) -> None:
     run_id, obs = observed
+    # The session engine's key comes along: the verifier here trusts the engine keys of the
+    # state dir it is given, and the added engine signs with the newest one it finds there.
+    shutil.copytree(cfg.engine_keys_dir, tmp_path / "state" / cfg.engine_keys_dir.relative_to(cfg.state_dir))
     cfg.state_dir = tmp_path / "state"
     cfg.archive.root = tmp_path / "runs"
     cfg.archive.flush_interval_s = 0.5

@@ -146,13 +146,14 @@ async def test_a_json_completion_from_an_outside_client_is_scored(cfg: Config, t
     from primerl.rewards_reader import RewardsReader
     from schemas import CONTENT_TYPE_HEADER, JSON
     from schemas.topics import COMPLETIONS
-    from tests.reward_helpers import make_completion
+    from tests.reward_helpers import as_engine, make_completion
     from verifier_workers.rewards import build_registry, close_registry
     from verifier_workers.worker import VerifierWorker
 
     run_id = f"json-{uuid.uuid4().hex[:8]}"
     c = msgspec.structs.replace(make_completion("<answer>4</answer>", reference="4"), run_id=run_id, id=f"{run_id}/0")
-    body = msgspec.to_builtins(c)
+    c = as_engine(c, cfg)  # an outside client needs an engine key too (custody.require_engine_signatures)
+    body = msgspec.to_builtins(c)  # the signature travels base64-encoded
     body.pop("kind")
     priv, _ = generate_keypair(tmp_path / "keys", "json-key")
     fns = build_registry()

@@ -32,7 +32,7 @@ from schemas import Completion, RewardStatus
 from schemas.topics import COMPLETIONS, PROMPTS
 from tests.kafka_helpers import wait_until
 from tests.ops_helpers import prompts_of_run, tiny_llama
-from tests.reward_helpers import make_completion
+from tests.reward_helpers import char_tokens, engine_signed, make_completion
 from verifier_workers.rewards import build_registry, close_registry
 from verifier_workers.worker import VerifierWorker
 
@@ -47,9 +47,11 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
-def _completions(run_id: str, prompts, model_dir: str) -> list[Completion]:
+def _completions(cfg: Config, run_id: str, prompts, model_dir: str) -> list[Completion]:
     """G samples per prompt, some right, some wrong, some without an answer (POLICY_FAIL),
-    with the starting policy's own log-probs (ratio 1, as if it had sampled them)."""
+    with the starting policy's own log-probs (ratio 1, as if it had sampled them). Their
+    token_ids decode to their text with the engine's tokenizer (one token per character: ids
+    the tiny model has) and they are engine-signed, so the verifier's custody checks pass."""
     import torch
 
     from learners.policy_model import Batch, PolicyModel
@@ -65,24 +67,27 @@ def _completions(run_id: str, prompts, model_dir: str) -> list[Completion]:
                 "<answer>7</answer>",
             ][(i + gi) % 4]
             c = make_completion(answer, task=req.task, reference=req.reference)
-            prompt, tokens = [2, 40 + gi, 50], [10 + gi, 20 + i, 30 + (i * gi) % 7, 1]
+            prompt, tokens = [2, 40 + gi, 50], char_tokens(answer, cfg)
             batch = Batch([prompt], [tokens], [[]], policy.pad_id)
             with torch.no_grad():
                 logp, _ = policy(batch)
             out.append(
-                msgspec.structs.replace(
-                    c,
-                    id=f"{req.id}/{i}",
-                    run_id=run_id,
-                    request_id=req.id,
-                    group_id=req.group_id,
-                    group_size=G,
-                    sample_index=i,
-                    prompt_token_ids=prompt,
-                    prompt_tokens=len(prompt),
-                    token_ids=tokens,
-                    logprobs=logp[0][batch.mask[0] == 1].tolist(),
-                    policy_version=0,
+                engine_signed(
+                    msgspec.structs.replace(
+                        c,
+                        id=f"{req.id}/{i}",
+                        run_id=run_id,
+                        request_id=req.id,
+                        group_id=req.group_id,
+                        group_size=G,
+                        sample_index=i,
+                        prompt_token_ids=prompt,
+                        prompt_tokens=len(prompt),
+                        token_ids=tokens,
+                        logprobs=logp[0][batch.mask[0] == 1].tolist(),
+                        policy_version=0,
+                    ),
+                    cfg,
                 )
             )
     return out
@@ -108,7 +113,7 @@ async def archived_run(cfg: Config, tmp_path: Path, tiny_model: str) -> AsyncIte
         try:
             await pub.publish_many(PROMPTS.name, [(r, r.routing_key()) for r in prompts])
             await pub.publish_many(
-                COMPLETIONS.name, [(c, c.group_id.encode()) for c in _completions(run_id, prompts, tiny_model)]
+                COMPLETIONS.name, [(c, c.group_id.encode()) for c in _completions(cfg, run_id, prompts, tiny_model)]
             )
             await reader.wait_for(GROUPS * G, timeout_s=90)
 

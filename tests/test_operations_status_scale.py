@@ -23,7 +23,7 @@ from plumbing.redis_client import connect_redis
 from primerl.rewards_reader import RewardsReader
 from schemas import DeadLetter
 from schemas.topics import COMPLETIONS, DLQ
-from tests.reward_helpers import make_completion
+from tests.reward_helpers import as_engine, make_completion
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,8 +150,11 @@ async def test_scaling_verifiers_during_a_run_loses_and_duplicates_nothing(cfg: 
     for i in range(n):
         c = make_completion(f"<answer>{i}</answer>", task="math", reference=str(i if i % 3 else i + 1))
         completions.append(
-            msgspec.structs.replace(
-                c, id=f"{run_id}/{i}", run_id=run_id, request_id=f"{run_id}-r{i}", group_id=f"{run_id}-g{i}"
+            as_engine(
+                msgspec.structs.replace(
+                    c, id=f"{run_id}/{i}", run_id=run_id, request_id=f"{run_id}-r{i}", group_id=f"{run_id}-g{i}"
+                ),
+                cfg,  # the state dir's engine key, which the scaled verifiers trust
             )
         )
     async with Publisher(cfg) as pub, RewardsReader(cfg, run_id) as reader:

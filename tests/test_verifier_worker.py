@@ -10,9 +10,11 @@ from pathlib import Path
 import msgspec
 import pytest
 from prometheus_client import CollectorRegistry
+from transformers import AutoTokenizer
 
 from plumbing.config import Config
 from plumbing.kafka import Publisher
+from plumbing.model_store import resolve_model
 from plumbing.redis_client import connect_redis
 from plumbing.trust import Keyring, MemoryReplayGuard, RewardRejected, Signer, generate_keypair, verify_reward
 from primerl.rewards_reader import RewardsReader
@@ -20,7 +22,7 @@ from producers.arithmetic import arithmetic_requests
 from schemas import Grammar, GrammarKind, RewardStatus
 from schemas.topics import COMPLETIONS, PROMPTS
 from tests.kafka_helpers import dead_letters_matching
-from tests.reward_helpers import make_completion
+from tests.reward_helpers import consistent, engine_signed, make_completion
 from verifier_workers.rewards import build_registry, close_registry
 from verifier_workers.worker import VerifierWorker
 
@@ -40,20 +42,34 @@ async def verifier(cfg: Config, tmp_path: Path) -> AsyncIterator[tuple[VerifierW
     await redis.aclose()
 
 
-def _completion(run_id: str, text: str, reference: str, index: int = 0, **kw: object):
-    c = make_completion(text, reference=reference, **kw)  # type: ignore[arg-type]
-    return msgspec.structs.replace(
-        c, run_id=run_id, id=f"{run_id}-req/{index}", request_id=f"{run_id}-req", sample_index=index
-    )
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model(None))
 
 
-async def test_scores_signs_and_publishes_one_reward_per_completion(cfg: Config, verifier) -> None:
+@pytest.fixture
+def completion(cfg: Config, tokenizer):
+    """Completions as an engine makes them: token_ids are the text's, signed with the state dir's engine key."""
+
+    def make(run_id: str, text: str, reference: str, index: int = 0, **kw: object):
+        c = consistent(make_completion(text, reference=reference, **kw), tokenizer)  # type: ignore[arg-type]
+        return engine_signed(
+            msgspec.structs.replace(
+                c, run_id=run_id, id=f"{run_id}-req/{index}", request_id=f"{run_id}-req", sample_index=index
+            ),
+            cfg,
+        )
+
+    return make
+
+
+async def test_scores_signs_and_publishes_one_reward_per_completion(cfg: Config, verifier, completion) -> None:
     worker, ring = verifier
     run_id = f"v-{uuid.uuid4().hex[:8]}"
-    right = _completion(run_id, "so it is <answer>42</answer>", "42", 0)
-    wrong = _completion(run_id, "<answer>41</answer>", "42", 1)
-    no_answer = _completion(run_id, "I don't know", "42", 2)
-    fmt = _completion(
+    right = completion(run_id, "so it is <answer>42</answer>", "42", 0)
+    wrong = completion(run_id, "<answer>41</answer>", "42", 1)
+    no_answer = completion(run_id, "I don't know", "42", 2)
+    fmt = completion(
         run_id,
         '{"a": 1}',
         "",
@@ -79,10 +95,12 @@ async def test_scores_signs_and_publishes_one_reward_per_completion(cfg: Config,
         await verify_reward(rewards[0], ring, guard)
 
 
-async def test_garbage_and_unknown_tasks_are_dead_lettered_and_the_worker_goes_on(cfg: Config, verifier) -> None:
+async def test_garbage_and_unknown_tasks_are_dead_lettered_and_the_worker_goes_on(
+    cfg: Config, verifier, completion
+) -> None:
     run_id = f"v-{uuid.uuid4().hex[:8]}"
-    unknown = _completion(run_id, "x", "y", 0, task="no-such-task")
-    good = _completion(run_id, "<answer>1</answer>", "1", 1)
+    unknown = completion(run_id, "x", "y", 0, task="no-such-task")
+    good = completion(run_id, "<answer>1</answer>", "1", 1)
     async with RewardsReader(cfg, run_id) as reader, Publisher(cfg) as pub:
         await pub.publish_raw(COMPLETIONS.name, b"\xde\xad garbage " + run_id.encode(), key=run_id.encode())
         await pub.publish_raw(
@@ -97,13 +115,13 @@ async def test_garbage_and_unknown_tasks_are_dead_lettered_and_the_worker_goes_o
     assert any("no-such-task" in d.error for d in letters)
 
 
-async def test_hostile_code_is_stopped_and_the_worker_keeps_serving(cfg: Config, verifier) -> None:
+async def test_hostile_code_is_stopped_and_the_worker_keeps_serving(cfg: Config, verifier, completion) -> None:
     run_id = f"v-{uuid.uuid4().hex[:8]}"
-    loop_forever = _completion(run_id, "```python\nwhile True:\n    pass\n```", "assert True", 0, task="code")
-    fork_bomb = _completion(
+    loop_forever = completion(run_id, "```python\nwhile True:\n    pass\n```", "assert True", 0, task="code")
+    fork_bomb = completion(
         run_id, "```python\nimport os\nwhile True:\n    os.fork()\n```", "assert True", 1, task="code"
     )
-    good = _completion(
+    good = completion(
         run_id, "```python\ndef add(a, b):\n    return a + b\n```", "assert add(2, 3) == 5", 2, task="code"
     )
     async with RewardsReader(cfg, run_id) as reader, Publisher(cfg) as pub:

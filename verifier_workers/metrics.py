@@ -21,6 +21,12 @@ class VerifierMetrics:
             "primerl_verifier_sandbox_kills", "Candidate programs stopped by the sandbox", ["reason"], registry=registry
         )
         self.signed = Counter("primerl_verifier_signed", "Rewards signed", registry=registry)
+        self.rejected = Counter(
+            "primerl_verifier_completions_rejected",
+            "Completions refused (dead-lettered) for custody: engine signature, text/token mismatch",
+            ["reason"],
+            registry=registry,
+        )
         self.duplicates = Counter(
             "primerl_verifier_duplicates", "Redelivered completions already rewarded", registry=registry
         )

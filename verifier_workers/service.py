@@ -6,8 +6,8 @@ import asyncio
 import logging
 
 from plumbing.config import Config
+from plumbing.custody import engine_keyring, engine_tokenizer, verifier_signer
 from plumbing.stage import StageContext, serve_stage
-from plumbing.trust import Signer, generate_keypair
 from verifier_workers.rewards import RewardConfig, build_registry, close_registry
 from verifier_workers.rewards.remote import RemoteConfig
 from verifier_workers.sandbox import SandboxLimits
@@ -16,16 +16,7 @@ from verifier_workers.worker import VerifierWorker
 log = logging.getLogger(__name__)
 
 
-def load_signer(cfg: Config) -> Signer:
-    """The configured private key, or this state dir's verifier key (generated on first use)."""
-    if cfg.verifier.key_file is not None:
-        return Signer.from_file(cfg.verifier.key_file)
-    existing = sorted(cfg.keys_dir.glob("*.key"))
-    if existing:
-        return Signer.from_file(existing[-1])
-    priv, _ = generate_keypair(cfg.keys_dir)
-    log.info("generated verifier key %s (public key next to it: learners trust that folder)", priv)
-    return Signer.from_file(priv)
+load_signer = verifier_signer  # the configured key, or this state dir's newest live one (made on first use)
 
 
 async def serve_verifier(cfg: Config, started: asyncio.Future[VerifierWorker] | None = None) -> None:
@@ -43,6 +34,21 @@ async def build_verifier(ctx: StageContext) -> tuple[VerifierWorker, VerifierWor
         )
     )
     ctx.stack.push_async_callback(close_registry, fns)
-    worker = VerifierWorker(ctx.cfg, fns, load_signer(ctx.cfg), ctx.publisher, ctx.need_redis(), ctx.registry)
-    log.info("verifier signs with key %s", worker.signer.key_id)
+    cfg = ctx.cfg
+    engine_keys = engine_keyring(cfg)
+    worker = VerifierWorker(
+        cfg,
+        fns,
+        load_signer(cfg),
+        ctx.publisher,
+        ctx.need_redis(),
+        ctx.registry,
+        engine_keys=engine_keys,
+        tokenizer=await asyncio.to_thread(engine_tokenizer, cfg),
+    )
+    log.info(
+        "verifier signs with key %s; engine keys trusted: %s",
+        worker.signer.key_id,
+        engine_keys.key_ids() if engine_keys is not None else "any (custody.require_engine_signatures off)",
+    )
     return worker, worker

@@ -13,17 +13,20 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
+import msgspec
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
 from plumbing.config import Config
 from plumbing.consumer import ConsumerRunner, ConsumerStage
+from plumbing.custody import decoded_text, engine_keyring, engine_tokenizer
 from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
 from plumbing.ledger import Ledger
-from plumbing.trust import Signer, digest, token_hash
+from plumbing.trust import Keyring, Rejected, Signer, prompt_hash, token_hash, verify_completion
 from schemas import Completion, Reward
 from schemas.topics import COMPLETIONS, REWARDS
 from verifier_workers.metrics import VerifierMetrics
@@ -49,9 +52,16 @@ class VerifierWorker(ConsumerStage):
     publisher: Publisher
     redis: Redis
     registry: CollectorRegistry
+    engine_keys: Keyring | None = None  # None: from the config (custody.require_engine_signatures)
+    tokenizer: Any = None  # None: the engine's, when custody.check_text_tokens
 
     def __post_init__(self) -> None:
         v = self.cfg.verifier
+        custody = self.cfg.custody
+        if self.engine_keys is None and custody.require_engine_signatures:
+            self.engine_keys = engine_keyring(self.cfg)
+        if self.tokenizer is None and custody.check_text_tokens:
+            self.tokenizer = engine_tokenizer(self.cfg)
         self.metrics = VerifierMetrics(self.registry)
         self.ledger = Ledger(self.redis, f"verifier:{v.verifier_id}:{v.version}")
         self.runner = ConsumerRunner(
@@ -66,7 +76,19 @@ class VerifierWorker(ConsumerStage):
         )
 
     async def handle(self, completion: Completion, _record: ConsumerRecord) -> None:
-        """Score, sign and publish one reward; returns once the broker acked it."""
+        """Check custody, score, sign and publish one reward; returns once the broker acked it.
+
+        Before the ledger claim: a forged completion is dead-lettered without claiming its
+        id, so the genuine one with that id is still scored when it comes.
+        """
+        try:
+            verify_completion(completion, self.engine_keys)
+            if self.tokenizer is not None:
+                # Score what the learner trains on: the text its token_ids decode to.
+                completion = msgspec.structs.replace(completion, text=decoded_text(completion, self.tokenizer))
+        except Rejected as err:
+            self.metrics.rejected.labels(err.reason).inc()
+            raise  # dead-lettered by the runner, with the reason in the letter
         async with self.ledger.claim(completion.id) as fresh:
             if not fresh:
                 self.metrics.duplicates.inc()
@@ -89,7 +111,7 @@ class VerifierWorker(ConsumerStage):
                 completion_id=completion.id,
                 request_id=completion.request_id,
                 group_id=completion.group_id,
-                prompt_hash=digest(completion.prompt.encode()),
+                prompt_hash=prompt_hash(completion.prompt),
                 tokens_hash=token_hash(completion.token_ids),
                 policy_version=completion.policy_version,
                 verifier_id=v.verifier_id,

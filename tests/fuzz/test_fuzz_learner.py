@@ -5,9 +5,12 @@ trainer is a stand-in whose step records the groups it was given and reports "no
 signal" (no weights written, nothing on rollout.policy): this test is about the
 consumer loop, not the update (tests/test_learner.py covers a real step).
 
-A record that does not decode, or a reward that fails verification, must be
-dead-lettered exactly once; a record that decodes is taken in (a completion of the
-run is in the learner's state, one of another run is skipped), with no letter.
+A record that does not decode, a reward that fails verification, or a completion of
+the run without a valid engine signature (custody is on, the default: every storm
+completion is unsigned or signed over other fields, so it is refused as `unsigned`,
+`unknown_key` or `bad_signature`) must be dead-lettered exactly once; any other record
+that decodes is taken in (a completion of another run is skipped), with no letter. The
+good group after the storm is engine-signed, its rewards bind it (real hashes).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from plumbing.config import Config
 from plumbing.kafka import Publisher
 from plumbing.redis_client import connect_redis
 from plumbing.trust import Keyring, Signer, generate_keypair
-from schemas import Completion, Reward, RewardStatus, Topic
+from schemas import Completion, Reward, Topic
 from tests.fuzz.harness import (
     DEFAULT_N,
     Ledger,
@@ -42,7 +45,7 @@ from tests.fuzz.harness import (
     wait_accounted,
 )
 from tests.kafka_helpers import wait_until
-from tests.reward_helpers import make_completion
+from tests.reward_helpers import engine_signed, make_completion, reward_for
 
 
 class _RecordingTrainer:
@@ -130,39 +133,23 @@ async def test_learner_survives_the_storm_and_accounts_for_every_record(
             kept = set(learner.state.buffer.completions) | dropped
             assert held <= kept | {None}, sorted(held - kept)[:5]
             good = [
-                msgspec.structs.replace(
-                    make_completion(f"<answer>{i}</answer>", reference="1"),
-                    run_id=run_id,
-                    id=f"{run_id}-good/{i}",
-                    request_id=f"{run_id}-good",
-                    group_id=f"{run_id}-good",
-                    group_size=2,
-                    sample_index=i,
+                engine_signed(
+                    msgspec.structs.replace(
+                        make_completion(f"<answer>{i}</answer>", reference="1"),
+                        run_id=run_id,
+                        id=f"{run_id}-good/{i}",
+                        request_id=f"{run_id}-good",
+                        group_id=f"{run_id}-good",
+                        group_size=2,
+                        sample_index=i,
+                    ),
+                    cfg,
                 )
                 for i in range(2)
             ]
             for c, scalar in zip(good, (1.0, 0.0), strict=True):
                 await pub.publish(completions_topic, c, key=c.group_id.encode())
-                await pub.publish(
-                    rewards_topic,
-                    signer.sign(
-                        Reward(
-                            run_id=run_id,
-                            completion_id=c.id,
-                            request_id=c.request_id,
-                            group_id=c.group_id,
-                            prompt_hash="p",
-                            tokens_hash="t",
-                            policy_version=0,
-                            verifier_id="v",
-                            verifier_version="1",
-                            components={"correct": scalar},
-                            scalar=scalar,
-                            status=RewardStatus.OK,
-                        )
-                    ),
-                    key=c.group_id.encode(),
-                )
+                await pub.publish(rewards_topic, reward_for(c, signer, scalar), key=c.group_id.encode())
             await wait_until(
                 lambda: any(g and g[0].group_id == good[0].group_id for groups in trainer.steps for g in groups),
                 60,
@@ -179,9 +166,13 @@ async def test_learner_survives_the_storm_and_accounts_for_every_record(
         for s in storm.sent
         if s.decoded_id
         and ledger.letters.get(s.fuzz_id)
-        and not any(letter.error_type == "RewardRejected" for letter in ledger.letters[s.fuzz_id])
+        and not any(letter.error_type == "Rejected" for letter in ledger.letters[s.fuzz_id])
     ]
     assert not wrongly_lettered, [
         (s.fuzz_id, s.category, [letter.error for letter in ledger.letters[s.fuzz_id]]) for s in wrongly_lettered[:5]
     ]
     assert_clean(report, f"learner {variant}")
+    # Custody: no storm completion of this run became a candidate (each was refused, by reason).
+    this_run = [s for s in storms[0].sent if s.decoded_id is not None and s.decoded_run == run_id]
+    assert all(ledger.letters.get(s.fuzz_id) for s in this_run), "an unsigned storm completion was taken in"
+    assert not any(c.run_id == run_id for cs in learner.state.buffer.completions.values() for c in cs)

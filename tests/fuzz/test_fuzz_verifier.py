@@ -3,6 +3,11 @@
 Its input and output topics are swapped for private ones (the module's topic constants,
 read when the worker is built), so the storm never reaches the session's other readers
 of rollout.completions; the code path is the one `primerl verifier` runs.
+
+Custody is on (the default): a storm record that decodes is unsigned (or carries a
+signature that is not over its fields), so it is dead-lettered by reason (`unsigned`,
+`unknown_key`, `bad_signature`); that is still exactly one letter. The good completion
+after the storm is made as an engine makes it (token_ids of its text, engine-signed).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from tests.fuzz.harness import (
     wait_accounted,
 )
 from tests.kafka_helpers import wait_until
-from tests.reward_helpers import make_completion
+from tests.reward_helpers import as_engine, make_completion
 from verifier_workers.rewards import build_registry, close_registry
 from verifier_workers.worker import VerifierWorker
 
@@ -69,11 +74,14 @@ async def test_verifier_survives_the_storm_and_accounts_for_every_record(
         watches = [await dlq_watch(cfg, ledger).start(), await Watch(cfg, out, on_reward).start()]
         try:
             report = await wait_accounted(ledger, [task], what=f"verifier {variant} n={n}")
-            good = msgspec.structs.replace(
-                make_completion("so <answer>4</answer>", reference="4"),
-                run_id=run_id,
-                id=f"{run_id}-good/0",
-                request_id=f"{run_id}-good",
+            good = as_engine(
+                msgspec.structs.replace(
+                    make_completion("so <answer>4</answer>", reference="4"),
+                    run_id=run_id,
+                    id=f"{run_id}-good/0",
+                    request_id=f"{run_id}-good",
+                ),
+                cfg,
             )
             await pub.publish(source, good, key=good.group_id.encode())
             await wait_until(
@@ -88,3 +96,13 @@ async def test_verifier_survives_the_storm_and_accounts_for_every_record(
     print(f"\n[fuzz] verifier {variant}: n={n}, {time.monotonic() - t0:.1f}s")
     assert not watches[1].errors, watches[1].errors[:5]
     assert_clean(report, f"verifier {variant}")
+    # No storm record carries an engine signature over its fields: whatever decodes is refused
+    # for custody (a Rejected letter), never scored.
+    decoded = [s for s in storm.sent if s.decoded_id is not None]
+    assert not [s.fuzz_id for s in decoded if ledger.outputs.get(s.fuzz_id)], "an unsigned storm record was scored"
+    not_custody = [
+        (s.fuzz_id, [letter.error for letter in ledger.letters[s.fuzz_id]])
+        for s in decoded
+        if not any(letter.error_type == "Rejected" for letter in ledger.letters.get(s.fuzz_id, []))
+    ]
+    assert not not_custody, not_custody[:5]

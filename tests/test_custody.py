@@ -1,0 +1,206 @@
+"""Engine signatures on completions (canonical bytes, tamper evidence, keyrings, rotation and
+retirement through the key files), the text/token check, and `primerl keys`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+from transformers import AutoTokenizer
+
+from plumbing.custody import decoded_text
+from plumbing.model_store import resolve_model
+from plumbing.trust import (
+    Keyring,
+    Rejected,
+    Signer,
+    canonical_bytes,
+    completion_bytes,
+    generate_keypair,
+    list_keys,
+    newest_live_key,
+    retire_key,
+    rotate_keys,
+    verify_completion,
+)
+from schemas import Grammar, GrammarKind, Reward, RewardStatus, decode, encode
+from tests.reward_helpers import make_completion
+
+
+@pytest.fixture
+def engine_keys(tmp_path: Path) -> tuple[Signer, Keyring]:
+    priv, _ = generate_keypair(tmp_path, "engine-a", role="engine")
+    return Signer.from_file(priv), Keyring.from_dir(tmp_path)
+
+
+def test_a_signed_completion_verifies_and_survives_the_wire(engine_keys) -> None:
+    signer, ring = engine_keys
+    signed = signer.sign(make_completion("<answer>42</answer>", reference="42"))
+    assert signed.engine_key_id == "engine-a" and len(signed.engine_signature) == 64
+    verify_completion(signed, ring)
+    verify_completion(decode(encode(signed), type(signed)), ring)
+    assert completion_bytes(signed) == completion_bytes(decode(encode(signed), type(signed)))
+
+
+def test_an_old_reader_ignores_the_signature_fields() -> None:
+    class OldCompletion(msgspec.Struct, kw_only=True, tag_field="kind", tag="Completion"):
+        id: str
+        text: str
+
+    payload = encode(msgspec.structs.replace(make_completion("t"), engine_signature=b"x" * 64, engine_key_id="k"))
+    assert msgspec.msgpack.decode(payload, type=OldCompletion).text == "t"
+
+
+COVERED = {
+    "id": "other/0",
+    "run_id": "other",
+    "request_id": "other",
+    "group_id": "other",
+    "group_size": 9,
+    "sample_index": 5,
+    "policy_version": 7,
+    "prompt": "Solve another.",
+    "prompt_token_ids": [1, 2, 4],
+    "token_ids": [4, 6],
+    "logprobs": [-0.5, -0.3],
+    "text": "<answer>41</answer>",
+    "finish_reason": "length",
+    "task": "format",
+    "reference": "41",
+    "grammar": Grammar(GrammarKind.REGEX, "a+"),
+    "worker_id": "engine-other",
+    "created_at": 5.0,
+    "engine_key_id": "engine-b",
+}
+
+
+@pytest.mark.parametrize("field", sorted(COVERED))
+def test_every_covered_field_is_tamper_evident(engine_keys, field: str) -> None:
+    signer, ring = engine_keys
+    signed = signer.sign(make_completion("<answer>42</answer>", reference="42"))
+    with pytest.raises(Rejected) as info:
+        verify_completion(msgspec.structs.replace(signed, **{field: COVERED[field]}), ring)
+    assert info.value.reason in ("bad_signature", "unknown_key")
+
+
+def test_unsigned_wrongly_signed_and_transplanted_signatures_are_rejected(engine_keys, tmp_path: Path) -> None:
+    signer, ring = engine_keys
+    c = make_completion("<answer>42</answer>")
+    reasons = {}
+    for name, bad in {
+        "unsigned": c,
+        "stranger": Signer.from_file(generate_keypair(tmp_path / "other", "engine-a")[0]).sign(c),  # same id, other key
+        "unknown": Signer.from_file(generate_keypair(tmp_path / "other", "engine-z")[0]).sign(c),
+    }.items():
+        with pytest.raises(Rejected) as info:
+            verify_completion(bad, ring)
+        reasons[name] = info.value.reason
+    assert reasons == {"unsigned": "unsigned", "stranger": "bad_signature", "unknown": "unknown_key"}
+    # A genuine signature replayed onto another completion (other id, other tokens, other run).
+    genuine = signer.sign(c)
+    for other in (
+        msgspec.structs.replace(make_completion("<answer>7</answer>"), id="req-1/1", sample_index=1),
+        msgspec.structs.replace(c, run_id="another-run"),
+    ):
+        replayed = msgspec.structs.replace(
+            other, engine_key_id=genuine.engine_key_id, engine_signature=genuine.engine_signature
+        )
+        with pytest.raises(Rejected) as info:
+            verify_completion(replayed, ring)
+        assert info.value.reason == "bad_signature"
+
+
+def test_reward_and_completion_signatures_never_verify_as_each_other(engine_keys) -> None:
+    signer, ring = engine_keys
+    c = signer.sign(make_completion("x"))
+    r = Reward(
+        run_id="r",
+        completion_id="c",
+        request_id="q",
+        group_id="g",
+        prompt_hash="p",
+        tokens_hash="t",
+        policy_version=0,
+        verifier_id="v",
+        verifier_version="1",
+        components={},
+        scalar=0.0,
+        status=RewardStatus.OK,
+        key_id="engine-a",
+    )
+    with pytest.raises(Rejected):  # the engine's signature over a completion, on a reward
+        ring.check_signature(msgspec.structs.replace(r, signature=c.engine_signature))
+    assert canonical_bytes(r) != completion_bytes(c)
+
+
+def test_rotation_and_retirement_through_the_key_folder(tmp_path: Path) -> None:
+    old_priv, _ = generate_keypair(tmp_path, "engine-old", role="engine")
+    ring = Keyring.from_dir(tmp_path, refresh_s=0.0)
+    old = Signer.from_file(old_priv)
+    verify_completion(old.sign(make_completion("a")), ring)
+    new_priv, retired = rotate_keys(tmp_path, "engine", grace_s=60.0)
+    assert retired == ["engine-old"] and newest_live_key(tmp_path) == new_priv
+    new = Signer.from_file(new_priv)
+    verify_completion(new.sign(make_completion("b")), ring)  # a key made after the ring was built: re-read
+    verify_completion(old.sign(make_completion("c")), ring)  # within the grace: still valid
+    late = old.sign(msgspec.structs.replace(make_completion("d"), created_at=time.time() + 120))
+    with pytest.raises(Rejected) as info:
+        verify_completion(late, ring)
+    assert info.value.reason == "retired_key"
+    retire_key(tmp_path, new_priv.stem)
+    assert newest_live_key(tmp_path) is None
+    assert [(k.key_id, k.retired_at is not None) for k in list_keys(tmp_path)] == [
+        ("engine-old", True),
+        (new_priv.stem, True),
+    ]
+    fresh = Keyring.from_dir(tmp_path)  # a process started after the retirement
+    with pytest.raises(Rejected) as info:
+        verify_completion(new.sign(msgspec.structs.replace(make_completion("e"), created_at=time.time() + 1)), fresh)
+    assert info.value.reason == "retired_key"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_model(None))
+
+
+def test_the_scored_text_is_the_tokens_decoded(tokenizer) -> None:
+    ids = tokenizer.encode("so it is <answer>42</answer>", add_special_tokens=False)
+    c = msgspec.structs.replace(make_completion(tokenizer.decode(ids)), token_ids=ids)
+    assert decoded_text(c, tokenizer) == c.text
+    eos = msgspec.structs.replace(c, token_ids=[*ids, tokenizer.eos_token_id])  # the stop token is not text
+    assert decoded_text(eos, tokenizer) == c.text
+    # A stop string: vLLM cuts it from the text, not from the tokens; the tokens' text is scored.
+    cut = msgspec.structs.replace(c, text=c.text[: c.text.index("</answer>")], finish_reason="stop")
+    assert decoded_text(cut, tokenizer) == c.text
+    for bad in (
+        msgspec.structs.replace(c, text="so it is <answer>41</answer>"),
+        msgspec.structs.replace(cut, finish_reason="length"),
+    ):
+        with pytest.raises(Rejected) as info:
+            decoded_text(bad, tokenizer)
+        assert info.value.reason == "text_tokens_mismatch"
+
+
+def test_keys_cli_generates_lists_rotates_and_retires_both_roles(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from primerl.cli import app
+
+    cli = CliRunner()
+    state = ["--state-dir", str(tmp_path)]
+    for role, folder in (("engine", tmp_path / "keys" / "engine"), ("verifier", tmp_path / "keys")):
+        out = cli.invoke(app, ["keys", "generate", "--role", role, "--key-id", f"{role}-one", *state])
+        assert out.exit_code == 0, out.output
+        out = cli.invoke(app, ["keys", "rotate", "--role", role, "--grace-s", "0", *state])
+        assert out.exit_code == 0 and f"{role}-one" in out.output
+        new = newest_live_key(folder)
+        assert new is not None and new.stem != f"{role}-one"
+        listed = cli.invoke(app, ["keys", "list", "--role", role, *state]).output
+        assert f"{role}-one" in listed and "retired from" in listed and "(signs)" in listed
+        assert cli.invoke(app, ["keys", "retire", new.stem, "--role", role, *state]).exit_code == 0
+        assert newest_live_key(folder) is None
+        assert cli.invoke(app, ["keys", "retire", "nope", "--role", role, *state]).exit_code == 1
+    assert cli.invoke(app, ["keys", "list", "--role", "other", *state]).exit_code != 0
