@@ -56,3 +56,12 @@ guardrail: bootstrap
 	promtool check metrics < artifacts/guardrail_metrics.txt
 	.venv/bin/python scripts/analyze_metrics.py --slo deploy/slo/ci.toml artifacts/guardrail_metrics.txt
 	.venv/bin/python -m pytest -v -rs -m guardrail tests/test_dashboard.py $(PYTEST_ARGS)
+
+# Issue 18: the cost model's weights (routing.latency_weight x routing.decode_token_cost) in
+# the fleet simulation (perf/fleet_sim.py, calibration artifacts/fleet_costs.json) at W=2 and 8,
+# contexts 2048/4096, with perturbed calibrations and a check of the simulated prime/baseline
+# ratios against the real bench's; artifacts/cost_model_sweep.csv, .png, _direction.csv.
+# About 3 minutes on one core. No servers, no engine.
+.PHONY: cost-sweep
+cost-sweep: bootstrap
+	.venv/bin/python -m perf.cost_model_sweep $(COST_SWEEP_ARGS)

@@ -703,10 +703,13 @@ def load_routing_bench(path: Path) -> list[RealCell]:
 
 
 def load_perf_results(path: Path) -> list[RealCell]:
-    """The cells of artifacts/perf_results.csv, averaged over repeats (ttfb_ms: TTFB p50; p95_ms: e2e p95)."""
+    """The cells of artifacts/perf_results.csv, averaged over repeats (ttfb_ms: TTFB p50; p95_ms: e2e p95);
+    baseline rows are round_robin, prime rows cache_aware, the raw engines' rows are left out."""
     grouped: dict[tuple[int, Policy], list[dict[str, str]]] = defaultdict(list)
     with open(path) as f:
         for r in csv.DictReader(f):
+            if r["stack"] not in ("baseline", "prime"):
+                continue  # "raw": offline engines, no router
             policy: Policy = "round_robin" if r["stack"] == "baseline" else "cache_aware"
             grouped[(int(r["context"]), policy)].append(r)
 

@@ -152,8 +152,9 @@ def test_perf_results_cells_average_repeats_and_map_stacks(tmp_path: Path) -> No
         "2048,off,off,10,1000,3000,0.6,baseline,0,32,2000,1.0,0\n"
         "2048,off,off,20,3000,5000,0.8,baseline,1,32,4000,1.5,0\n"
         "2048,on,on,30,500,900,0.9,prime,0,32,700,1.25,0.4\n"
+        "2048,on,sticky,90,100,200,0.5,raw,0,32,150,1.0,0.7\n"
     )
     cells = {c.policy: c for c in load_perf_results(path)}
     assert cells["round_robin"].tokens_per_s == 15 and cells["round_robin"].ttfb_p50_ms == 2000
     assert cells["round_robin"].e2e_p95_ms == 4000 and cells["round_robin"].ttfb_p95_ms == 3000
-    assert cells["cache_aware"].cache_hit_rate == 0.9
+    assert cells["cache_aware"].cache_hit_rate == 0.9 and cells["cache_aware"].tokens_per_s == 30  # raw left out
