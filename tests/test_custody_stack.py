@@ -23,11 +23,11 @@ from transformers import AutoTokenizer
 
 from learners.worker import LearnerWorker
 from plumbing.config import Config
-from plumbing.custody import engine_keyring, engine_signer
+from plumbing.custody import engine_keyring, engine_signer, verifier_signer
 from plumbing.kafka import Publisher
 from plumbing.model_store import resolve_model
 from plumbing.redis_client import connect_redis
-from plumbing.trust import Keyring, Signer, generate_keypair, token_hash, verify_completion
+from plumbing.trust import Keyring, Signer, generate_keypair, rotate_keys, token_hash, verify_completion
 from primerl.rewards_reader import RewardsReader
 from schemas import Completion, DeadLetter, decode
 from schemas.topics import COMPLETIONS
@@ -225,3 +225,68 @@ async def test_the_engine_worker_signs_every_final_completion(cfg: Config, token
     for c in cap.finals:
         assert c.engine_key_id == worker.signer.key_id  # type: ignore[union-attr]
         verify_completion(c, ring)
+
+
+async def test_keys_rotated_mid_run_with_no_grace_lose_nothing(cfg: Config, tmp_path: Path, tokenizer: Any) -> None:
+    """Both folders rotated while completions and rewards are in flight, old keys retired at
+    once: the signers switch at their next signature, the checkers trust the new keys at once,
+    and what the old keys signed before the rotation stays valid."""
+    run_id = f"rot-{uuid.uuid4().hex[:8]}"
+    cfg.run_id = run_id
+    cfg.state_dir = tmp_path / "state"  # its own key folders: the session engine's keys are not rotated
+    cfg.learner.groups_per_step = 1000  # assemble only
+    cfg.learner.group_timeout_s = 600
+    engine, vsigner = engine_signer(cfg), verifier_signer(cfg)
+    old_engine, old_verifier = engine.key_id, vsigner.key_id
+
+    def completion(i: int) -> Completion:
+        c = consistent(make_completion(f"<answer>{i}</answer>", reference=str(i)), tokenizer)
+        g = f"{run_id}-{i}"
+        return msgspec.structs.replace(c, run_id=run_id, id=f"{g}/0", request_id=g, group_id=g, group_size=1)
+
+    fns = build_registry()
+    redis = connect_redis(cfg)
+    async with Publisher(cfg) as pub, RewardsReader(cfg, run_id) as reader:
+        verifier = VerifierWorker(cfg, fns, vsigner, pub, redis, CollectorRegistry())
+        learner = LearnerWorker(
+            cfg,
+            _stand_in_trainer(),
+            Keyring.from_dir(cfg.keys_dir),
+            pub,
+            redis,
+            CollectorRegistry(),
+            checkpoint=tmp_path / "ckpt" / "learner.ckpt",
+            policies_dir=tmp_path / "policies",
+        )
+        tasks = [asyncio.create_task(verifier.run()), asyncio.create_task(learner.run())]
+        try:
+            await asyncio.wait_for(learner.assigned.wait(), 60)
+            first = [engine.sign(completion(i)) for i in range(8)]
+            for c in first:
+                await pub.publish(COMPLETIONS.name, c, key=c.group_id.encode())
+            await reader.wait_for(1, timeout_s=90)  # mid-run: some rewarded, the rest in flight
+            rotate_keys(cfg.engine_keys_dir, "engine", grace_s=0)
+            rotate_keys(cfg.keys_dir, "verifier", grace_s=0)
+            second = [engine.sign(completion(i)) for i in range(8, 16)]
+            for c in second:
+                await pub.publish(COMPLETIONS.name, c, key=c.group_id.encode())
+            await reader.wait_for(16, timeout_s=120)
+            await wait_until(lambda: len(learner.state.buffer.ready) == 16, timeout_s=60, what="sixteen groups ready")
+        finally:
+            verifier.stop()
+            learner.stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await close_registry(fns)
+            await redis.aclose()
+
+    assert {c.engine_key_id for c in first} == {old_engine}
+    assert {c.engine_key_id for c in second} == {engine.key_id} and engine.key_id != old_engine
+    assert vsigner.key_id != old_verifier and old_verifier in {r.key_id for r in reader.rewards}
+    assert vsigner.key_id in {r.key_id for r in reader.rewards}
+    assert sorted(r.completion_id for r in reader.rewards) == sorted(c.id for c in first + second)
+    assert {s.completion_id for g in learner.state.buffer.ready for s in g} == {c.id for c in first + second}
+    assert not [k for k in learner.state.counters if k.startswith("rejected")], learner.state.counters
+    with pytest.raises(TimeoutError):  # not one letter for this run, from either stage
+        await dead_letters_matching(
+            cfg, lambda d: d.run_id == run_id or _letter_id(d).startswith(run_id), 1, timeout_s=5
+        )
