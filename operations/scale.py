@@ -31,6 +31,7 @@ from plumbing.local_servers import (
     free_port,
     start_ticks,  # the pid-recycling guard infra records use too
 )
+from plumbing.security import server_env
 
 ROLES = ("engine", "verifier", "learner")
 # The log line that says a worker has joined its group and is serving. An engine process
@@ -112,7 +113,7 @@ def start_worker(
     if role == "learner":
         cmd += ["--run-id", run_id]
     cmd += extra_args or []
-    env = {**os.environ, "KAFKA_BOOTSTRAP_SERVERS": cfg.bootstrap, "REDIS_URL": cfg.redis_url, **(extra_env or {})}
+    env = {**os.environ, **server_env(cfg), **(extra_env or {})}
     if role == "engine":
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     log_file = log_dir / f"{role}-{int(time.time() * 1000)}-{port}.log"

@@ -74,6 +74,7 @@ from perf.scrape import scrape, write_scrape
 from perf.stack import Stack, StackSettings, Stage
 from perf.workload import ROOT, Shape, Workload, engine_command, pinned, wait_workers
 from plumbing.config import MetricsConfig
+from plumbing.redis_client import connect_redis
 from plumbing.runtime import run, setup_logging
 from schemas import PromptRequest
 from schemas.topics import PROMPTS
@@ -409,7 +410,7 @@ class PipelineSet:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self.name}: not ready after {timeout_s}s")
             await asyncio.sleep(1)
-        self.redis = Redis.from_url(cfg.redis_url)
+        self.redis = connect_redis(cfg, socket_timeout=None, socket_connect_timeout=None)
         await wait_workers(self.redis, cfg, lambda: all(st.alive() for st in self.stages.values()))
         self.observer = RunObserver(cfg, self.run_id, with_rewards=True)
         await self.observer.start()

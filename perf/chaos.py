@@ -312,10 +312,10 @@ class ChaosRun:
         f = self._watch_index
         if f is None:
             return
-        from redis.asyncio import Redis
+        from plumbing.redis_client import connect_redis
 
         assert self.stack.cfg is not None  # set by start_servers
-        client = Redis.from_url(self.stack.cfg.redis_url, socket_timeout=1, socket_connect_timeout=1)
+        client = connect_redis(self.stack.cfg, socket_timeout=1, socket_connect_timeout=1)
         try:
             keys = [k async for k in client.scan_iter("primerl:registry:*")]
         except Exception:  # noqa: BLE001 - not up yet

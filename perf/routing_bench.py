@@ -34,7 +34,6 @@ from pathlib import Path
 
 import msgspec
 from prometheus_client import CollectorRegistry
-from redis.asyncio import Redis
 from tqdm import tqdm
 
 from perf.common import ARTIFACTS, percentile, write_csv
@@ -43,6 +42,7 @@ from plumbing.config import Config, RoutingPolicy, load_config
 from plumbing.infra import infra_for_run
 from plumbing.kafka import Publisher
 from plumbing.model_store import resolve_model
+from plumbing.redis_client import connect_redis
 from plumbing.runtime import run, setup_logging
 from primerl.observe import RunObserver
 from router.router import Router
@@ -143,7 +143,7 @@ async def bench(args: argparse.Namespace) -> None:
     log_dir.mkdir(parents=True, exist_ok=True)
     async with infra_for_run(cfg) as cfg:
         procs = start_engines(cfg, log_dir)
-        redis = Redis.from_url(cfg.redis_url)
+        redis = connect_redis(cfg, socket_timeout=None, socket_connect_timeout=None)
         try:
             print("starting two engine workers (one core each)...", flush=True)
             await wait_workers(redis, cfg, lambda: all(p.poll() is None for p in procs))

@@ -33,6 +33,7 @@ from learners.outcome_log import read_outcomes
 from plumbing.config import Config, load_config
 from plumbing.kafka import Publisher, create_topics
 from plumbing.local_servers import ServerProcess, start_broker, start_redis
+from plumbing.security import server_env
 from producers.arithmetic import arithmetic_requests
 from schemas import Completion, DeadLetter, PolicyUpdate, PromptRequest, Reward, decode
 from schemas.completions import completion_id
@@ -238,11 +239,11 @@ class Stack:
         self._broker_proc, self.broker = start_broker(self.log_dir)
         self._redis_proc, self.redis = start_redis(self.log_dir)
         bootstrap, redis_url = f"127.0.0.1:{self.broker.port}", f"redis://127.0.0.1:{self.redis.port}/0"
-        await wait_kafka(bootstrap)
-        await wait_redis(redis_url)
         self.cfg = load_config(
             state_dir=self.state_dir, kafka_bootstrap_servers=bootstrap, redis_url=redis_url, run_id=self.s.run_id
         )
+        await wait_kafka(self.cfg)
+        await wait_redis(self.cfg)
         await create_topics(self.cfg)
         if not list(self.cfg.keys_dir.glob("*.key")):  # before the learner reads its keyring
             generate_keypair(self.cfg.keys_dir)
@@ -254,8 +255,7 @@ class Stack:
         return {
             **os.environ,
             "PYTHONPATH": str(ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""),
-            "KAFKA_BOOTSTRAP_SERVERS": self.cfg.bootstrap,
-            "REDIS_URL": self.cfg.redis_url,
+            **server_env(self.cfg),
             "PRIMERL_ENGINE__POLICY_RUN": s.run_id,
             "PRIMERL_ENGINE__MAX_IN_FLIGHT": str(s.engine_max_in_flight),
             "PRIMERL_LEARNER__GROUPS_PER_STEP": str(s.groups_per_step),

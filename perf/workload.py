@@ -32,6 +32,7 @@ from redis.asyncio import Redis
 
 from plumbing.config import Config
 from plumbing.prefix_cache.index import PrefixIndex
+from plumbing.security import server_env
 from schemas import ChatMessage, Grammar, GrammarKind, PromptRequest, SamplingParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,8 +157,7 @@ def engine_env(cfg: Config, kv_cache_gib: int = 2) -> dict[str, str]:
     """The environment of an engine worker on `cfg`'s servers."""
     return {
         **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": cfg.bootstrap,
-        "REDIS_URL": cfg.redis_url,
+        **server_env(cfg),
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
         "TOKENIZERS_PARALLELISM": "false",
     }

@@ -2,8 +2,9 @@
 
 Precedence (highest first): CLI overrides, environment (`PRIMERL_...`, nested with
 `__`, plus the standard `KAFKA_BOOTSTRAP_SERVERS` / `REDIS_URL`), the TOML file named
-by `--config` or `PRIMERL_CONFIG`, the infra env file written by `primerl infra up`,
-then the defaults below, each written once, here. `primerl.example.toml` lists them.
+by `--config` or `PRIMERL_CONFIG`, the infra env file written by `primerl infra up`
+(and the Redis ACL user it generated, for its own server only), then the defaults
+below, each written once, here. Passwords are `SecretStr`: printed as `**********`. `primerl.example.toml` lists them.
 
 Every field says what it is in its docstring; choices are `Literal`s and numbers are
 bounded, so a bad value fails at load time with the field's name, not later in a stage
@@ -17,16 +18,18 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
-from plumbing.local_servers import process_status, read_state
+from plumbing.local_servers import process_status, read_credentials, read_state
 
 RoutingPolicy = Literal["cache_aware", "round_robin", "hash"]
 Algo = Literal["grpo", "ppo"]
 Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 Compression = Literal["gzip", "snappy", "lz4", "zstd"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"]
 
 
 class _Section(BaseModel):
@@ -59,12 +62,88 @@ class KafkaConfig(_Section):
     """Attempts at a record whose handler fails on an outage (broker, Redis unreachable)
     before it is dead-lettered; consumption is paused between attempts. With the
     backoff (0.25 s doubling, capped at 30 s) 8 attempts ride out ~2 minutes."""
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    """How every client (producer, consumer, admin) talks to the broker: SASL_* authenticate, *SSL encrypt."""
+    sasl_mechanism: SaslMechanism | None = None
+    """SASL mechanism (with SASL_PLAINTEXT / SASL_SSL). PLAIN sends the password as it is: only over SASL_SSL."""
+    sasl_username: str | None = Field(None, min_length=1, max_length=256)
+    """SASL user (the Kafka principal User:<name>; deploy/acl/ names one per stage)."""
+    sasl_password: SecretStr | None = Field(None, min_length=1, max_length=1024)
+    """SASL password; kept out of logs and reprs (PRIMERL_KAFKA__SASL_PASSWORD)."""
+    tls_ca_file: Path | None = None
+    """CA bundle that signed the broker's certificate (None: the system's CAs)."""
+    tls_cert_file: Path | None = None
+    """Client certificate (PEM) for brokers that want mutual TLS."""
+    tls_key_file: Path | None = None
+    """Private key of tls_cert_file (None: inside the certificate file)."""
+    tls_key_password: SecretStr | None = Field(None, max_length=1024)
+    """Password of an encrypted tls_key_file."""
+    tls_check_hostname: bool = True
+    """Check that the broker's certificate names the host dialled."""
 
     @model_validator(mode="after")
     def _heartbeat_under_session(self) -> KafkaConfig:
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError("kafka.heartbeat_interval_ms must be below kafka.session_timeout_ms")
         return self
+
+    @model_validator(mode="after")
+    def _security_consistent(self) -> KafkaConfig:
+        # Settings the protocol would ignore are refused: a password configured but never
+        # sent is a silent downgrade, found only when the broker refuses the connection.
+        sasl = self.security_protocol.startswith("SASL_")
+        if sasl and (self.sasl_mechanism is None or self.sasl_username is None or self.sasl_password is None):
+            raise ValueError(
+                f"kafka.security_protocol={self.security_protocol} needs kafka.sasl_mechanism, "
+                "kafka.sasl_username and kafka.sasl_password"
+            )
+        if not sasl and (self.sasl_mechanism or self.sasl_username or self.sasl_password):
+            raise ValueError(
+                f"kafka.sasl_* is set but kafka.security_protocol={self.security_protocol}: "
+                "use SASL_SSL (or SASL_PLAINTEXT on a trusted network)"
+            )
+        tls_files = self.tls_ca_file or self.tls_cert_file or self.tls_key_file or self.tls_key_password
+        if tls_files and not self.security_protocol.endswith("SSL"):
+            raise ValueError(
+                f"kafka.tls_* is set but kafka.security_protocol={self.security_protocol}: use SSL or SASL_SSL"
+            )
+        if (self.tls_key_file or self.tls_key_password) and not self.tls_cert_file:
+            raise ValueError("kafka.tls_key_file / tls_key_password need kafka.tls_cert_file")
+        return self
+
+
+class RedisConfig(_Section):
+    """Redis credentials and TLS; the address is the top-level redis_url (`rediss://` for TLS)."""
+
+    username: str | None = Field(None, min_length=1, max_length=256)
+    """ACL user (None: the `default` user, or the one in redis_url)."""
+    password: SecretStr | None = Field(None, min_length=1, max_length=1024)
+    """Its password (PRIMERL_REDIS__PASSWORD); kept out of logs and reprs."""
+    tls_ca_file: Path | None = None
+    """CA bundle that signed the server's certificate (None: the system's CAs); needs a rediss:// URL."""
+    tls_cert_file: Path | None = None
+    """Client certificate (PEM) for servers with tls-auth-clients yes."""
+    tls_key_file: Path | None = None
+    """Private key of tls_cert_file."""
+    tls_check_hostname: bool = True
+    """Check that the server's certificate names the host dialled."""
+
+    @model_validator(mode="after")
+    def _user_has_password(self) -> RedisConfig:
+        if self.username is not None and self.password is None:
+            raise ValueError("redis.username needs redis.password")
+        if self.tls_key_file and not self.tls_cert_file:
+            raise ValueError("redis.tls_key_file needs redis.tls_cert_file")
+        return self
+
+
+class InfraConfig(_Section):
+    """The local servers `primerl infra up` / `primerl up` start where none is configured."""
+
+    auth: bool = True
+    """Local redis-server requires an ACL user whose password is generated into
+    <state_dir>/credentials.toml (0600) and read by every primerl command. The local broker
+    stays open (loopback only): Tansu 0.6.0 cannot keep a SCRAM user (see README, Credentials)."""
 
 
 class DeadLetterConfig(_Section):
@@ -318,6 +397,10 @@ class Config(BaseSettings):
     """The archiver and replays."""
     dead_letters: DeadLetterConfig = DeadLetterConfig()
     """Dead-letter bounds and spill folder."""
+    redis: RedisConfig = RedisConfig()
+    """Redis credentials and TLS."""
+    infra: InfraConfig = InfraConfig()
+    """Local servers."""
 
     @classmethod
     def settings_customise_sources(
@@ -411,4 +494,10 @@ def load_config(config_file: Path | None = None, **overrides: Any) -> Config:
         fill["kafka_bootstrap_servers"] = infra["KAFKA_BOOTSTRAP_SERVERS"]
     if not cfg.redis_url and "REDIS_URL" in infra:
         fill["redis_url"] = infra["REDIS_URL"]
+    # The ACL user `infra up` generated, for its own redis-server only: a Redis named
+    # elsewhere never sees these credentials, and configured ones win.
+    creds = read_credentials(cfg.state_dir)
+    url = fill.get("redis_url", cfg.redis_url)
+    if creds is not None and url == creds.redis_url and cfg.redis.username is None and cfg.redis.password is None:
+        fill |= {"redis.username": creds.redis_username, "redis.password": creds.redis_password}
     return cfg.derive(**fill) if fill else cfg

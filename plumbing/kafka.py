@@ -11,6 +11,7 @@ from aiokafka.errors import TopicAlreadyExistsError
 from aiokafka.structs import RecordMetadata
 
 from plumbing.config import Config
+from plumbing.security import kafka_security_kwargs
 from schemas import CONTENT_TYPE_HEADER, MSGPACK, Message, encode
 from schemas.topics import TOPICS
 
@@ -18,10 +19,15 @@ log = logging.getLogger(__name__)
 
 
 def common_kwargs(cfg: Config) -> dict[str, object]:
-    """Settings shared by every Kafka client of this process."""
+    """Settings shared by every Kafka client of this process (producer, consumer, admin): the
+    broker, timeouts, and the SASL / TLS settings of plumbing/security.py."""
     if not cfg.bootstrap:
         raise RuntimeError("no Kafka broker configured: set KAFKA_BOOTSTRAP_SERVERS or run `primerl infra up`")
-    return {"bootstrap_servers": cfg.bootstrap, "request_timeout_ms": cfg.kafka.request_timeout_ms}
+    return {
+        "bootstrap_servers": cfg.bootstrap,
+        "request_timeout_ms": cfg.kafka.request_timeout_ms,
+        **kafka_security_kwargs(cfg.kafka),
+    }
 
 
 def consumer_kwargs(cfg: Config, group_id: str) -> dict[str, object]:

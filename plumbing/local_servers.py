@@ -2,19 +2,25 @@
 
 Used by `primerl infra up/down/status` and by the test fixtures. The processes are
 recorded with their pid and command line in `<state_dir>/infra.json`, so `down`
-stops exactly what `up` started, and nothing else.
+stops exactly what `up` started, and nothing else. A redis-server started with
+credentials has its `default` user switched off and one ACL user whose password is
+in `<state_dir>/credentials.toml` (0600); the ACL file holds only its SHA-256, and no
+command line (infra.json, `ps`) holds either.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import msgspec
@@ -40,6 +46,72 @@ class InfraState(msgspec.Struct):
 
     env: dict[str, str]
     processes: list[ServerProcess] = []
+
+
+class LocalCredentials(msgspec.Struct, frozen=True):
+    """The ACL user of a local redis-server, for that server's URL only."""
+
+    redis_url: str
+    redis_username: str
+    redis_password: str
+
+    def __repr__(self) -> str:  # the password stays out of logs and tracebacks
+        return f"LocalCredentials(redis_url={self.redis_url!r}, redis_username={self.redis_username!r})"
+
+
+LOCAL_REDIS_USER = "primerl"
+
+
+def new_credentials(redis_url: str) -> LocalCredentials:
+    """A fresh ACL user for the redis-server at `redis_url` (a 256-bit random password)."""
+    return LocalCredentials(redis_url, LOCAL_REDIS_USER, secrets.token_urlsafe(32))
+
+
+def credentials_file(state_dir: Path) -> Path:
+    """Where `infra up` keeps the credentials of the servers it started."""
+    return state_dir / "credentials.toml"
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` readable by its owner only, from the first byte (no chmod after the fact)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def write_credentials(state_dir: Path, creds: LocalCredentials) -> Path:
+    """Record `creds` in credentials.toml (mode 0600); returns its path."""
+    path = credentials_file(state_dir)
+    _write_private(
+        path,
+        "# written by `primerl infra up`: the ACL user of its redis-server (every primerl command\n"
+        "# with this --state-dir uses it for that URL only). `primerl infra down` removes it.\n"
+        f"[redis]\nurl = {json.dumps(creds.redis_url)}\nusername = {json.dumps(creds.redis_username)}\n"
+        f"password = {json.dumps(creds.redis_password)}\n",
+    )
+    return path
+
+
+def read_credentials(state_dir: Path) -> LocalCredentials | None:
+    """The recorded credentials, or None when there are none."""
+    path = credentials_file(state_dir)
+    if not path.exists():
+        return None
+    r = tomllib.loads(path.read_text())["redis"]
+    return LocalCredentials(str(r["url"]), str(r["username"]), str(r["password"]))
+
+
+def redis_acl_file(path: Path, username: str, password: str) -> Path:
+    """An ACL file for redis-server: `default` off, `username` with every key and command.
+
+    One all-powerful user locally: the stages share one process tree here. The
+    per-stage least-privilege users for a shared Redis are in deploy/acl/.
+    """
+    digest = hashlib.sha256(password.encode()).hexdigest()
+    _write_private(path, f"user default off\nuser {username} on #{digest} ~* &* +@all\n")
+    return path
 
 
 def free_port() -> int:
@@ -121,8 +193,13 @@ def start_broker(log_dir: Path) -> tuple[subprocess.Popen[bytes], ServerProcess]
     return proc, rec
 
 
-def start_redis(log_dir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], ServerProcess]:
-    """Start redis-server (no persistence) on `port` (default: a free one) and wait until it listens."""
+def start_redis(
+    log_dir: Path, port: int | None = None, acl_file: Path | None = None
+) -> tuple[subprocess.Popen[bytes], ServerProcess]:
+    """Start redis-server (no persistence) on `port` (default: a free one) and wait until it listens.
+
+    With `acl_file` (see `redis_acl_file`) only its users get in.
+    """
     port = port or free_port()
     cmd = [
         redis_binary(),
@@ -136,6 +213,7 @@ def start_redis(log_dir: Path, port: int | None = None) -> tuple[subprocess.Pope
         "no",
         "--daemonize",
         "no",
+        *(["--aclfile", str(acl_file.resolve())] if acl_file is not None else []),
     ]
     proc, rec = _spawn("redis", cmd, port, log_dir)
     _wait_port(port, proc, "redis-server")
@@ -211,7 +289,7 @@ def process_status(state: InfraState) -> list[tuple[ServerProcess, bool]]:
 
 def clear_state(state_dir: Path) -> None:
     """Forget the recorded state."""
-    for name in ("infra.json", "infra.env"):
+    for name in ("infra.json", "infra.env", credentials_file(state_dir).name, "redis.acl"):
         (state_dir / name).unlink(missing_ok=True)
 
 

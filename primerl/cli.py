@@ -22,14 +22,32 @@ keys_app = typer.Typer(no_args_is_help=True, help="Engine and verifier signing k
 app.add_typer(keys_app, name="keys")
 
 
+AuthOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--auth/--no-auth",
+        help="local redis-server requires a generated ACL user (default: infra.auth, true); --no-auth: open",
+    ),
+]
+
+
 @infra_app.command("up")
-def infra_up(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
+def infra_up(config: ConfigOpt = None, state_dir: StateOpt = None, auth: AuthOpt = None) -> None:
     """Start a local broker and Redis where none is configured; create topics; print the env."""
     from plumbing.infra import ensure_infra
+    from plumbing.local_servers import credentials_file, read_credentials
 
-    cfg = command_config(config, state_dir)
+    cfg = command_config(config, state_dir, **{"infra.auth": auth})
     state, cfg = run(ensure_infra(cfg))
     typer.echo(f"# servers ready; written to {cfg.state_dir / 'infra.env'} (other primerl commands read it)")
+    creds = read_credentials(cfg.state_dir)
+    if creds is not None and creds.redis_url == cfg.redis_url:
+        typer.echo(
+            f"# Redis requires ACL user {creds.redis_username!r}: password in {credentials_file(cfg.state_dir)} "
+            "(0600, read by primerl commands with this --state-dir)"
+        )
+    if any(p.name == "kafka" for p in state.processes):
+        typer.echo("# the local broker takes clients without credentials (loopback only; see README, Credentials)")
     for key, value in sorted(state.env.items()):
         typer.echo(f"export {key}={value}")
 
@@ -47,13 +65,14 @@ def infra_down(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
 def infra_status(config: ConfigOpt = None, state_dir: StateOpt = None) -> None:
     """Say what runs where."""
     from plumbing.local_servers import describe, read_state
+    from plumbing.security import redacted
 
     cfg = command_config(config, state_dir)
     state = read_state(cfg.state_dir)
     if state is None:
         typer.echo(
             f"no local servers recorded in {cfg.state_dir}; "
-            f"configured: kafka={cfg.bootstrap or '-'} redis={cfg.redis_url or '-'}"
+            f"configured: kafka={cfg.bootstrap or '-'} redis={redacted(cfg.redis_url) or '-'}"
         )
         raise typer.Exit(1)
     typer.echo(describe(state))
@@ -74,13 +93,14 @@ def up(
     seed: Annotated[int, typer.Option(help="seed of the training prompts and the learner")] = 0,
     algo: Annotated[str, typer.Option(help="grpo or ppo")] = "grpo",
     keep: Annotated[bool, typer.Option(help="leave the local servers running")] = False,
+    auth: AuthOpt = None,
 ) -> None:
     """The main job: local servers, engine, verifier and learner; a whole RL run on the built-in task."""
     from plumbing.infra import infra_for_run
     from primerl.main_job import engine_demo
     from primerl.rl_loop import RunSettings, rl_loop, write_curve
 
-    cfg = command_config(config, state_dir, **{"learner.seed": seed, "learner.algo": algo})
+    cfg = command_config(config, state_dir, **{"learner.seed": seed, "learner.algo": algo, "infra.auth": auth})
     if steps == 0:
         raise typer.Exit(run(engine_demo(cfg, prompts, group_size, max_tokens, keep)))
 

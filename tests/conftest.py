@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import uuid
@@ -76,6 +77,8 @@ class _Servers:
         self.redis_url = os.environ.get("REDIS_URL", "")
         self.source = "environment"
         self.is_tansu = False
+        self.redis_acl = False  # True: the session's own redis-server, which requires its ACL user
+        self.redis_password = ""
         self._cleanups: list = []
         self.state_dir = Path(tempfile.mkdtemp(prefix="primerl-test-"))
 
@@ -98,7 +101,7 @@ class _Servers:
                 self._cleanups.append(redis.stop)
                 self.redis_url = f"redis://{redis.get_container_host_ip()}:{redis.get_exposed_port(6379)}/0"
             return
-        from plumbing.local_servers import start_broker, start_redis, stop_process
+        from plumbing.local_servers import LOCAL_REDIS_USER, redis_acl_file, start_broker, start_redis, stop_process
 
         self.source = "local processes (Tansu + redis-server)"
         if not self.bootstrap:
@@ -107,9 +110,15 @@ class _Servers:
             self.bootstrap = f"127.0.0.1:{rec.port}"
             self.is_tansu = True
         if not self.redis_url:
-            _, rec = start_redis(self.state_dir / "logs")
+            # Like `infra up`: the default user is off and only a generated ACL user gets in.
+            # Its login rides in the URL, so every test and child process that is handed the
+            # URL (Redis.from_url, REDIS_URL) logs in without knowing about credentials.
+            self.redis_password = secrets.token_urlsafe(24)
+            acl = redis_acl_file(self.state_dir / "redis.acl", LOCAL_REDIS_USER, self.redis_password)
+            _, rec = start_redis(self.state_dir / "logs", acl_file=acl)
             self._cleanups.append(lambda r=rec: stop_process(r))
-            self.redis_url = f"redis://127.0.0.1:{rec.port}/0"
+            self.redis_url = f"redis://{LOCAL_REDIS_USER}:{self.redis_password}@127.0.0.1:{rec.port}/0"
+            self.redis_acl = True
 
     def stop(self) -> None:
         for cleanup in reversed(self._cleanups):
@@ -143,15 +152,17 @@ def servers() -> Iterator[_Servers]:
     from plumbing.infra import wait_kafka, wait_redis
     from plumbing.kafka import create_topics
     from plumbing.runtime import run
+    from plumbing.security import redacted
 
     s = _Servers()
     s.start()
-    print(f"\n[servers] kafka={s.bootstrap} redis={s.redis_url} from {s.source}")
+    print(f"\n[servers] kafka={s.bootstrap} redis={redacted(s.redis_url)} from {s.source}")
 
     async def ready() -> None:
-        await wait_kafka(s.bootstrap)
-        await wait_redis(s.redis_url)
-        await create_topics(_config(s))
+        cfg = _config(s)
+        await wait_kafka(cfg)
+        await wait_redis(cfg)
+        await create_topics(cfg)
 
     try:
         run(ready())
