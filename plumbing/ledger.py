@@ -118,10 +118,12 @@ class Ledger:
         if fresh is None or not fresh:
             yield fresh is None
             return
-        renewer = asyncio.create_task(self._keep(key))
+        done = asyncio.Event()
+        renewer = asyncio.create_task(self._keep(key, done))
         try:
             yield True
         finally:
+            done.set()
             renewer.cancel()
             with suppress(asyncio.CancelledError):
                 await renewer
@@ -142,9 +144,15 @@ class Ledger:
             if value is not None:
                 await asyncio.sleep(poll_s)  # another delivery is being handled: wait for it
 
-    async def _keep(self, key: str) -> None:
-        while True:
-            await asyncio.sleep(self._claim_ttl / 3)
+    async def _keep(self, key: str, done: asyncio.Event) -> None:
+        # Ends on `done` as well as on cancel: a cancel that lands while a renewal is inside
+        # the Redis client can be absorbed there, and the loop then renewed forever; `primerl
+        # up` hung at shutdown on three such renewers, each 'cancelling' and never done.
+        while not done.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), self._claim_ttl / 3)
+            if done.is_set():
+                return
             try:
                 await self._renew(keys=[key], args=[self._token, self._claim_ttl])
             except (RedisError, OSError) as err:

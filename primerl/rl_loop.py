@@ -162,7 +162,11 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
             if t in pending:
                 log.error("%s did not stop within 60s; cancelling it", name)
                 t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Bounded too: a task that absorbs its cancel once kept `primerl up` from ever
+        # returning (plumbing/ledger.py's renewer, fixed); the run's summary is still printed.
+        _, pending = await asyncio.wait(tasks, timeout=30)
+        for t in pending:
+            log.error("%s still running 30s after its cancel; leaving it", t.get_name())
     return rows
 
 

@@ -83,3 +83,36 @@ async def test_fail_open_ledgers_do_not_wait() -> None:
     async with ledger.claim("r1") as fresh:
         assert fresh  # unclaimed, at once
     assert ledger.unavailable == 1
+
+
+async def test_a_claim_ends_even_when_the_client_absorbs_the_renewers_cancel() -> None:
+    """A renewal that swallows the CancelledError (as a Redis client may when a cancel lands
+    mid-command) must not keep the renewer, and so the claim's exit, alive for ever."""
+    redis = FlakyRedis()
+    ledger = Ledger(redis, "verifier:test", claim_ttl_s=1)  # type: ignore[arg-type]
+    renewing = asyncio.Event()
+
+    absorbed: list[bool] = []
+
+    async def absorbing(keys: list[str], args: list[object]) -> int:
+        renewing.set()
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            if absorbed:  # only the first (so that a failing run still tears down)
+                raise
+            absorbed.append(True)  # the cancel is lost here
+        return 1
+
+    ledger._renew = absorbing  # type: ignore[assignment]
+
+    async def claim_and_leave_mid_renewal() -> None:
+        async with ledger.claim("c1") as fresh:
+            assert fresh
+            await renewing.wait()  # leave while the renewer is inside `absorbing`
+
+    task = asyncio.create_task(claim_and_leave_mid_renewal())
+    finished, _ = await asyncio.wait({task}, timeout=5)  # not wait_for: its cancel would hang on the renewer too
+    assert task in finished, "the claim never ended: its renewer outlived the cancel"
+    task.result()
+    assert absorbed  # the case was the one meant: a cancel was lost inside the renewal
