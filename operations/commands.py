@@ -352,6 +352,43 @@ def status(
         typer.echo("local worker processes (primerl scale): " + ", ".join(f"{w.role} pid {w.pid}" for w in local))
 
 
+def tail(
+    topic: Annotated[str, typer.Argument(help="topic name, e.g. rollout.completions or rollout.dlq")],
+    run_id: Annotated[Optional[str], typer.Option(help="only this run's messages")] = None,
+    from_beginning: Annotated[bool, typer.Option(help="the whole topic, not only what arrives from now on")] = False,
+    follow: Annotated[bool, typer.Option(help="keep waiting for new records (Ctrl-C stops)")] = False,
+    idle_s: Annotated[float, typer.Option(help="without --follow: stop after this long without a record")] = 3.0,
+    max_records: Annotated[Optional[int], typer.Option(help="stop after this many lines")] = None,
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Print a topic's records as JSON lines, decoded with the schemas (dead letters with their original).
+
+    A record that does not decode is printed as a line with `error`, `size` and `head` (base64).
+    """
+    from operations.tail import TailOptions
+    from operations.tail import tail as tail_topic
+    from schemas.topics import TOPICS
+
+    if topic not in TOPICS:
+        raise typer.BadParameter(f"unknown topic {topic!r}; known: {', '.join(sorted(TOPICS))}")
+    cfg = command_config(config, state_dir)
+    require_servers(cfg)
+    out = sys.stdout.buffer
+
+    def emit(line: bytes) -> None:
+        out.write(line + b"\n")
+        out.flush()
+
+    opts = TailOptions(
+        run_id=run_id, from_beginning=from_beginning, follow=follow, idle_s=idle_s, max_records=max_records
+    )
+    try:
+        run(tail_topic(cfg, topic, opts, emit))
+    except (BrokenPipeError, KeyboardInterrupt):  # `| head`, Ctrl-C: a normal end for a tail
+        pass
+
+
 def register(app: typer.Typer) -> None:
     """Add the operations subcommands to `app`."""
     app.command("publish")(publish)
@@ -359,3 +396,4 @@ def register(app: typer.Typer) -> None:
     app.command("replay")(replay)
     app.command("scale")(scale)
     app.command("status")(status)
+    app.command("tail")(tail)

@@ -104,7 +104,7 @@ def up(
     Shows the step table, the current wait and a summary; library logs go to
     <state-dir>/logs/up-<time>.log, each step to TensorBoard (<state-dir>/tensorboard/<run>).
     """
-    from primerl.rl_loop import RunSettings
+    from primerl.settings import RunSettings
     from primerl.up import run_up
 
     cfg = command_config(config, state_dir, **{"learner.seed": seed, "learner.algo": algo, "infra.auth": auth})

@@ -96,13 +96,13 @@ class RunConsole:
 
     def note(self, text: str) -> None:
         """One line above the live area (or a plain line)."""
-        self.console.print(text, markup=False)
+        self.console.print(text, markup=False, soft_wrap=True)
 
     def table(self, columns: Sequence[tuple[str, str]]) -> None:
         """Start the step table: (header, format spec of the values) per column."""
         self.columns = list(columns)
         if not self.live:
-            self.console.print(" ".join(f"{h:>8}" for h, _ in self.columns), markup=False)
+            self.console.print(" ".join(f"{h:>8}" for h, _ in self.columns), markup=False, soft_wrap=True)
         self._refresh()
 
     def row(self, values: Sequence[object]) -> None:
@@ -110,7 +110,7 @@ class RunConsole:
         cells = [_cell(v, spec) for v, (_, spec) in zip(values, self.columns, strict=True)]
         self.rows.append(cells)
         if not self.live:
-            self.console.print(" ".join(f"{c:>8}" for c in cells), markup=False)
+            self.console.print(" ".join(f"{c:>8}" for c in cells), markup=False, soft_wrap=True)
         self._refresh()
 
     @contextlib.contextmanager

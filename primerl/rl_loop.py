@@ -18,8 +18,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import msgspec
-
 from learners.service import serve_learner
 from learners.worker import LearnerWorker
 from plumbing.config import Config
@@ -31,23 +29,12 @@ from primerl.embedded import publish_prompts, start_stage
 from primerl.observe import RunObserver
 from primerl.rewards_reader import RewardsReader
 from primerl.serve import serve_engine
+from primerl.settings import RunSettings
 from producers.arithmetic import arithmetic_requests, heldout_pairs
 from schemas import RewardStatus
 from verifier_workers.service import load_signer, serve_verifier
 
 log = logging.getLogger(__name__)
-
-
-class RunSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """The shape of the run."""
-
-    steps: int = 15
-    prompts_per_step: int = 8
-    group_size: int = 4
-    heldout: int = 32
-    eval_every: int = 3
-    max_tokens: int = 24
-    seed: int = 0
 
 
 @dataclass(frozen=True)

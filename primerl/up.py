@@ -9,14 +9,17 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from plumbing.config import Config
 from plumbing.infra import infra_for_run
 from plumbing.runtime import run
 from primerl.console import RunConsole, log_file, quiet_output
 from primerl.curve import write_curve
-from primerl.main_job import engine_demo
-from primerl.rl_loop import RunResult, RunSettings, rl_loop
+from primerl.settings import RunSettings
+
+if TYPE_CHECKING:
+    from primerl.rl_loop import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,10 @@ def up_console(cfg: Config, verbose: bool) -> Iterator[RunConsole]:
 def run_up(cfg: Config, rs: RunSettings, *, keep: bool, verbose: bool, out_dir: Path, title: str, suffix: str) -> int:
     """The whole main job; returns the exit status."""
     with up_console(cfg, verbose) as console:
+        # Imported only now: torch and vLLM print on import, and that belongs in the log.
+        from primerl.main_job import engine_demo
+        from primerl.rl_loop import rl_loop
+
         if rs.steps == 0:
             return run(engine_demo(cfg, rs.prompts_per_step, rs.group_size, rs.max_tokens, keep, console))
         t0 = time.monotonic()
