@@ -29,7 +29,14 @@ def _metrics(cfg: Config) -> CollectorRegistry:
 
 
 def publish(
-    file: Annotated[Path, typer.Argument(help="prompt file: .jsonl, .parquet or .csv", exists=True, dir_okay=False)],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="prompt file (.jsonl, .parquet, .csv), or a Hugging Face dataset: a saved dataset folder, "
+            "a folder of data files, an .arrow file",
+            exists=True,
+        ),
+    ],
     run_id: Annotated[Optional[str], typer.Option(help="run id of every request (default: run-<random>)")] = None,
     group_size: Annotated[int, typer.Option(help="GRPO fan-out: samples per prompt (rows may override)")] = 1,
     task: Annotated[str, typer.Option(help="reward function for rows that name none")] = "none",
@@ -51,6 +58,13 @@ def publish(
     ] = False,
     dry_run: Annotated[bool, typer.Option(help="validate and report, publish nothing")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    prompt_column: Annotated[Optional[str], typer.Option(help="the column holding the plain prompt")] = None,
+    answer_column: Annotated[Optional[str], typer.Option(help="the column holding the reference answer")] = None,
+    messages_column: Annotated[Optional[str], typer.Option(help="the column holding the chat turns")] = None,
+    split: Annotated[Optional[str], typer.Option(help="a dataset's split (default: its only one, or train)")] = None,
+    preset: Annotated[
+        Optional[str], typer.Option(help="a known dataset shape: gsm8k (question/answer columns, task math)")
+    ] = None,
     config: ConfigOpt = None,
     state_dir: StateOpt = None,
 ) -> None:
@@ -59,11 +73,24 @@ def publish(
     Exit status 0: every row published; 2: some rows were bad (the good ones were published);
     1: nothing could be published.
     """
+    from producers.datasets_input import PRESETS, ColumnMap
     from producers.prompt_files import BadRow, FileDefaults, read_prompt_file
     from producers.publish import publish_requests
     from schemas import Grammar, GrammarKind, SamplingParams
 
     cfg = command_config(config, state_dir)
+    columns = ColumnMap(prompt=prompt_column, answer=answer_column, messages=messages_column)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise typer.BadParameter(f"--preset: one of {sorted(PRESETS)}, not {preset!r}")
+        shape = PRESETS[preset]
+        # Explicit column flags win over the preset's.
+        columns = ColumnMap(
+            prompt=prompt_column or shape.columns.prompt,
+            answer=answer_column or shape.columns.answer,
+            messages=messages_column or shape.columns.messages,
+        )
+        task = shape.task if task == "none" else task
     try:
         grammar = Grammar(GrammarKind(grammar_kind), grammar_spec) if grammar_kind else None
     except ValueError as err:
@@ -79,9 +106,12 @@ def publish(
         system_prompt=system_prompt,
     )
     try:
-        requests, errors = read_prompt_file(file, defaults, strict=strict)
+        requests, errors = read_prompt_file(file, defaults, strict=strict, columns=columns, split=split)
     except BadRow as err:
         typer.echo(f"error: {err} (--strict: nothing published)", err=True)
+        raise typer.Exit(1) from err
+    except ValueError as err:  # the input itself (a missing split, `datasets` not installed)
+        typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from err
     for e in errors:
         typer.echo(f"{file}:{e.line}: skipped: {e.reason}", err=True)
