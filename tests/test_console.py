@@ -65,3 +65,13 @@ def test_quiet_output_sends_children_and_logging_to_the_file(tmp_path: Path) -> 
     log = path.read_text()
     assert "child out" in log and "child err" in log
     assert "for the person" not in log
+
+
+def test_plain_lines_never_wrap_at_the_pipe_width() -> None:
+    """Off a terminal rich assumes 80 columns: a long note or a wide step row stays one line."""
+    out = io.StringIO()
+    console = RunConsole(out, live=False)
+    console.note("learning curve: " + "/very/long/path" * 12 + " (from the TensorBoard log)")
+    console.table([(f"col{i}", ".3f") for i in range(12)])
+    console.row([0.5] * 12)
+    assert len(out.getvalue().splitlines()) == 3
