@@ -77,6 +77,7 @@ class RunConsole:
             console=self.console,
         )
         self._live: Live | None = None
+        self.log_path: Path | None = None  # where everything else goes, when it goes to a file
         if self.live:
             # No stdout/stderr redirection: library handlers bound to sys.stdout must not reach the screen.
             self._live = Live(
