@@ -23,7 +23,9 @@ def clipped_surrogate(
     """Token-level clipped surrogate loss, averaged over unmasked tokens.
 
     logp, old_logp, mask: [batch, T]; advantages: [batch, T] (or [batch, 1], broadcast).
-    Returns the loss and stats (clip fraction, masked fraction, mean ratio).
+    Returns the loss and stats (clip fraction, masked fraction, mean ratio, and `kl`: the
+    k3 estimate of KL(learner || sampler) over the trusted tokens, how far the update has
+    moved from the policy that sampled, reported whether or not a KL penalty is on).
     """
     ratio = torch.exp(logp - old_logp)
     trusted = ((ratio < mask_ratio) & (ratio > 1.0 / mask_ratio)).to(logp.dtype)
@@ -38,6 +40,7 @@ def clipped_surrogate(
             "clip_frac": float((((ratio - 1).abs() > clip_eps).to(logp.dtype) * m).sum() / n),
             "masked_frac": float(1 - m.sum() / mask.sum().clamp(min=1.0)),
             "ratio_mean": float((ratio * m).sum() / n),
+            "kl": float(((ratio - 1 - (logp - old_logp)) * m).sum() / n),
         }
     return loss, stats
 

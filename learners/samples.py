@@ -41,3 +41,6 @@ class StepStats(msgspec.Struct):
     clip_frac: float
     masked_frac: float
     wall_s: float
+    # Last, with defaults: checkpoints and replays written before them still decode.
+    reward_std: float = 0.0
+    kl: float = 0.0  # k3 KL(learner || sampler) over trusted tokens (learners/losses.py)

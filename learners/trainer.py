@@ -128,7 +128,7 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)  # keep the gradient buffers (see __init__)
         total = 0.0
-        stats_acc: dict[str, float] = {"clip_frac": 0.0, "masked_frac": 0.0}
+        stats_acc: dict[str, float] = {"clip_frac": 0.0, "masked_frac": 0.0, "kl": 0.0}
         mb = self.cfg.micro_batch
         chunks = [(samples[i : i + mb], advs[i : i + mb]) for i in range(0, len(samples), mb)]
         for chunk_samples, chunk_advs in chunks:
@@ -139,17 +139,30 @@ class Trainer:
                 stats_acc[k] += stats[k] * len(chunk_samples) / len(samples)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
         self.optimizer.step()
-        all_samples = [s for g in groups for s in g]
+        rewards = [s.reward for g in groups for s in g if s.trainable]
         return StepStats(
             step=step,
             policy_version=version,
             samples=len(samples),
             groups=len(groups),
-            reward_mean=sum(s.reward for s in all_samples if s.trainable)
-            / max(1, sum(s.trainable for s in all_samples)),
+            reward_mean=_mean(rewards),
+            reward_std=_std(rewards),
             loss=total,
             policy_lag_mean=sum(current_version - s.policy_version for s in samples) / len(samples),
             clip_frac=stats_acc["clip_frac"],
             masked_frac=stats_acc["masked_frac"],
+            kl=stats_acc["kl"],
             wall_s=time.perf_counter() - t0,
         )
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / max(1, len(xs))
+
+
+def _std(xs: list[float]) -> float:
+    """Population std of the step's trainable rewards (0 for fewer than two)."""
+    if len(xs) < 2:
+        return 0.0
+    m = _mean(xs)
+    return (sum((x - m) ** 2 for x in xs) / len(xs)) ** 0.5

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -313,6 +314,7 @@ class LearnerWorker:
                 samples=0,
                 groups=len(groups),
                 reward_mean=sum(s.reward for s in trainable) / max(1, len(trainable)),
+                reward_std=statistics.pstdev([s.reward for s in trainable]) if len(trainable) > 1 else 0.0,
                 loss=0.0,
                 policy_lag_mean=sum(version - s.policy_version for s in trainable) / max(1, len(trainable)),
                 clip_frac=0.0,

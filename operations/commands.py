@@ -29,7 +29,14 @@ def _metrics(cfg: Config) -> CollectorRegistry:
 
 
 def publish(
-    file: Annotated[Path, typer.Argument(help="prompt file: .jsonl, .parquet or .csv", exists=True, dir_okay=False)],
+    file: Annotated[
+        Path,
+        typer.Argument(
+            help="prompt file (.jsonl, .parquet, .csv), or a Hugging Face dataset: a saved dataset folder, "
+            "a folder of data files, an .arrow file",
+            exists=True,
+        ),
+    ],
     run_id: Annotated[Optional[str], typer.Option(help="run id of every request (default: run-<random>)")] = None,
     group_size: Annotated[int, typer.Option(help="GRPO fan-out: samples per prompt (rows may override)")] = 1,
     task: Annotated[str, typer.Option(help="reward function for rows that name none")] = "none",
@@ -51,6 +58,13 @@ def publish(
     ] = False,
     dry_run: Annotated[bool, typer.Option(help="validate and report, publish nothing")] = False,
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    prompt_column: Annotated[Optional[str], typer.Option(help="the column holding the plain prompt")] = None,
+    answer_column: Annotated[Optional[str], typer.Option(help="the column holding the reference answer")] = None,
+    messages_column: Annotated[Optional[str], typer.Option(help="the column holding the chat turns")] = None,
+    split: Annotated[Optional[str], typer.Option(help="a dataset's split (default: its only one, or train)")] = None,
+    preset: Annotated[
+        Optional[str], typer.Option(help="a known dataset shape: gsm8k (question/answer columns, task math)")
+    ] = None,
     config: ConfigOpt = None,
     state_dir: StateOpt = None,
 ) -> None:
@@ -59,11 +73,24 @@ def publish(
     Exit status 0: every row published; 2: some rows were bad (the good ones were published);
     1: nothing could be published.
     """
+    from producers.datasets_input import PRESETS, ColumnMap
     from producers.prompt_files import BadRow, FileDefaults, read_prompt_file
     from producers.publish import publish_requests
     from schemas import Grammar, GrammarKind, SamplingParams
 
     cfg = command_config(config, state_dir)
+    columns = ColumnMap(prompt=prompt_column, answer=answer_column, messages=messages_column)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise typer.BadParameter(f"--preset: one of {sorted(PRESETS)}, not {preset!r}")
+        shape = PRESETS[preset]
+        # Explicit column flags win over the preset's.
+        columns = ColumnMap(
+            prompt=prompt_column or shape.columns.prompt,
+            answer=answer_column or shape.columns.answer,
+            messages=messages_column or shape.columns.messages,
+        )
+        task = shape.task if task == "none" else task
     try:
         grammar = Grammar(GrammarKind(grammar_kind), grammar_spec) if grammar_kind else None
     except ValueError as err:
@@ -79,9 +106,12 @@ def publish(
         system_prompt=system_prompt,
     )
     try:
-        requests, errors = read_prompt_file(file, defaults, strict=strict)
+        requests, errors = read_prompt_file(file, defaults, strict=strict, columns=columns, split=split)
     except BadRow as err:
         typer.echo(f"error: {err} (--strict: nothing published)", err=True)
+        raise typer.Exit(1) from err
+    except ValueError as err:  # the input itself (a missing split, `datasets` not installed)
+        typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from err
     for e in errors:
         typer.echo(f"{file}:{e.line}: skipped: {e.reason}", err=True)
@@ -352,6 +382,43 @@ def status(
         typer.echo("local worker processes (primerl scale): " + ", ".join(f"{w.role} pid {w.pid}" for w in local))
 
 
+def tail(
+    topic: Annotated[str, typer.Argument(help="topic name, e.g. rollout.completions or rollout.dlq")],
+    run_id: Annotated[Optional[str], typer.Option(help="only this run's messages")] = None,
+    from_beginning: Annotated[bool, typer.Option(help="the whole topic, not only what arrives from now on")] = False,
+    follow: Annotated[bool, typer.Option(help="keep waiting for new records (Ctrl-C stops)")] = False,
+    idle_s: Annotated[float, typer.Option(help="without --follow: stop after this long without a record")] = 3.0,
+    max_records: Annotated[Optional[int], typer.Option(help="stop after this many lines")] = None,
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+) -> None:
+    """Print a topic's records as JSON lines, decoded with the schemas (dead letters with their original).
+
+    A record that does not decode is printed as a line with `error`, `size` and `head` (base64).
+    """
+    from operations.tail import TailOptions
+    from operations.tail import tail as tail_topic
+    from schemas.topics import TOPICS
+
+    if topic not in TOPICS:
+        raise typer.BadParameter(f"unknown topic {topic!r}; known: {', '.join(sorted(TOPICS))}")
+    cfg = command_config(config, state_dir)
+    require_servers(cfg)
+    out = sys.stdout.buffer
+
+    def emit(line: bytes) -> None:
+        out.write(line + b"\n")
+        out.flush()
+
+    opts = TailOptions(
+        run_id=run_id, from_beginning=from_beginning, follow=follow, idle_s=idle_s, max_records=max_records
+    )
+    try:
+        run(tail_topic(cfg, topic, opts, emit))
+    except (BrokenPipeError, KeyboardInterrupt):  # `| head`, Ctrl-C: a normal end for a tail
+        pass
+
+
 def register(app: typer.Typer) -> None:
     """Add the operations subcommands to `app`."""
     app.command("publish")(publish)
@@ -359,3 +426,4 @@ def register(app: typer.Typer) -> None:
     app.command("replay")(replay)
     app.command("scale")(scale)
     app.command("status")(status)
+    app.command("tail")(tail)

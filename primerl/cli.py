@@ -94,35 +94,32 @@ def up(
     algo: Annotated[str, typer.Option(help="grpo or ppo")] = "grpo",
     keep: Annotated[bool, typer.Option(help="leave the local servers running")] = False,
     auth: AuthOpt = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="show every library log here instead of in <state-dir>/logs")
+    ] = False,
+    out_dir: Annotated[Path, typer.Option(help="where the learning curve's CSV and plot go")] = Path("artifacts"),
 ) -> None:
-    """The main job: local servers, engine, verifier and learner; a whole RL run on the built-in task."""
-    from plumbing.infra import infra_for_run
-    from primerl.main_job import engine_demo
-    from primerl.rl_loop import RunSettings, rl_loop, write_curve
+    """The main job: local servers, engine, verifier and learner; a whole RL run on the built-in task.
+
+    Shows the step table, the current wait and a summary; library logs go to
+    <state-dir>/logs/up-<time>.log, each step to TensorBoard (<state-dir>/tensorboard/<run>).
+    """
+    from primerl.settings import RunSettings
+    from primerl.up import run_up
 
     cfg = command_config(config, state_dir, **{"learner.seed": seed, "learner.algo": algo, "infra.auth": auth})
-    if steps == 0:
-        raise typer.Exit(run(engine_demo(cfg, prompts, group_size, max_tokens, keep)))
-
-    async def main() -> None:
-        async with infra_for_run(cfg, keep) as served:
-            rows = await rl_loop(
-                served,
-                RunSettings(
-                    steps=steps,
-                    prompts_per_step=prompts,
-                    group_size=group_size,
-                    heldout=heldout,
-                    eval_every=eval_every,
-                    max_tokens=max_tokens,
-                    seed=seed,
-                ),
-            )
-        out = Path("artifacts")
-        write_curve(rows, out, f"{algo.upper()} on a+b with SmolLM2-135M (CPU)", "" if algo == "grpo" else f"_{algo}")
-        typer.echo(f"wrote the learning curve to {out}/")
-
-    run(main())
+    settings = RunSettings(
+        steps=steps,
+        prompts_per_step=prompts,
+        group_size=group_size,
+        heldout=heldout,
+        eval_every=eval_every,
+        max_tokens=max_tokens,
+        seed=seed,
+    )
+    title = f"{algo.upper()} on a+b with SmolLM2-135M (CPU)"
+    suffix = "" if algo == "grpo" else f"_{algo}"
+    raise typer.Exit(run_up(cfg, settings, keep=keep, verbose=verbose, out_dir=out_dir, title=title, suffix=suffix))
 
 
 @app.command("learner")

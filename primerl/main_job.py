@@ -3,32 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 import uuid
 
-import typer
-
 from plumbing.config import Config
 from plumbing.infra import infra_for_run
+from primerl.console import RunConsole
 from primerl.embedded import publish_prompts, start_stage
 from primerl.observe import RunObserver
 from primerl.serve import serve_engine
 from producers.arithmetic import arithmetic_requests
 
 
-async def engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: int, keep: bool = False) -> int:
+async def engine_demo(
+    cfg: Config, prompts: int, group_size: int, max_tokens: int, keep: bool = False, console: RunConsole | None = None
+) -> int:
     """Servers, one engine worker, a GRPO batch through it; prints per-request figures.
 
     Returns the process exit code (0 when every expected completion arrived).
     """
-    async with infra_for_run(cfg, keep) as served:
-        return await _engine_demo(served, prompts, group_size, max_tokens)
+    console = console or RunConsole()
+    async with contextlib.AsyncExitStack() as stack:
+        with console.wait("starting the local broker and Redis"):
+            served = await stack.enter_async_context(infra_for_run(cfg, keep))
+        return await _engine_demo(served, prompts, group_size, max_tokens, console)
 
 
-async def _engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: int) -> int:
+async def _engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: int, console: RunConsole) -> int:
     run_id = cfg.run_id if cfg.run_id != "default" else f"up-{uuid.uuid4().hex[:8]}"
-    serving, worker = await start_stage(serve_engine, cfg)
+    with console.wait("starting the engine (vLLM)"):
+        serving, worker = await start_stage(serve_engine, cfg)
     observer = RunObserver(cfg, run_id)
     await observer.start()
     try:
@@ -36,16 +42,15 @@ async def _engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: i
         batch = arithmetic_requests(run_id, prompts, group_size, max_tokens=max_tokens)
         t0 = await publish_prompts(cfg, batch)
         expected = prompts * group_size
-        with typer.progressbar(length=expected, label="completions") as bar:
+        with console.wait("completions", total=expected) as progress:
             seen = 0
             while seen < expected:
                 await asyncio.sleep(0.2)
                 if serving.done():
                     serving.result()
                     break
-                now_seen = len(observer.finals())
-                bar.update(now_seen - seen)
-                seen = now_seen
+                seen = len(observer.finals())
+                progress(seen)
                 if time.time() - t0 > 1800:
                     break
         wall = time.time() - t0
@@ -55,14 +60,14 @@ async def _engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: i
         await serving
     finals = observer.finals()
     tokens = sum(len(c.token_ids) for c in finals)
-    typer.echo(
+    console.note(
         f"{'request':34s} {'samples':>7s} {'ttfb_ms':>8s} {'engine_ttfb_ms':>14s} {'tokens':>6s} {'cached/prompt':>13s}"
     )
     ttfbs = []
     for req in batch:
         view = observer.requests.get(req.id)
         if view is None:
-            typer.echo(f"{req.id:34s} {'0':>7s} {'-':>8s}")
+            console.note(f"{req.id:34s} {'0':>7s} {'-':>8s}")
             continue
         ttfb = (view.first_chunk_at - t0) * 1000
         ttfbs.append(ttfb)
@@ -75,10 +80,10 @@ async def _engine_demo(cfg: Config, prompts: int, group_size: int, max_tokens: i
             else float("nan")
         )
         tokens_req = sum(len(c.token_ids) for c in view.finals.values())
-        typer.echo(
+        console.note(
             f"{req.id:34s} {len(view.finals):>7d} {ttfb:>8.0f} {engine_ttfb:>14.0f} {tokens_req:>6d} {cache:>13s}"
         )
-    typer.echo(
+    console.note(
         f"run {run_id}: {len(finals)}/{expected} completions, "
         f"{tokens} tokens in {wall:.1f}s = {tokens / wall:.1f} tokens/s; "
         f"TTFB p50 {statistics.median(ttfbs) if ttfbs else float('nan'):.0f} ms"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer
 
@@ -35,11 +36,15 @@ class RewardsReader:
         await asyncio.gather(self._task, return_exceptions=True)
         await self._consumer.stop()
 
-    async def wait_for(self, count: int, timeout_s: float) -> list[Reward]:
-        """Wait until `count` rewards arrived; returns them."""
+    async def wait_for(
+        self, count: int, timeout_s: float, on_progress: Callable[[int], None] | None = None
+    ) -> list[Reward]:
+        """Wait until `count` rewards arrived; returns them. `on_progress(n)` hears each new count."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while len(self.rewards) < count:
+            if on_progress is not None:
+                on_progress(len(self.rewards))
             if loop.time() > deadline:
                 raise AssertionError(f"got {len(self.rewards)} of {count} rewards after {timeout_s}s")
             await asyncio.sleep(0.1)

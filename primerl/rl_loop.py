@@ -3,29 +3,33 @@
 A feeder publishes one training batch per step under admission control (it runs at
 most `max_policy_lag` versions ahead of the learner); held-out prompts (never trained
 on) are scored greedily every `eval_every` versions through the same engine and
-verifier. Prints a per-step table and writes artifacts/learning_curve.csv and .png.
+verifier. Shows a per-step table and the current wait on a RunConsole (primerl/console.py),
+logs every step to TensorBoard event files (<state_dir>/tensorboard/<run_id>), from which
+the caller writes the learning curve's CSV and plot (primerl/curve.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import csv
 import logging
 import math
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-
-import msgspec
-import typer
 
 from learners.service import serve_learner
 from learners.worker import LearnerWorker
 from plumbing.config import Config
+from plumbing.model_store import resolve_model
+from plumbing.tracking import StepLog
+from primerl.console import RunConsole
+from primerl.curve import CurveRow, log_row
 from primerl.embedded import publish_prompts, start_stage
 from primerl.observe import RunObserver
 from primerl.rewards_reader import RewardsReader
 from primerl.serve import serve_engine
+from primerl.settings import RunSettings
 from producers.arithmetic import arithmetic_requests, heldout_pairs
 from schemas import RewardStatus
 from verifier_workers.service import load_signer, serve_verifier
@@ -33,56 +37,57 @@ from verifier_workers.service import load_signer, serve_verifier
 log = logging.getLogger(__name__)
 
 
-class CurveRow(msgspec.Struct):
-    """One learner step of the learning curve."""
+@dataclass(frozen=True)
+class RunResult:
+    """What a run leaves: its curve, its id and its TensorBoard event folder."""
 
-    step: int
-    wall_s: float
-    reward_mean: float
-    heldout_accuracy: float
-    policy_lag_mean: float
-    tokens_per_s: float
-    cache_hit_rate: float
-
-
-class RunSettings(msgspec.Struct, frozen=True, kw_only=True):
-    """The shape of the run."""
-
-    steps: int = 15
-    prompts_per_step: int = 8
-    group_size: int = 4
-    heldout: int = 32
-    eval_every: int = 3
-    max_tokens: int = 24
-    seed: int = 0
+    rows: list[CurveRow]
+    run_id: str
+    events_dir: Path
 
 
 async def evaluate(
-    cfg: Config, run_id: str, version: int, pairs: list[tuple[int, int]], max_tokens: int
+    cfg: Config,
+    run_id: str,
+    version: int,
+    pairs: list[tuple[int, int]],
+    max_tokens: int,
+    console: RunConsole | None = None,
 ) -> tuple[float, int]:
     """Greedy accuracy on the held-out pairs under policy >= `version`; returns (accuracy, version served)."""
     eval_run = f"{run_id}-eval-v{version}"
     reqs = arithmetic_requests(eval_run, 0, 1, pairs=pairs, temperature=0.0, max_tokens=max_tokens)
     for r in reqs:
         r.min_policy_version = version
+    console = console or RunConsole()
     async with RewardsReader(cfg, eval_run) as reader:
         await publish_prompts(cfg, reqs)
-        rewards = await reader.wait_for(len(reqs), timeout_s=900)
+        with console.wait(f"held-out evaluation, policy v{version}", total=len(reqs)) as progress:
+            rewards = await reader.wait_for(len(reqs), timeout_s=900, on_progress=progress)
     scored = [r for r in rewards if r.status in (RewardStatus.OK, RewardStatus.POLICY_FAIL)]
     # Strict task success: a correct answer in the required format.
     acc = sum(r.components.get("success", 0.0) for r in scored) / max(1, len(scored))
     return acc, min(r.policy_version for r in rewards)
 
 
-async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
+async def rl_loop(cfg: Config, rs: RunSettings, console: RunConsole | None = None) -> RunResult:
     """Run `rs.steps` learner steps; returns the learning curve (servers must be up)."""
+    console = console or RunConsole()
     run_id = cfg.run_id if cfg.run_id != "default" else f"run-{uuid.uuid4().hex[:8]}"
-    cfg = cfg.derive(run_id=run_id, **{"engine.policy_run": run_id})
+    events_dir = cfg.state_dir / "tensorboard" / run_id
+    console.note(f"run {run_id}: TensorBoard log in {events_dir} (tensorboard --logdir {events_dir.parent})")
+    with console.wait("preparing the model (converted once, then cached)"):
+        # A thread: conversion takes ~20 s the first time and the console keeps drawing.
+        model = await asyncio.to_thread(resolve_model, cfg.engine.model)
+    cfg = cfg.derive(run_id=run_id, **{"engine.policy_run": run_id, "engine.model": model})
     load_signer(cfg)  # the verifier's key exists before the learner reads the keyring
-    engine_task, engine = await start_stage(serve_engine, cfg)
-    verifier_task, verifier = await start_stage(serve_verifier, cfg)
-    learner_task, learner = await start_stage(serve_learner, cfg)
+    with console.wait("starting the engine (vLLM)"):
+        engine_task, engine = await start_stage(serve_engine, cfg)
+    with console.wait("starting the verifier and the learner"):
+        verifier_task, verifier = await start_stage(serve_verifier, cfg)
+        learner_task, learner = await start_stage(serve_learner, cfg)
     tasks = [engine_task, verifier_task, learner_task]
+    step_log = StepLog(events_dir)
     observer = RunObserver(cfg, run_id)
     await observer.start()
     held = sorted(heldout_pairs(rs.heldout))
@@ -123,34 +128,50 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
     published_at: dict[int, float] = {}  # policy version -> when the learner announced it
     t_start = time.time()
     try:
-        await asyncio.wait_for(engine.runner.assigned.wait(), 120)
-        await asyncio.wait_for(verifier.runner.assigned.wait(), 120)
-        await asyncio.wait_for(learner.assigned.wait(), 120)
-        acc, _ = await evaluate(cfg, run_id, 0, held, rs.max_tokens)
-        typer.echo(f"step 0 (policy v0): held-out accuracy {acc:.3f} on {len(held)} prompts")
+        with console.wait("joining the consumer groups"):
+            await asyncio.wait_for(engine.runner.assigned.wait(), 120)
+            await asyncio.wait_for(verifier.runner.assigned.wait(), 120)
+            await asyncio.wait_for(learner.assigned.wait(), 120)
+        acc, _ = await evaluate(cfg, run_id, 0, held, rs.max_tokens, console)
         feed = asyncio.create_task(feeder(), name="feeder")
         tasks.append(feed)
-        typer.echo(f"{'step':>4} {'wall_s':>7} {'reward':>7} {'heldout':>7} {'lag':>5} {'tok/s':>7} {'cache':>6}")
+        console.table(_COLUMNS)
         rows.append(CurveRow(0, time.time() - t_start, math.nan, acc, 0.0, math.nan, math.nan))
+        log_row(step_log, rows[-1])
+        console.row(_cells(rows[-1]))
         done = 0
-        while done < rs.steps:
-            await _next_step(learner, done, tasks)
-            stats = learner.history[done]
-            if stats.samples:  # a step that changed the weights announced a new version
-                published_at[stats.policy_version] = time.time()
-            done += 1
-            tps, cache = _batch_figures(observer, batches.get(stats.step))
-            acc = math.nan
-            if done % rs.eval_every == 0 or done == rs.steps:
-                acc, _ = await evaluate(cfg, run_id, stats.policy_version, held, rs.max_tokens)
-            row = CurveRow(done, time.time() - t_start, stats.reward_mean, acc, stats.policy_lag_mean, tps, cache)
-            rows.append(row)
-            typer.echo(
-                f"{row.step:>4} {row.wall_s:>7.0f} {row.reward_mean:>7.3f} {row.heldout_accuracy:>7.3f} "
-                f"{row.policy_lag_mean:>5.2f} {row.tokens_per_s:>7.1f} {row.cache_hit_rate:>6.2f}"
-            )
-        _report_switch_latency(observer, published_at)
+        with console.wait("training", total=rs.steps) as progress:
+            while done < rs.steps:
+                await _next_step(learner, done, tasks)
+                stats = learner.history[done]
+                if stats.samples:  # a step that changed the weights announced a new version
+                    published_at[stats.policy_version] = time.time()
+                done += 1
+                tps, cache = _batch_figures(observer, batches.get(stats.step))
+                acc = math.nan
+                if done % rs.eval_every == 0 or done == rs.steps:
+                    acc, _ = await evaluate(cfg, run_id, stats.policy_version, held, rs.max_tokens, console)
+                trained = stats.samples > 0  # a step without a learning signal has no loss, KL or clips
+                row = CurveRow(
+                    done,
+                    time.time() - t_start,
+                    stats.reward_mean,
+                    acc,
+                    stats.policy_lag_mean,
+                    tps,
+                    cache,
+                    reward_std=stats.reward_std,
+                    loss=stats.loss if trained else math.nan,
+                    kl=stats.kl if trained else math.nan,
+                    clip_frac=stats.clip_frac if trained else math.nan,
+                )
+                rows.append(row)
+                log_row(step_log, row)
+                console.row(_cells(row))
+                progress(done)
+        _report_switch_latency(observer, published_at, console)
     finally:
+        step_log.close()
         await observer.stop()
         engine.stop()
         verifier.stop()
@@ -167,7 +188,39 @@ async def rl_loop(cfg: Config, rs: RunSettings) -> list[CurveRow]:
         _, pending = await asyncio.wait(tasks, timeout=30)
         for t in pending:
             log.error("%s still running 30s after its cancel; leaving it", t.get_name())
-    return rows
+    return RunResult(rows, run_id, events_dir)
+
+
+# The step table: header, format of the values.
+_COLUMNS = [
+    ("step", "d"),
+    ("wall_s", ".0f"),
+    ("reward", ".3f"),
+    ("±std", ".3f"),
+    ("heldout", ".3f"),
+    ("loss", ".4f"),
+    ("kl", ".4f"),
+    ("clip", ".3f"),
+    ("lag", ".2f"),
+    ("tok/s", ".1f"),
+    ("cache", ".2f"),
+]
+
+
+def _cells(row: CurveRow) -> list[object]:
+    return [
+        row.step,
+        row.wall_s,
+        row.reward_mean,
+        row.reward_std,
+        row.heldout_accuracy,
+        row.loss,
+        row.kl,
+        row.clip_frac,
+        row.policy_lag_mean,
+        row.tokens_per_s,
+        row.cache_hit_rate,
+    ]
 
 
 async def _next_step(
@@ -197,7 +250,7 @@ async def _next_step(
     raise RuntimeError(f"a stage ended during the run ({ended.get_name()}): {cause!r}") from cause
 
 
-def _report_switch_latency(observer: RunObserver, published_at: dict[int, float]) -> None:
+def _report_switch_latency(observer: RunObserver, published_at: dict[int, float], console: RunConsole) -> None:
     """Time from a version's announcement to the first completion served under it."""
     first_final: dict[int, float] = {}
     for view in observer.requests.values():
@@ -205,7 +258,7 @@ def _report_switch_latency(observer: RunObserver, published_at: dict[int, float]
             first_final[c.policy_version] = min(first_final.get(c.policy_version, math.inf), c.timings.finished_at)
     gaps = sorted(first_final[v] - t for v, t in published_at.items() if v in first_final)
     if gaps:
-        typer.echo(
+        console.note(
             f"publish -> first completion under the new policy: median {gaps[len(gaps) // 2]:.1f}s, "
             f"max {gaps[-1]:.1f}s over {len(gaps)} versions (includes the engine's drain of in-flight requests)"
         )
@@ -224,35 +277,3 @@ def _batch_figures(observer: RunObserver, batch: tuple[float, list[str]] | None)
     firsts = [next(iter(v.finals.values())) for v in views]
     prompt = sum(c.prompt_tokens for c in firsts)
     return tokens / wall if wall > 0 else math.nan, sum(c.cached_prompt_tokens for c in firsts) / max(1, prompt)
-
-
-def write_curve(rows: list[CurveRow], out_dir: Path, title: str, suffix: str = "") -> None:
-    """artifacts/learning_curve<suffix>.csv and .png."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fields = list(CurveRow.__struct_fields__)
-    with open(out_dir / f"learning_curve{suffix}.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(fields)
-        for r in rows:
-            w.writerow(
-                [
-                    "" if isinstance(v, float) and math.isnan(v) else (round(v, 4) if isinstance(v, float) else v)
-                    for v in (getattr(r, k) for k in fields)
-                ]
-            )
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    steps = [r.step for r in rows]
-    ax.plot(steps, [r.reward_mean for r in rows], "o-", label="train reward mean")
-    evals = [(r.step, r.heldout_accuracy) for r in rows if not math.isnan(r.heldout_accuracy)]
-    ax.plot([s for s, _ in evals], [a for _, a in evals], "s--", label="held-out accuracy (greedy)")
-    ax.set_xlabel("learner step")
-    ax.set_ylim(0, 1)
-    ax.legend()
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(out_dir / f"learning_curve{suffix}.png", dpi=110)

@@ -1,4 +1,4 @@
-"""Prompt files (JSONL, Parquet, CSV) -> validated rows -> PromptRequest messages.
+"""Prompt files (JSONL, Parquet, CSV, Hugging Face datasets) -> validated rows -> PromptRequest messages.
 
 One row is one prompt (one GRPO group once fanned out). Accepted fields:
 
@@ -13,7 +13,9 @@ One row is one prompt (one GRPO group once fanned out). Accepted fields:
     group_size    per-row override of the file-wide fan-out
     metadata      {str: str}, kept on the request
 
-Unknown fields are an error (a typo in a column name must not silently drop data).
+Unknown fields are an error (a typo in a column name must not silently drop data),
+unless columns are mapped (producers/datasets_input.py: `--prompt-column` etc.).
+Dataset folders and .arrow files are read through `datasets`.
 Every bad row is reported with its line (JSONL, CSV) or row number (Parquet).
 """
 
@@ -27,6 +29,7 @@ from typing import Any
 
 import msgspec
 
+from producers.datasets_input import ColumnMap, apply_columns, iter_dataset_rows, reads_through_datasets
 from schemas import ChatMessage, Grammar, GrammarKind, PromptRequest, SamplingParams
 
 
@@ -137,12 +140,19 @@ def to_request(row: PromptRow, defaults: FileDefaults, source_line: int) -> Prom
     )
 
 
-def iter_raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | Exception, bool]]:
+def iter_raw_rows(path: Path, split: str | None = None) -> Iterator[tuple[int, dict[str, Any] | Exception, bool]]:
     """(line or row number, raw row or the error reading it, whether cells are text) of a file.
 
-    The format comes from the suffix: .jsonl/.ndjson/.json, .parquet, .csv/.tsv.
+    The format comes from the suffix: .jsonl/.ndjson/.json, .parquet, .csv/.tsv; a folder
+    or an .arrow file is a Hugging Face dataset (`split` picks one of its splits).
     """
     suffix = path.suffix.lower()
+    if reads_through_datasets(path):
+        for n, ds_row in iter_dataset_rows(path, split):
+            yield n, ds_row, False
+        return
+    if split is not None:
+        raise ValueError(f"--split applies to a dataset folder or .arrow file, not to {path.name}")
     if suffix in (".jsonl", ".ndjson", ".json"):
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
@@ -171,15 +181,26 @@ def iter_raw_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | Exception,
 
 
 def read_prompt_file(
-    path: Path, defaults: FileDefaults, *, strict: bool = False
+    path: Path,
+    defaults: FileDefaults,
+    *,
+    strict: bool = False,
+    columns: ColumnMap | None = None,
+    split: str | None = None,
 ) -> tuple[list[PromptRequest], list[RowError]]:
-    """Every valid row's request and every bad row's error; `strict` raises at the first bad row."""
+    """Every valid row's request and every bad row's error; `strict` raises at the first bad row.
+
+    `columns` maps dataset columns onto the prompt fields; `split` picks a dataset's split.
+    ValueError (not a row's): the input itself cannot be read.
+    """
     requests: list[PromptRequest] = []
     errors: list[RowError] = []
-    for line, raw, text_cells in iter_raw_rows(path):
+    for line, raw, text_cells in iter_raw_rows(path, split):
         try:
             if isinstance(raw, Exception):
                 raise raw
+            if columns is not None and isinstance(raw, dict):
+                raw = apply_columns(raw, columns)
             requests.append(to_request(parse_row(raw, from_text_cells=text_cells), defaults, line))
         except ValueError as err:
             error = RowError(line=line, reason=str(err))

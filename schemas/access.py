@@ -20,7 +20,7 @@ Read from the code (publish / subscribe / Redis calls of each stage):
   sets primerl:policy:<run>:version.
 - archiver: reads every topic (group archiver; what it archives is config), no Redis.
 - producer (`primerl publish`, replays): writes rollout.prompts only.
-- operator (`primerl infra up`, `status`, `scale`, the run observer of `primerl up`):
+- operator (`primerl infra up`, `status`, `scale`, `tail`, the run observer of `primerl up`):
   creates topics, describes every group, reads every topic with throw-away groups,
   reads the registry and policy versions.
 Every stage writes rollout.dlq.
@@ -91,7 +91,7 @@ PRINCIPALS: tuple[Principal, ...] = (
     Principal(
         "primerl-operator",
         reads=_ALL,
-        groups=("observer-", "rewards-reader-", "dlq-reader-", "prompts-reader-"),
+        groups=("observer-", "rewards-reader-", "dlq-reader-", "prompts-reader-", "tail-"),
         redis_read=(REGISTRY, POLICY_VERSION),
         create_topics=True,
         describe_groups=True,

@@ -62,3 +62,15 @@ def test_value_and_kl_by_hand() -> None:
     ref = torch.log(torch.tensor([[0.25, 0.5]]))
     k3 = (0.5 - math.log(0.5) - 1) / 2  # r = 0.25/0.5
     assert float(kl_penalty(logp, ref, mask)) == pytest.approx(k3)
+
+
+def test_surrogate_reports_k3_kl_to_the_sampler() -> None:
+    """kl = mean(r - 1 - log r) over trusted tokens: 0 when nothing moved, > 0 otherwise."""
+    import math
+
+    old = torch.zeros(1, 3)
+    ratios = [1.5, 0.5, 1.1]
+    _, stats = clipped_surrogate(torch.log(torch.tensor([ratios])), old, torch.tensor([[1.0]]), torch.ones(1, 3))
+    assert stats["kl"] == pytest.approx(sum(r - 1 - math.log(r) for r in ratios) / 3, rel=1e-5)
+    _, same = clipped_surrogate(old, old, torch.tensor([[1.0]]), torch.ones(1, 3))
+    assert same["kl"] == pytest.approx(0.0, abs=1e-7)

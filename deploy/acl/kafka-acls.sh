@@ -67,5 +67,6 @@ kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --oper
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --operation Read --operation Describe --resource-pattern-type prefixed --group rewards-reader-
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --operation Read --operation Describe --resource-pattern-type prefixed --group dlq-reader-
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --operation Read --operation Describe --resource-pattern-type prefixed --group prompts-reader-
+kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --operation Read --operation Describe --resource-pattern-type prefixed --group tail-
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --operation Create --operation Describe --cluster
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --operation Describe --group '*'
