@@ -18,8 +18,8 @@ from tests.role_imports import (
     ROOT,
     declared,
     load_modules,
-    read_pyproject,
     reachable,
+    read_pyproject,
     third_party_imports,
     undeclared,
 )
@@ -63,7 +63,7 @@ def test_the_command_line_loads_on_the_base_install() -> None:
 @pytest.mark.parametrize("alias,engine", [("cpu", "engine-cpu"), ("gpu", "engine-gpu")])
 def test_the_old_extras_still_install_everything_primerl_up_runs(alias: str, engine: str) -> None:
     # scripts/bootstrap.sh and .ci/run install `.[cpu,dev]`; `primerl up` runs every role in one process.
-    assert re.search(r'EXTRAS=\$\{PRIMERL_EXTRAS:-cpu,dev\}', (ROOT / "scripts" / "bootstrap.sh").read_text())
+    assert re.search(r"EXTRAS=\$\{PRIMERL_EXTRAS:-cpu,dev\}", (ROOT / "scripts" / "bootstrap.sh").read_text())
     have = declared(PYPROJECT, alias)
     for extra in (engine, "verifier", "learner", "ops"):
         assert declared(PYPROJECT, extra) <= have, f"{alias} lacks part of {extra}"
@@ -97,3 +97,14 @@ def test_the_check_finds_a_missing_declaration() -> None:
     assert set(bad) == {"sympy"} and "verifier_workers/rewards/math.py" in bad["sympy"]
     # A lazy import in a shared module counts: the verifier reaches transformers through plumbing/custody.py.
     assert any("plumbing/custody.py" in w for w in _role_imports("verifier")["transformers"])
+
+
+def test_primerl_version_is_the_installed_distribution() -> None:
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    from primerl.cli import app
+
+    out = CliRunner().invoke(app, ["--version"])
+    assert out.exit_code == 0 and out.stdout.strip() == f"primerl {version('primerl-servekit')}"
