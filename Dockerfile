@@ -8,7 +8,11 @@ FROM python:3.11-slim-bookworm AS source
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 # A fixed non-root user; its home holds the converted-model cache (~/.cache/primerl/models),
 # which compose.yaml shares between engine, verifier and learner so the GGUF is converted once.
-RUN useradd --create-home --uid 10001 primerl && mkdir -p /var/lib/primerl && chown primerl /var/lib/primerl
+# Both exist in the image, owned by that user: an empty named volume mounted there takes the
+# image folder's owner (a folder the image lacks would be root's and unwritable).
+RUN useradd --create-home --uid 10001 primerl \
+ && mkdir -p /var/lib/primerl /home/primerl/.cache/primerl \
+ && chown -R primerl /var/lib/primerl /home/primerl/.cache
 WORKDIR /opt/primerl
 COPY pyproject.toml README.md ./
 COPY schemas schemas

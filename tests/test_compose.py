@@ -255,6 +255,13 @@ def test_stateful_workers_share_keys_weights_and_the_model_cache() -> None:
         assert "primerl-state:/var/lib/primerl" in s["volumes"], name
         assert _env(s)["PRIMERL_STATE_DIR"] == "/var/lib/primerl", name
         assert "models:/home/primerl/.cache/primerl" in s["volumes"], name  # plumbing/model_store.py's cache
+    # A named volume takes the owner of the image folder it is mounted on: each must be made in the
+    # Dockerfile for the non-root user, or the worker cannot write its keys or model cache.
+    made = re.search(r"mkdir -p ([^\\&\n]+)", (ROOT / "Dockerfile").read_text())
+    assert made
+    for s in _workers().values():
+        for volume in s["volumes"]:
+            assert volume.split(":")[1] in made.group(1).split(), volume
 
 
 def test_grafana_mounts_what_its_provisioning_names() -> None:
