@@ -31,14 +31,15 @@ ROLES: dict[str, tuple[str | None, tuple[str, ...], str, str]] = {
         "verifier",
         "vllm",
     ),
-    "learner": ("learner", ("learners.service", "learners.trainer"), "learner", "sympy"),
+    # (torch itself depends on sympy: the learner's absent one is the engine.)
+    "learner": ("learner", ("learners.service", "learners.trainer"), "learner", "vllm"),
     "ops": (
         "ops",
         ("archiver.archiver", "operations.replay", "operations.status", "producers.publish", "matplotlib.pyplot"),
         "archive",
         "torch",
     ),
-    "engine-cpu": ("engine-cpu", ("primerl.serve", "engine_workers.engine"), "engine", "sympy"),
+    "engine-cpu": ("engine-cpu", ("primerl.serve", "engine_workers.engine"), "engine", "pyarrow"),
 }
 SELECTED = [r.strip() for r in os.environ.get("PRIMERL_ROLES", "base,verifier,learner,ops").split(",") if r.strip()]
 
