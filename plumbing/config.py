@@ -80,11 +80,27 @@ class KafkaConfig(_Section):
     """Password of an encrypted tls_key_file."""
     tls_check_hostname: bool = True
     """Check that the broker's certificate names the host dialled."""
+    topic_replication_factor: int = Field(1, ge=1, le=16)
+    """Replicas of each topic `primerl infra up` creates (1: the local single broker; compose.yaml's
+    three Apache Kafka brokers use 3)."""
+    topic_min_insync_replicas: int | None = Field(None, ge=1, le=16)
+    """min.insync.replicas of each topic created (None: the broker's default). With acks=all a
+    write then survives the loss of replication_factor - min_insync_replicas brokers."""
 
     @model_validator(mode="after")
     def _heartbeat_under_session(self) -> KafkaConfig:
         if self.heartbeat_interval_ms >= self.session_timeout_ms:
             raise ValueError("kafka.heartbeat_interval_ms must be below kafka.session_timeout_ms")
+        return self
+
+    @model_validator(mode="after")
+    def _isr_within_replicas(self) -> KafkaConfig:
+        # More in-sync replicas required than exist would refuse every acks=all write.
+        if (
+            self.topic_min_insync_replicas is not None
+            and self.topic_min_insync_replicas > self.topic_replication_factor
+        ):
+            raise ValueError("kafka.topic_min_insync_replicas must not exceed kafka.topic_replication_factor")
         return self
 
     @model_validator(mode="after")

@@ -108,6 +108,8 @@ class Publisher:
 
 async def create_topics(cfg: Config) -> list[str]:
     """Create every registry topic with its final partition count; returns the ones created."""
+    kc = cfg.kafka
+    conf = {} if kc.topic_min_insync_replicas is None else {"min.insync.replicas": str(kc.topic_min_insync_replicas)}
     admin = AIOKafkaAdminClient(**common_kwargs(cfg))
     await admin.start()
     try:
@@ -116,7 +118,9 @@ async def create_topics(cfg: Config) -> list[str]:
         created = []
         for t in missing:
             try:
-                await admin.create_topics([NewTopic(t.name, num_partitions=t.partitions, replication_factor=1)])
+                await admin.create_topics(
+                    [NewTopic(t.name, t.partitions, kc.topic_replication_factor, topic_configs=conf)]
+                )
                 created.append(t.name)
             except TopicAlreadyExistsError:
                 pass

@@ -22,6 +22,23 @@ keys_app = typer.Typer(no_args_is_help=True, help="Engine and verifier signing k
 app.add_typer(keys_app, name="keys")
 
 
+def _version(show: bool) -> None:
+    if show:
+        from importlib.metadata import version
+
+        typer.echo(f"primerl {version('primerl-servekit')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="print the installed version")
+    ] = False,
+) -> None:
+    """PrimeRL-ServeKit++: event-driven RL rollouts on Kafka, Redis and vLLM."""
+
+
 AuthOpt = Annotated[
     Optional[bool],
     typer.Option(

@@ -41,7 +41,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     the long chaos run (marker `chaos`) only with `-m chaos`. Every test is marked `integration` when it
     needs the real servers (the `servers` fixture, directly or through another fixture), else `unit`."""
     # the ones that start their own servers or engine are marked
-    real = ("engine", "chaos", "fuzz", "guardrail", "integration")
+    real = ("engine", "chaos", "fuzz", "guardrail", "integration", "roles")
     for item in items:
         heavy = "servers" in getattr(item, "fixturenames", ()) or any(item.get_closest_marker(m) for m in real)
         item.add_marker("integration" if heavy else "unit")
@@ -137,6 +137,7 @@ def _skip_long_chaos(config: pytest.Config, items: list[pytest.Item]) -> None:
     for marker, reason in (
         ("chaos", "the long chaos run: `make chaos` or `pytest -m chaos`"),
         ("guardrail", "the real-Prometheus dashboard test: `make guardrail` (CI runs it) or `pytest -m guardrail`"),
+        ("roles", "each role's extra in a fresh venv (minutes each): `make role-installs` or `pytest -m roles`"),
     ):
         if marker in expr.replace(f"not {marker}", ""):
             continue
