@@ -56,6 +56,7 @@ class Engine:
     tokenizer: Any = None
     max_model_len: int = 0
     block_size: int = 0
+    vocab_size: int = 0  # the model's (token ids a sampled chunk may hold)
     kv_events_endpoint: str = ""  # where vLLM publishes its KV-cache events (ZMQ)
     kv_events_topic: str = "kv"
     spec_stats_path: str = ""
@@ -99,6 +100,7 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         self.max_model_len = int(self.llm.model_config.max_model_len)
         self.block_size = int(self.llm.vllm_config.cache_config.block_size)
+        self.vocab_size = int(self.llm.model_config.get_vocab_size())
         log.info(
             "engine ready in %.1fs: %s, max_model_len %d", time.perf_counter() - t0, self.model_path, self.max_model_len
         )

@@ -60,3 +60,24 @@ class EngineMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        self.resumed_samples = Counter(
+            "primerl_engine_resumed_samples",
+            "Samples of redelivered requests continued from their chunk log (issue 22)",
+            registry=registry,
+        )
+        self.resumed_tokens = Counter(
+            "primerl_engine_resumed_tokens",
+            "Tokens carried over from a chunk log instead of generated again",
+            registry=registry,
+        )
+        self.resume_restarts = Counter(
+            "primerl_engine_resume_restarts",
+            "Samples with chunks in the log that restarted anyway (policy rule, or no clean chain)",
+            registry=registry,
+        )
+        self.resume_scan_seconds = Histogram(
+            "primerl_engine_resume_scan_seconds",
+            "Reading one redelivered request's chunk log back",
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )

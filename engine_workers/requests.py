@@ -52,6 +52,7 @@ def build_input(req: PromptRequest, tokenizer: Any, max_model_len: int, max_grou
             top_p=s.top_p,
             top_k=s.top_k if s.top_k > 0 else 0,
             max_tokens=s.max_tokens,
+            min_tokens=s.min_tokens,
             stop=list(s.stop) or None,
             # logprobs=0 returns the sampled token's log-prob, which learners need.
             logprobs=s.logprobs,

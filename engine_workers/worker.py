@@ -29,9 +29,12 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
+from aiokafka.errors import KafkaError
 from aiokafka.structs import ConsumerRecord
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
@@ -43,6 +46,7 @@ from engine_workers.engine import Engine, EngineDead
 from engine_workers.metrics import EngineMetrics
 from engine_workers.prefix_cache.kv_events import follow_kv_events
 from engine_workers.requests import build_input
+from engine_workers.resume import Prefix, format_hint, parse_hint, prefixes, read_chunks, republished, usable
 from plumbing.config import Config
 from plumbing.consumer import ConsumerRunner, FatalError
 from plumbing.custody import engine_signer
@@ -53,8 +57,8 @@ from plumbing.policy_feed import PolicyFeed
 from plumbing.prefix_cache.held_blocks import HeldBlocks
 from plumbing.prefix_cache.index import PrefixIndex
 from plumbing.trust import Signer
-from schemas import Completion, CompletionChunk, PolicyUpdate, PromptRequest, Timings
-from schemas.completions import completion_id
+from schemas import Completion, CompletionChunk, PolicyUpdate, PromptRequest, Timings, keys
+from schemas.completions import VersionSpan, completion_id
 from schemas.registry import WorkerInfo
 from schemas.topics import CHUNKS, COMPLETIONS, DEFERRED, ROUTED
 
@@ -75,6 +79,45 @@ class _Sample:
     finish_reason: str = ""
     first_token_at: float = 0.0
     seq: int = 0
+    resumed_at: int | None = None  # tokens carried over from a dead attempt's chunks
+    spans: list[VersionSpan] = field(default_factory=list)  # of the carried-over prefix
+
+
+@dataclass
+class _Attempt:
+    """One generation attempt of a request: what its streams share."""
+
+    req: PromptRequest
+    attempt: str
+    version: int
+    prompt_tokens: int
+    cached: int = 0
+    prefill_released: bool = False
+    acks: list[asyncio.Future[Any]] = field(default_factory=list)
+    hint: asyncio.Task[None] | None = None
+
+
+def _spans(s: _Sample, version: int) -> list[VersionSpan]:
+    """Version spans of a sample, only when it mixes versions (a prefix from an older one)."""
+    if s.resumed_at is None or {sp.version for sp in s.spans} <= {version}:
+        return []
+    spans = list(s.spans)
+    if len(s.token_ids) > s.resumed_at and spans[-1].version != version:
+        spans.append(VersionSpan(s.resumed_at, version))
+    return spans
+
+
+async def _all(streams: list[Coroutine[Any, Any, None]]) -> None:
+    """Run the streams of one attempt together; the first failure cancels the rest (an
+    engine death surfaces as itself, not wrapped in an exception group)."""
+    tasks = [asyncio.ensure_future(c) for c in streams]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 @dataclass
@@ -238,42 +281,41 @@ class EngineWorker:
         return False
 
     async def _generate(
-        self, req: PromptRequest, prompt: str, prompt_ids: list[int], params: object, enqueued_at: float
+        self, req: PromptRequest, prompt: str, prompt_ids: list[int], params: Any, enqueued_at: float
     ) -> None:
         version = self.engine.policy_version
         started_at = time.time()
         samples = [_Sample() for _ in range(req.group_size)]
-        acks = []
-        cached = 0
-        engine_request_id = f"{req.id}:{uuid.uuid4().hex[:8]}"  # unique even if redelivered while running
-        prefill_released = False
-        async for step in self.engine.stream(prompt_ids, params, engine_request_id):
-            cached = max(cached, step.num_cached_tokens)
-            if not prefill_released:
-                prefill_released = True
-                await self._release_load(req, "prefill")
-            for d in step.deltas:
-                s = samples[d.index]
-                if d.token_ids and not s.first_token_at:
-                    s.first_token_at = time.time()
-                    self.metrics.ttfb.observe(s.first_token_at - enqueued_at)
-                s.text.append(d.text)
-                s.token_ids.extend(d.token_ids)
-                s.logprobs.extend(d.logprobs)
-                if d.finish_reason:
-                    s.finish_reason = d.finish_reason
-                if d.token_ids or d.text:
-                    chunk = CompletionChunk(
-                        run_id=req.run_id,
-                        request_id=req.id,
-                        sample_index=d.index,
-                        seq=s.seq,
-                        text=d.text,
-                        token_ids=d.token_ids,
-                        policy_version=version,
-                    )
-                    s.seq += 1
-                    acks.append(await self.publisher.send(CHUNKS.name, chunk, key=req.id.encode()))
+        # Unique even if redelivered while running; also the attempt id on its chunks.
+        attempt = f"{req.id}:{uuid.uuid4().hex[:8]}"
+        run = _Attempt(req=req, attempt=attempt, version=version, prompt_tokens=len(prompt_ids))
+        max_tokens = int(params.max_tokens)
+        jobs: list[tuple[list[int], Any, str, list[int]]] = []
+        for i, pre in (await self._resumable(req, version)).items():
+            s = samples[i]
+            s.resumed_at = len(pre.token_ids)
+            s.text, s.token_ids, s.logprobs = list(pre.texts), list(pre.token_ids), list(pre.logprobs)
+            s.spans = list(pre.spans)
+            s.finish_reason = pre.finish_reason or ("length" if len(pre.token_ids) >= max_tokens else "")
+            for c in republished(pre, req.run_id, req.id, attempt):
+                await self._send_chunk(run, c)
+                s.seq = c.seq + 1
+            if not s.finish_reason:
+                rest = params.clone()
+                rest.n = 1
+                rest.max_tokens = max_tokens - len(pre.token_ids)
+                rest.min_tokens = max(0, int(params.min_tokens) - len(pre.token_ids))
+                jobs.append((prompt_ids + pre.token_ids, rest, f"{attempt}/{i}", [i]))
+        fresh = [i for i, s in enumerate(samples) if s.resumed_at is None]
+        if fresh:
+            group = params
+            if len(fresh) < req.group_size:
+                group = params.clone()
+                group.n = len(fresh)
+            jobs.insert(0, (prompt_ids, group, attempt, fresh))
+        await _all([self._stream(run, samples, *job, enqueued_at) for job in jobs])
+        if not jobs:
+            await self._release_load(req, "prefill")
         finished_at = time.time()
         signer = self.signer
         assert signer is not None  # set in __post_init__
@@ -295,7 +337,7 @@ class EngineWorker:
                     token_ids=s.token_ids,
                     logprobs=s.logprobs,
                     finish_reason=s.finish_reason or "abort",
-                    policy_version=version,
+                    policy_version=min([version, *(sp.version for sp in s.spans)]),
                     worker_id=self.worker_id,
                     timings=Timings(
                         enqueued_at=enqueued_at,
@@ -304,7 +346,7 @@ class EngineWorker:
                         finished_at=finished_at,
                     ),
                     prompt_tokens=len(prompt_ids),
-                    cached_prompt_tokens=cached,
+                    cached_prompt_tokens=run.cached,
                     task=req.task,
                     reference=req.reference,
                     grammar=req.grammar,
@@ -314,24 +356,144 @@ class EngineWorker:
                     grammar_completed=None
                     if req.grammar is None
                     else (s.finish_reason == "stop" and not req.sampling.stop),
+                    resumed_at_token=s.resumed_at,
+                    policy_spans=_spans(s, version),
                 )
             )
             for i, s in enumerate(samples)
         ]
         await self._release_load(req, "decode")
-        await asyncio.gather(*acks)
+        await asyncio.gather(*run.acks)
+        if run.hint is not None:
+            await run.hint
         await self.publisher.publish_many(COMPLETIONS.name, [(c, req.group_id.encode()) for c in finals])
         self.metrics.samples.inc(len(finals))
-        self.metrics.generated_tokens.inc(sum(len(s.token_ids) for s in samples))
+        self.metrics.generated_tokens.inc(sum(len(s.token_ids) - (s.resumed_at or 0) for s in samples))
         self.metrics.prompt_tokens.inc(len(prompt_ids))
-        self.metrics.cached_prompt_tokens.inc(cached)
+        self.metrics.cached_prompt_tokens.inc(run.cached)
         self._served_prompt_tokens += len(prompt_ids)
-        self._served_cached_tokens += cached
+        self._served_cached_tokens += run.cached
         if req.route is not None and req.route.predicted_cached_tokens > 0:
             self.metrics.predicted_hits.inc()
-            if cached < req.route.predicted_cached_tokens:
+            if run.cached < req.route.predicted_cached_tokens:
                 self.metrics.predicted_hits_missed.inc()
         self.metrics.e2e.observe(time.time() - enqueued_at)
+
+    async def _stream(
+        self,
+        run: _Attempt,
+        samples: list[_Sample],
+        token_ids: list[int],
+        params: Any,
+        engine_request_id: str,
+        indices: list[int],
+        enqueued_at: float,
+    ) -> None:
+        """One engine request's outputs into `samples` (engine output index k is sample `indices[k]`)."""
+        async for step in self.engine.stream(token_ids, params, engine_request_id):
+            # A continuation's prompt holds its prefix too: count only the request's prompt.
+            run.cached = max(run.cached, min(step.num_cached_tokens, run.prompt_tokens))
+            if not run.prefill_released:
+                run.prefill_released = True
+                await self._release_load(run.req, "prefill")
+            for d in step.deltas:
+                i = indices[d.index]
+                s = samples[i]
+                if d.token_ids and not s.first_token_at:
+                    s.first_token_at = time.time()
+                    self.metrics.ttfb.observe(s.first_token_at - enqueued_at)
+                s.text.append(d.text)
+                s.token_ids.extend(d.token_ids)
+                s.logprobs.extend(d.logprobs)
+                if d.finish_reason:
+                    s.finish_reason = d.finish_reason
+                if d.token_ids or d.text or d.finish_reason:
+                    chunk = CompletionChunk(
+                        run_id=run.req.run_id,
+                        request_id=run.req.id,
+                        sample_index=i,
+                        seq=s.seq,
+                        text=d.text,
+                        token_ids=d.token_ids,
+                        policy_version=run.version,
+                        logprobs=d.logprobs,
+                        finish_reason=d.finish_reason or "",
+                        attempt=run.attempt,
+                    )
+                    s.seq += 1
+                    await self._send_chunk(run, chunk)
+
+    async def _send_chunk(self, run: _Attempt, chunk: CompletionChunk) -> None:
+        ack = await self.publisher.send(CHUNKS.name, chunk, key=run.req.id.encode())
+        run.acks.append(ack)
+        if run.hint is None and self.cfg.engine.resume:
+            run.hint = asyncio.create_task(self._store_hint(run.req.id, ack))
+
+    async def _store_hint(self, request_id: str, ack: asyncio.Future[Any]) -> None:
+        """Point at the request's first acked chunk (kept if an earlier attempt set it: scans start there)."""
+        meta = await ack
+        try:
+            await self.redis.set(
+                keys.resume_hint(request_id),
+                format_hint(meta.partition, meta.offset),
+                nx=True,
+                ex=max(1, int(self.cfg.engine.resume_hint_ttl_s)),
+            )
+        except (RedisError, OSError) as err:
+            log.debug("resume pointer of %s not stored (%s): a redelivery restarts it", request_id, err)
+
+    async def _resumable(self, req: PromptRequest, version: int) -> dict[int, Prefix]:
+        """The samples of `req` a dead attempt left clean acknowledged prefixes of (engine_workers/resume.py).
+
+        A first delivery finds no pointer and costs one GET. Grammar-constrained samples
+        restart: the grammar state would start over on the continuation.
+        """
+        e = self.cfg.engine
+        if not e.resume or req.grammar is not None:
+            return {}
+        try:
+            hint = parse_hint(await self.redis.get(keys.resume_hint(req.id)))
+        except (RedisError, OSError):
+            return {}
+        if hint is None:
+            return {}
+        try:
+            chunks, stats = await read_chunks(
+                self.cfg,
+                CHUNKS.name,
+                req.id,
+                *hint,
+                timeout_s=e.resume_scan_timeout_s,
+                max_records=e.resume_max_records,
+            )
+        except (KafkaError, OSError) as err:
+            log.warning("chunk log of %s unreadable (%s): its samples restart", req.id, err)
+            return {}
+        self.metrics.resume_scan_seconds.observe(stats.seconds)
+        vocab = getattr(self.engine, "vocab_size", 0) or len(self.engine.tokenizer)
+        found = prefixes(
+            chunks,
+            run_id=req.run_id,
+            request_id=req.id,
+            group_size=req.group_size,
+            vocab_size=vocab,
+            max_tokens=req.sampling.max_tokens,
+        )
+        ok = {i: p for i, p in found.items() if usable(p, version, e.resume_policy)}
+        with_chunks = {c.sample_index for c in chunks if 0 <= c.sample_index < req.group_size}
+        self.metrics.resumed_samples.inc(len(ok))
+        self.metrics.resumed_tokens.inc(sum(len(p.token_ids) for p in ok.values()))
+        self.metrics.resume_restarts.inc(len(with_chunks - ok.keys()))
+        log.info(
+            "request %s redelivered: %d/%d samples resume (%d tokens carried over); scanned %d records in %.3fs",
+            req.id,
+            len(ok),
+            req.group_size,
+            sum(len(p.token_ids) for p in ok.values()),
+            stats.scanned,
+            stats.seconds,
+        )
+        return ok
 
     async def _release_load(self, req: PromptRequest, kind: str) -> None:
         """Take this request's share off the load the router added to its worker."""

@@ -481,6 +481,14 @@ class ChaosRun:
                 "dead_lettered_by_reason": dict(dead),
             },
             "duplicate_records": dup_records,
+            # Issue 22: samples an engine kill interrupted that the next engine continued from
+            # their chunk log (Completion.resumed_at_token) rather than generated again.
+            "resumed": {
+                "samples": sum(1 for cs in completions_by_id.values() if any(c.resumed_at_token for c in cs)),
+                "tokens_carried_over": sum(
+                    max(c.resumed_at_token or 0 for c in cs) for cs in completions_by_id.values()
+                ),
+            },
             "duplicate_effects": {
                 "total": len(reward_dups) + len(trained_twice) + len(policy_dups),
                 "completions_rewarded_twice": len(reward_dups),
@@ -694,7 +702,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nkills {report['kills']}, redis restarts {report['redis_restarts']}, "
         f"broker pauses {report['broker_pauses']}, "
-        f"crashes {len(report['crashes'])}"
+        f"crashes {len(report['crashes'])}, "
+        f"resumed samples {report['resumed']['samples']} ({report['resumed']['tokens_carried_over']} tokens)"
     )
     print(f"samples: published {s['published']}, outcomes {s['outcomes']}, LOST {s['lost']}")
     duplicates = {

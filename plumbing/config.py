@@ -29,6 +29,7 @@ Dtype = Literal["float32", "bfloat16", "float16", "auto"]
 Compression = Literal["gzip", "snappy", "lz4", "zstd"]
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
 SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+ResumePolicy = Literal["restart", "continue"]
 SaslMechanism = Literal["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"]
 
 
@@ -243,6 +244,23 @@ class EngineConfig(_Section):
     key_file: Path | None = None
     """Ed25519 key that signs this worker's completions; None: the newest live key under
     <state_dir>/keys/engine (generated on first start)."""
+    resume: bool = True
+    """A redelivered request continues each sample from the chunks the dead attempt got
+    acknowledged (engine_workers/resume.py) instead of generating it again."""
+    resume_policy: ResumePolicy = "continue"
+    """A prefix sampled under an older policy version than the engine now serves:
+    continue: resume it, recording the version of each token span (Completion.policy_spans)
+    and the oldest version as the completion's policy_version; restart: generate it anew.
+    continue by default: learners weigh every token by its own sampled log-prob (the
+    ratio in learners/losses.py is per token), so a mixed-version sample is corrected
+    token by token, and the oldest version keeps the max_policy_lag rule conservative;
+    restart would throw away the most work exactly when weights just moved."""
+    resume_scan_timeout_s: float = Field(5.0, gt=0, le=120)
+    """Reading a request's chunk log back gives up after this (the sample then restarts)."""
+    resume_max_records: int = Field(200_000, ge=1, le=10_000_000)
+    """Chunk records scanned at most per resumed request (other requests' chunks share the partition)."""
+    resume_hint_ttl_s: float = Field(86_400.0, gt=0)
+    """How long the pointer to a request's first chunk stays in Redis."""
 
 
 class RoutingConfig(_Section):

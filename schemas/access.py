@@ -12,7 +12,8 @@ Read from the code (publish / subscribe / Redis calls of each stage):
 - engine: rollout.routed (group engine) and rollout.deferred (group deferral) ->
   chunks, completions, deferred, prompts (released deferrals); follows rollout.policy
   without a group; heartbeats its registry entry, blocks and load; ledgers `engine`
-  and `policy-dead-letters`. An engine embeds a router by default, so it also holds
+  and `policy-dead-letters`; reads back a redelivered request's chunks (no group) and
+  keeps where they start under primerl:resume:. An engine embeds a router by default, so it also holds
   the router's rights (routing.embedded = false drops the need).
 - verifier: rollout.completions (group verifier) -> rollout.rewards; ledger
   `verifier:<id>:<version>`.
@@ -39,6 +40,7 @@ PENDING = "primerl:kvp:"
 LOAD = "primerl:load:"
 LEDGER = "primerl:ledger:"
 POLICY_VERSION = "primerl:policy:"
+RESUME = "primerl:resume:"
 
 
 class Principal(msgspec.Struct, frozen=True):
@@ -67,10 +69,10 @@ PRINCIPALS: tuple[Principal, ...] = (
     ),
     Principal(
         "primerl-engine",
-        reads=(ROUTED.name, DEFERRED.name, POLICY.name, PROMPTS.name),
+        reads=(ROUTED.name, DEFERRED.name, POLICY.name, PROMPTS.name, CHUNKS.name),
         writes=(CHUNKS.name, COMPLETIONS.name, DEFERRED.name, PROMPTS.name, ROUTED.name, DLQ.name),
         groups=("engine", "deferral", "router"),
-        redis_write=(REGISTRY, HELD, PENDING, LOAD, LEDGER + "engine:", LEDGER + "policy-dead-letters:"),
+        redis_write=(REGISTRY, HELD, PENDING, LOAD, LEDGER + "engine:", LEDGER + "policy-dead-letters:", RESUME),
     ),
     Principal(
         "primerl-verifier",

@@ -9,7 +9,12 @@ from schemas.prompts import Grammar, Route
 
 
 class CompletionChunk(Message, kw_only=True):
-    """A streamed delta of one sample; `seq` orders the chunks of a sample from 0."""
+    """A streamed delta of one sample; `seq` orders the chunks of one attempt's sample from 0.
+
+    The last three fields (issue 22) let a worker that takes over a redelivered request
+    resume each sample from the chunk log (engine_workers/resume.py). Chunks written
+    before them decode with the defaults and are simply not resumable from.
+    """
 
     request_id: str
     sample_index: int
@@ -17,6 +22,19 @@ class CompletionChunk(Message, kw_only=True):
     text: str
     token_ids: list[int]
     policy_version: int
+    logprobs: list[float] = []  # sampled log-prob of each of `token_ids`
+    finish_reason: str = ""  # set on the sample's last chunk
+    # The generation attempt that wrote it: a redelivered request is an attempt of its own,
+    # so two attempts' chunks (same seq numbers) are never spliced together. A resumed
+    # attempt re-publishes the prefix it continues as its own first chunks.
+    attempt: str = ""
+
+
+class VersionSpan(msgspec.Struct, frozen=True):
+    """Tokens from `start` on (to the next span) were sampled under policy `version`."""
+
+    start: int
+    version: int
 
 
 class Timings(msgspec.Struct, frozen=True, kw_only=True):
@@ -65,3 +83,11 @@ class Completion(Message, kw_only=True):
     # is off. Older readers ignore the two fields (unknown fields are skipped on decode).
     engine_key_id: str = ""
     engine_signature: bytes = b""
+    # Issue 22: set when the sample continued a prefix read back from the chunk log of an
+    # attempt that died: the number of tokens it carried over (their log-probs are the
+    # ones sampled then). None: generated in one attempt.
+    resumed_at_token: int | None = None
+    # Only with engine.resume_policy = "continue" and a prefix sampled under an older
+    # version: the version of each token span (`policy_version` is then the oldest one,
+    # so staleness bounds stay conservative). Empty: every token under `policy_version`.
+    policy_spans: list[VersionSpan] = []

@@ -6,6 +6,7 @@ primerl:kvp:<w>                 ZSET of block hashes routed to w, not yet report
 primerl:load:<w>                HASH prefill / decode tokens routed to w, not yet served
 primerl:ledger:<stage>:<id>     a processed-id ledger entry (plumbing/ledger.py)
 primerl:policy:<run>:version    the newest policy version a run's learner published
+primerl:resume:<request id>     "partition:offset" of a request's first chunk (engine_workers/resume.py), TTL
 """
 
 from __future__ import annotations
@@ -43,6 +44,11 @@ def load(worker_id: str) -> str:
 def ledger_prefix(stage: str) -> str:
     """The prefix of a stage's processed-id ledger (the message id follows)."""
     return f"primerl:ledger:{stage}:"
+
+
+def resume_hint(request_id: str) -> str:
+    """Where a request's chunks start in rollout.completion-chunks (a resumed attempt reads from there)."""
+    return f"primerl:resume:{request_id}"
 
 
 def policy_version(run_id: str) -> str:

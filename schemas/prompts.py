@@ -58,6 +58,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     top_p: float = 1.0
     top_k: int = -1
     max_tokens: int = 128
+    # End-of-sequence is not sampled before this many tokens (long rollouts on demand:
+    # the resume benchmark's 512-token samples).
+    min_tokens: int = 0
     stop: list[str] = []
     # Log-prob of each sampled token is always recorded; this asks for extra top-k.
     logprobs: int = 0

@@ -16,7 +16,7 @@ kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-router --operat
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-router --operation Read --operation Describe --group router
 
 # primerl-engine
-kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-engine --operation Write --operation Describe --topic rollout.completion-chunks
+kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-engine --operation Read --operation Write --operation Describe --topic rollout.completion-chunks
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-engine --operation Write --operation Describe --topic rollout.completions
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-engine --operation Read --operation Write --operation Describe --topic rollout.deferred
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-engine --operation Write --operation Describe --topic rollout.dlq
