@@ -206,8 +206,8 @@ async def test_the_engine_worker_signs_every_final_completion(cfg: Config, token
             self.finals: list[Completion] = []
 
         async def send(self, topic: str, msg: Any, key: bytes | None = None) -> Any:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            fut.set_result(None)
+            fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            fut.set_result(SimpleNamespace(partition=0, offset=0))  # what the producer's ack carries
             return fut
 
         async def publish_many(self, topic: str, items: list[tuple[Any, bytes]]) -> None:
@@ -218,7 +218,7 @@ async def test_the_engine_worker_signs_every_final_completion(cfg: Config, token
     worker = EngineWorker(cfg, StandIn(tokenizer), cap, redis, CollectorRegistry())  # type: ignore[arg-type]
     assert worker_module.COMPLETIONS.name == COMPLETIONS.name
     req = PromptRequest(run_id="r", group_id="g", group_size=3, text="Say x.")
-    await worker._generate(req, "Say x.", [1, 2, 3], SimpleNamespace(n=3), 0.0)
+    await worker._generate(req, "Say x.", [1, 2, 3], SimpleNamespace(n=3, max_tokens=8, min_tokens=0), 0.0)
     await redis.aclose()
     ring = engine_keyring(cfg)
     assert len(cap.finals) == 3 and ring is not None

@@ -43,7 +43,7 @@ def test_a_run_prints_waits_table_and_summary_and_logs_the_rest(
         # What vLLM's engine-core subprocess and C code do: write to the inherited fds.
         os.write(1, b"INFO vllm: hundreds of lines like this\n")
         os.write(2, b"WARNING engine core\n")
-        logging.getLogger("vllm.fake").warning("a library's logging record")
+        logging.getLogger("aiokafka.fake").warning("a library's logging record")
         events = cfg.state_dir / "tensorboard" / "r1"
         rows = [CurveRow(0, 1.0, math.nan, 0.1, 0.0, math.nan, math.nan), CurveRow(1, 2.0, 0.5, 0.3, 0.0, 9.0, 0.5)]
         console.table([("step", "d"), ("reward", ".3f")])
