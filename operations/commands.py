@@ -89,6 +89,7 @@ def publish(
             prompt=prompt_column or shape.columns.prompt,
             answer=answer_column or shape.columns.answer,
             messages=messages_column or shape.columns.messages,
+            prompt_as_chat=shape.columns.prompt_as_chat,
         )
         task = shape.task if task == "none" else task
     try:

@@ -49,6 +49,7 @@ class ColumnMap(msgspec.Struct, frozen=True, kw_only=True):
     prompt: str | None = None
     answer: str | None = None
     messages: str | None = None
+    prompt_as_chat: bool = False  # the prompt column becomes one user turn (the chat template applies)
 
     @property
     def empty(self) -> bool:
@@ -64,7 +65,11 @@ class Preset(msgspec.Struct, frozen=True):
 
 
 # GSM8K: `question`, and `answer` = worked solution ending in `#### N` (the math reward reads N).
-PRESETS: dict[str, Preset] = {"gsm8k": Preset(ColumnMap(prompt="question", answer="answer"), task="math")}
+# The question is a user turn: sent as plain text, SmolLM2-Instruct answered both demo questions
+# with end-of-sequence at once (1 token, finish "stop"; the issue-21 demo in the stop-18 note).
+PRESETS: dict[str, Preset] = {
+    "gsm8k": Preset(ColumnMap(prompt="question", answer="answer", prompt_as_chat=True), task="math")
+}
 
 
 def apply_columns(raw: dict[str, Any], columns: ColumnMap) -> dict[str, Any]:
@@ -86,7 +91,9 @@ def apply_columns(raw: dict[str, Any], columns: ColumnMap) -> dict[str, Any]:
     row: dict[str, Any] = {}
     extra: dict[str, str] = {}
     for key, value in raw.items():
-        if key in renames:
+        if key in renames and renames[key] == "text" and columns.prompt_as_chat:
+            row["messages"] = [{"role": "user", "content": _text(value)}]
+        elif key in renames:
             row[renames[key]] = _text(value) if renames[key] in ("text", "reference") else value
         elif key in _FIELDS and _FIELDS[key] not in renames.values():
             row[key] = value  # a prompt field no mapped column replaces

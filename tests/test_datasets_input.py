@@ -10,6 +10,7 @@ import pytest
 from plumbing.config import Config
 from producers.datasets_input import PRESETS, ColumnMap, apply_columns
 from producers.prompt_files import FileDefaults, read_prompt_file
+from schemas import PromptRequest
 from tests.reward_helpers import make_completion
 from verifier_workers.rewards.math import MathReward, reference_answer
 
@@ -35,6 +36,12 @@ def _defaults(task: str = GSM.task) -> FileDefaults:
     return FileDefaults(run_id="ds", task=task)
 
 
+def _question(r: PromptRequest) -> str:
+    """The GSM8K question of a request the preset made (its one user turn)."""
+    assert r.messages is not None and len(r.messages) == 1
+    return r.messages[0].content
+
+
 def test_gsm8k_parquet_with_the_preset(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -43,7 +50,8 @@ def test_gsm8k_parquet_with_the_preset(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_pylist(GSM8K), path)
     reqs, errors = read_prompt_file(path, _defaults(), columns=GSM.columns)
     assert errors == [] and len(reqs) == 3
-    assert reqs[0].text == GSM8K[0]["question"] and reqs[0].reference == GSM8K[0]["answer"]
+    assert _question(reqs[0]) == GSM8K[0]["question"] and reqs[0].reference == GSM8K[0]["answer"]
+    assert reqs[0].text is None and reqs[0].messages[0].role == "user"  # a user turn: the chat template applies
     assert {r.task for r in reqs} == {"math"}
     # Without the mapping the same file fails row by row (the issue's finding).
     _, errors = read_prompt_file(path, _defaults())
@@ -60,7 +68,7 @@ def test_saved_dataset_dict_and_split(tmp_path: Path) -> None:
     train, _ = read_prompt_file(folder, _defaults(), columns=GSM.columns)  # two splits: train by default
     assert [r.reference for r in train] == [GSM8K[0]["answer"], GSM8K[1]["answer"]]
     test, _ = read_prompt_file(folder, _defaults(), columns=GSM.columns, split="test")
-    assert [r.text for r in test] == [GSM8K[2]["question"]]
+    assert [_question(r) for r in test] == [GSM8K[2]["question"]]
     with pytest.raises(ValueError, match="no split 'validation'"):
         read_prompt_file(folder, _defaults(), columns=GSM.columns, split="validation")
 
@@ -80,7 +88,7 @@ def test_single_saved_dataset_arrow_file_and_data_folder(tmp_path: Path) -> None
     data.mkdir(parents=True)
     ds.to_json(str(data / "train.jsonl"))
     reqs, _ = read_prompt_file(tmp_path / "snapshot", _defaults(), columns=GSM.columns, split="train")
-    assert [r.text for r in reqs] == [g["question"] for g in GSM8K]
+    assert [_question(r) for r in reqs] == [g["question"] for g in GSM8K]
 
 
 def test_messages_column_and_extra_columns_kept_as_metadata(tmp_path: Path) -> None:
@@ -168,3 +176,6 @@ def test_cli_publishes_a_saved_gsm8k_dataset_and_tail_shows_it(cfg: Config, tmp_
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert sorted(ln["value"]["reference"] for ln in lines) == sorted(g["answer"] for g in GSM8K)
     assert {ln["value"]["task"] for ln in lines} == {"math"} and {ln["type"] for ln in lines} == {"PromptRequest"}
+    # The question as a user turn (the CLI once rebuilt the preset's columns without it, and
+    # SmolLM2-Instruct answered the raw questions with end-of-sequence at once).
+    assert sorted(ln["value"]["messages"][0]["content"] for ln in lines) == sorted(g["question"] for g in GSM8K)
