@@ -22,8 +22,21 @@ class EngineInput(msgspec.Struct, frozen=True):
     params: Any  # vllm.SamplingParams (not a msgspec type)
 
 
-def build_input(req: PromptRequest, tokenizer: Any, max_model_len: int, max_group_size: int = 256) -> EngineInput:
-    """Validate `req` against the model and build the engine input; raises BadRequest."""
+def build_input(
+    req: PromptRequest, tokenizer: Any, max_model_len: int, max_group_size: int = 256, vocab_size: int = 0
+) -> EngineInput:
+    """Validate `req` against the model and build the engine input; raises BadRequest.
+
+    `vocab_size` (the model's, 0: the tokenizer's length) bounds token-in prompts.
+    """
+    if req.prompt_token_ids is not None:
+        # Before decoding: an id past the embedding table would crash the engine, not the request.
+        vocab = vocab_size or len(tokenizer)
+        bad = next((t for t in req.prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise BadRequest(f"prompt_token_ids holds {bad}, outside this model's vocabulary [0, {vocab})")
+    if req.session is not None and req.turn_index > 0 and req.group_size != 1:
+        raise BadRequest(f"a session's turn {req.turn_index} continues one sample: group_size must be 1")
     if req.group_size > max_group_size:
         # vLLM would take n=10**9 and hold the engine (and its memory) for it.
         raise BadRequest(

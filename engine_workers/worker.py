@@ -57,7 +57,7 @@ from plumbing.policy_feed import PolicyFeed
 from plumbing.prefix_cache.held_blocks import HeldBlocks
 from plumbing.prefix_cache.index import PrefixIndex
 from plumbing.trust import Signer
-from schemas import Completion, CompletionChunk, PolicyUpdate, PromptRequest, Timings, keys
+from schemas import Completion, CompletionChunk, PolicyUpdate, PromptRequest, Session, Timings, keys
 from schemas.completions import VersionSpan, completion_id
 from schemas.registry import WorkerInfo
 from schemas.topics import CHUNKS, COMPLETIONS, DEFERRED, ROUTED
@@ -105,6 +105,19 @@ def _spans(s: _Sample, version: int) -> list[VersionSpan]:
     if len(s.token_ids) > s.resumed_at and spans[-1].version != version:
         spans.append(VersionSpan(s.resumed_at, version))
     return spans
+
+
+def _session_of(req: PromptRequest, i: int, prompt_len: int) -> Session | None:
+    """The session sample `i` of `req` continues: a first turn fans out into one session per sample."""
+    if req.session is None or req.turn_index > 0:
+        return req.session
+    return msgspec.structs.replace(
+        req.session,
+        sample_index=i,
+        group_size=req.group_size,
+        prompt_len=prompt_len,
+        sampling=req.session.sampling or req.sampling,
+    )
 
 
 async def _all(streams: list[Coroutine[Any, Any, None]]) -> None:
@@ -226,7 +239,8 @@ class EngineWorker:
     async def handle(self, req: PromptRequest, record: ConsumerRecord) -> None:
         """Generate the group of `req`, stream chunks, publish finals; returns once all are acked."""
         enqueued_at = record.timestamp / 1000 if record.timestamp else req.created_at
-        inp = build_input(req, self.engine.tokenizer, self.engine.max_model_len, self.cfg.engine.max_group_size)
+        e = self.engine
+        inp = build_input(req, e.tokenizer, e.max_model_len, self.cfg.engine.max_group_size, e.vocab_size)
         if not await self._version_ready(req):
             return
         async with self.ledger.claim(req.id) as fresh:
@@ -327,10 +341,11 @@ class EngineWorker:
                     run_id=req.run_id,
                     request_id=req.id,
                     group_id=req.group_id,
-                    group_size=req.group_size,
-                    sample_index=i,
-                    session_id=req.session_id,
+                    group_size=session.group_size if session is not None else req.group_size,
+                    sample_index=session.sample_index if session is not None else i,
+                    session_id=req.session_id or (f"{req.group_id}/{i}" if session is not None else None),
                     turn_index=req.turn_index,
+                    session=session,
                     prompt=prompt,
                     prompt_token_ids=prompt_ids,
                     text="".join(s.text),
@@ -361,6 +376,7 @@ class EngineWorker:
                 )
             )
             for i, s in enumerate(samples)
+            for session in (_session_of(req, i, len(prompt_ids)),)
         ]
         await self._release_load(req, "decode")
         await asyncio.gather(*run.acks)

@@ -16,7 +16,17 @@ class BadRequest(ValueError):
 
 
 def render_prompt(req: PromptRequest, tokenizer: Any) -> tuple[str, list[int]]:
-    """The prompt text and token ids; chat messages go through the model's chat template."""
+    """The prompt text and token ids; chat messages go through the model's chat template.
+
+    Token ids given (token in) are used as they are: the text is only their decoding,
+    for the record; nothing is re-tokenized.
+    """
+    if req.prompt_token_ids is not None:
+        ids = list(req.prompt_token_ids)
+        try:
+            return tokenizer.decode(ids, skip_special_tokens=False), ids
+        except (TypeError, ValueError, OverflowError, IndexError) as err:
+            raise BadRequest(f"prompt_token_ids cannot be decoded by this model's tokenizer: {err}") from err
     if req.messages is not None:
         msgs = [{"role": m.role, "content": m.content} for m in req.messages]
         try:

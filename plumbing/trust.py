@@ -101,7 +101,8 @@ def completion_bytes(c: Completion) -> bytes:
     """The exact bytes an engine signs for `c`: everything a verifier scores or a learner trains on.
 
     Timings, cache statistics and the route are left out (observability, not custody).
-    Task, reference and grammar are in: they decide the reward.
+    Task, reference and grammar are in: they decide the reward. So is an environment
+    session's layout: it says which prompt tokens were sampled and which were tool responses.
     """
     return msgspec.msgpack.encode(
         [
@@ -128,6 +129,8 @@ def completion_bytes(c: Completion) -> bytes:
             c.worker_id,
             c.created_at,
         ]
+        # Only when set, so a single-turn completion's bytes (and signature) are what they were.
+        + ([c.session] if c.session is not None else [])
     )
 
 

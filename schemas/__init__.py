@@ -17,9 +17,12 @@ from schemas.codec import (
 from schemas.completions import Completion, CompletionChunk, Timings
 from schemas.dlq import DeadLetter
 from schemas.policy import PolicyUpdate
-from schemas.prompts import ChatMessage, Grammar, GrammarKind, PromptRequest, Route, SamplingParams
+from schemas.prompts import ChatMessage, Grammar, GrammarKind, PromptRequest, Route
 from schemas.rewards import Reward, RewardStatus
+from schemas.sampling import SamplingParams
+from schemas.sessions import Segment, Session, ToolTrace
 from schemas.topics import TOPICS, Topic, topic_for
+from schemas.trajectories import Trajectory
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -45,6 +48,10 @@ __all__ = [
     "PromptRequest",
     "Route",
     "SamplingParams",
+    "Segment",
+    "Session",
+    "ToolTrace",
+    "Trajectory",
     "Reward",
     "RewardStatus",
     "TOPICS",

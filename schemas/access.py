@@ -15,10 +15,13 @@ Read from the code (publish / subscribe / Redis calls of each stage):
   and `policy-dead-letters`; reads back a redelivered request's chunks (no group) and
   keeps where they start under primerl:resume:. An engine embeds a router by default, so it also holds
   the router's rights (routing.embedded = false drops the need).
-- verifier: rollout.completions (group verifier) -> rollout.rewards; ledger
-  `verifier:<id>:<version>`.
-- learner: rollout.completions + rollout.rewards (group learner-<run>) -> rollout.policy;
-  sets primerl:policy:<run>:version.
+- envhub: rollout.completions (group envhub; only environment sessions' turns) ->
+  rollout.prompts (the next turn) or rollout.trajectories (the finished session);
+  ledger `envhub`.
+- verifier: rollout.completions + rollout.trajectories (group verifier) -> rollout.rewards;
+  ledger `verifier:<id>:<version>`.
+- learner: rollout.completions + rollout.trajectories + rollout.rewards (group
+  learner-<run>) -> rollout.policy; sets primerl:policy:<run>:version.
 - archiver: reads every topic (group archiver; what it archives is config), no Redis.
 - producer (`primerl publish`, replays): writes rollout.prompts only.
 - operator (`primerl infra up`, `status`, `scale`, `tail`, the run observer of `primerl up`):
@@ -31,7 +34,7 @@ from __future__ import annotations
 
 import msgspec
 
-from schemas.topics import CHUNKS, COMPLETIONS, DEFERRED, DLQ, POLICY, PROMPTS, REWARDS, ROUTED, TOPICS
+from schemas.topics import CHUNKS, COMPLETIONS, DEFERRED, DLQ, POLICY, PROMPTS, REWARDS, ROUTED, TOPICS, TRAJECTORIES
 
 # Redis key prefixes (schemas/keys.py builds the keys).
 REGISTRY = "primerl:registry:"
@@ -75,15 +78,22 @@ PRINCIPALS: tuple[Principal, ...] = (
         redis_write=(REGISTRY, HELD, PENDING, LOAD, LEDGER + "engine:", LEDGER + "policy-dead-letters:", RESUME),
     ),
     Principal(
-        "primerl-verifier",
+        "primerl-envhub",
         reads=(COMPLETIONS.name,),
+        writes=(PROMPTS.name, TRAJECTORIES.name, DLQ.name),
+        groups=("envhub",),
+        redis_write=(LEDGER + "envhub:",),
+    ),
+    Principal(
+        "primerl-verifier",
+        reads=(COMPLETIONS.name, TRAJECTORIES.name),
         writes=(REWARDS.name, DLQ.name),
         groups=("verifier",),
         redis_write=(LEDGER + "verifier:",),
     ),
     Principal(
         "primerl-learner",
-        reads=(COMPLETIONS.name, REWARDS.name),
+        reads=(COMPLETIONS.name, TRAJECTORIES.name, REWARDS.name),
         writes=(POLICY.name, DLQ.name),
         groups=("learner-",),
         redis_write=(POLICY_VERSION,),

@@ -6,6 +6,7 @@ import msgspec
 
 from schemas.base import Message
 from schemas.prompts import Grammar, Route
+from schemas.sessions import Session
 
 
 class CompletionChunk(Message, kw_only=True):
@@ -91,3 +92,9 @@ class Completion(Message, kw_only=True):
     # version: the version of each token span (`policy_version` is then the oldest one,
     # so staleness bounds stay conservative). Empty: every token under `policy_version`.
     policy_spans: list[VersionSpan] = []
+    # Issue 23: the environment session this turn belongs to, as the request carried it
+    # (the first turn's with sample_index, group_size, prompt_len and sampling filled in).
+    # Signed with the rest: it says which of prompt_token_ids were sampled and which
+    # were tool responses. Such completions are the env hub's; verifiers and learners
+    # take a session only once finished, from rollout.trajectories.
+    session: Session | None = None

@@ -8,6 +8,8 @@ import json
 import msgspec
 
 from schemas.base import Message
+from schemas.sampling import SamplingParams
+from schemas.sessions import Session
 
 
 class ChatMessage(msgspec.Struct, frozen=True):
@@ -51,21 +53,6 @@ class Grammar(msgspec.Struct, frozen=True):
         return choices
 
 
-class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
-    """Per-request sampling; validated by the engine worker against the model."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    max_tokens: int = 128
-    # End-of-sequence is not sampled before this many tokens (long rollouts on demand:
-    # the resume benchmark's 512-token samples).
-    min_tokens: int = 0
-    stop: list[str] = []
-    # Log-prob of each sampled token is always recorded; this asks for extra top-k.
-    logprobs: int = 0
-
-
 class Route(msgspec.Struct, frozen=True, kw_only=True):
     """The router's decision, carried to the worker (which releases the load it added)
     and echoed on the completions (so hit predictions can be checked against vLLM)."""
@@ -80,12 +67,14 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
 class PromptRequest(Message, kw_only=True):
     """A prompt to sample `group_size` completions for (one GRPO group).
 
-    Exactly one of `messages` (chat, rendered with the model's chat template) or
-    `text` (raw prompt) is set.
+    Exactly one of `messages` (chat, rendered with the model's chat template), `text`
+    (raw prompt) or `prompt_token_ids` (token in: the engine checks them against its
+    vocabulary and context, and never re-tokenizes) is set.
     """
 
     messages: list[ChatMessage] | None = None
     text: str | None = None
+    prompt_token_ids: list[int] | None = None
     group_id: str = ""
     group_size: int = 1
     session_id: str | None = None
@@ -97,10 +86,15 @@ class PromptRequest(Message, kw_only=True):
     metadata: dict[str, str] = {}
     min_policy_version: int = 0
     route: Route | None = None  # set by the router on rollout.routed, never by producers
+    # A multi-turn environment session (schemas/sessions.py): set by a producer on the
+    # first turn (env name), carried and extended by the env hub on every later one.
+    session: Session | None = None
 
     def __post_init__(self) -> None:
-        if (self.messages is None) == (self.text is None):
-            raise ValueError("exactly one of `messages` or `text` must be set")
+        if sum(x is not None for x in (self.messages, self.text, self.prompt_token_ids)) != 1:
+            raise ValueError("exactly one of `messages`, `text` or `prompt_token_ids` must be set")
+        if self.prompt_token_ids is not None and not self.prompt_token_ids:
+            raise ValueError("`prompt_token_ids` must not be empty")
         if self.group_size < 1:
             raise ValueError("`group_size` must be >= 1")
         if not self.group_id:
@@ -108,5 +102,7 @@ class PromptRequest(Message, kw_only=True):
 
     def routing_key(self) -> bytes:
         """Kafka key: a session's turns and a group's samples share a key, so they
-        land on the same partition (and engine worker) and reuse its KV cache."""
-        return (self.session_id or self.group_id).encode()
+        land on the same partition (and engine worker) and reuse its KV cache. An
+        environment session keys by its first turn's group: every turn of all of that
+        group's sessions extends the same first prompt."""
+        return (self.group_id if self.session is not None else self.session_id or self.group_id).encode()

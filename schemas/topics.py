@@ -14,6 +14,7 @@ from schemas.dlq import DeadLetter
 from schemas.policy import PolicyUpdate
 from schemas.prompts import PromptRequest
 from schemas.rewards import Reward
+from schemas.trajectories import Trajectory
 
 
 class Topic(msgspec.Struct, frozen=True):
@@ -37,6 +38,12 @@ COMPLETIONS = Topic(
     "rollout.completions", 16, Completion, "group_id: a group's samples reach one verifier/learner partition"
 )
 REWARDS = Topic("rollout.rewards", 16, Reward, "group_id: a group's rewards are assembled in one place")
+TRAJECTORIES = Topic(
+    "rollout.trajectories",
+    16,
+    Trajectory,
+    "group_id: a group's sessions are scored and assembled in one place (envhub/ writes them)",
+)
 POLICY = Topic("rollout.policy", 1, PolicyUpdate, "none: one ordered stream of versions")
 DLQ = Topic("rollout.dlq", 4, DeadLetter, "stage")
 DEFERRED = Topic(
@@ -46,7 +53,9 @@ DEFERRED = Topic(
     "session_id, else group_id: requests waiting for a policy version (engine_workers/deferral.py releases them)",
 )
 
-TOPICS: dict[str, Topic] = {t.name: t for t in (PROMPTS, ROUTED, CHUNKS, COMPLETIONS, REWARDS, POLICY, DLQ, DEFERRED)}
+TOPICS: dict[str, Topic] = {
+    t.name: t for t in (PROMPTS, ROUTED, CHUNKS, COMPLETIONS, TRAJECTORIES, REWARDS, POLICY, DLQ, DEFERRED)
+}
 
 
 def topic_for(name: str) -> Topic:

@@ -27,10 +27,18 @@ kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-engine --operat
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-engine --operation Read --operation Describe --group deferral
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-engine --operation Read --operation Describe --group router
 
+# primerl-envhub
+kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-envhub --operation Read --operation Describe --topic rollout.completions
+kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-envhub --operation Write --operation Describe --topic rollout.dlq
+kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-envhub --operation Write --operation Describe --topic rollout.prompts
+kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-envhub --operation Write --operation Describe --topic rollout.trajectories
+kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-envhub --operation Read --operation Describe --group envhub
+
 # primerl-verifier
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-verifier --operation Read --operation Describe --topic rollout.completions
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-verifier --operation Write --operation Describe --topic rollout.dlq
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-verifier --operation Write --operation Describe --topic rollout.rewards
+kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-verifier --operation Read --operation Describe --topic rollout.trajectories
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-verifier --operation Read --operation Describe --group verifier
 
 # primerl-learner
@@ -38,6 +46,7 @@ kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-learner --opera
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-learner --operation Write --operation Describe --topic rollout.dlq
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-learner --operation Write --operation Describe --topic rollout.policy
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-learner --operation Read --operation Describe --topic rollout.rewards
+kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-learner --operation Read --operation Describe --topic rollout.trajectories
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-learner --operation Read --operation Describe --resource-pattern-type prefixed --group learner-
 
 # primerl-archiver
@@ -49,6 +58,7 @@ kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-archiver --oper
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-archiver --operation Read --operation Describe --topic rollout.prompts
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-archiver --operation Read --operation Describe --topic rollout.rewards
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-archiver --operation Read --operation Describe --topic rollout.routed
+kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-archiver --operation Read --operation Describe --topic rollout.trajectories
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-archiver --operation Read --operation Describe --group archiver
 
 # primerl-producer
@@ -63,6 +73,7 @@ kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --oper
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --operation Read --operation Describe --topic rollout.prompts
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --operation Read --operation Describe --topic rollout.rewards
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --operation Read --operation Describe --topic rollout.routed
+kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --operation Read --operation Describe --topic rollout.trajectories
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --operation Read --operation Describe --resource-pattern-type prefixed --group observer-
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --operation Read --operation Describe --resource-pattern-type prefixed --group rewards-reader-
 kafka-acls.sh "${ADMIN[@]}" --add --allow-principal User:primerl-operator --operation Read --operation Describe --resource-pattern-type prefixed --group dlq-reader-
