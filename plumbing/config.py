@@ -318,6 +318,26 @@ class VerifierConfig(_Section):
     """Wall-clock limit of one sandboxed code run."""
 
 
+class EnvhubConfig(_Section):
+    """The env hub: the session stage of multi-turn environments (envhub/)."""
+
+    max_in_flight: int = Field(8, ge=1, le=4096)
+    """Session turns handled at once (a browser fetch or sandbox run waits on I/O)."""
+    max_turns: int = Field(8, ge=1, le=64)
+    """Cap on any session's turns, whatever its producer asked for."""
+    corpus_url: str = ""
+    """Base URL of the browser's corpus server ("" = the env hub starts the bundled one on a free port)."""
+    tool_role: str = Field("user", min_length=1, max_length=32)
+    """Chat role a tool response is rendered as. SmolLM2's template has no tool role; `user`
+    is the role its instruct data gave outside text."""
+    max_observation_chars: int = Field(2000, ge=64, le=100_000)
+    """Tool responses are cut to this many characters (and say so) before tokenizing."""
+    http_timeout_s: float = Field(5.0, gt=0, le=120)
+    """Per-fetch time limit of the browser."""
+    sandbox_wall_s: float = Field(5.0, gt=0, le=600)
+    """Wall-clock limit of one python tool run."""
+
+
 class CustodyConfig(_Section):
     """Chain of custody from engine to gradient (plumbing/trust.py)."""
 
@@ -425,6 +445,8 @@ class Config(BaseSettings):
     """Learners."""
     custody: CustodyConfig = CustodyConfig()
     """Engine signatures and the text/token check."""
+    envhub: EnvhubConfig = EnvhubConfig()
+    """Multi-turn environment sessions."""
     log_level: LogLevel = "INFO"
     """Log level of every process."""
     archive: ArchiveConfig = ArchiveConfig()

@@ -221,6 +221,22 @@ def verifier(
     run(serve_verifier(cfg))
 
 
+@app.command("envhub")
+def envhub(
+    config: ConfigOpt = None,
+    state_dir: StateOpt = None,
+    corpus_url: Annotated[
+        Optional[str], typer.Option(help="the browser's corpus server (default: start the bundled one)")
+    ] = None,
+    metrics_port: Annotated[Optional[int], typer.Option(help="/metrics port (0: any free)")] = None,
+) -> None:
+    """Run one env hub worker (multi-turn sessions: tools, next turns, trajectories) in group `envhub`."""
+    from envhub.service import serve_envhub
+
+    cfg = command_config(config, state_dir, **{"envhub.corpus_url": corpus_url, "metrics.port": metrics_port})
+    run(serve_envhub(cfg))
+
+
 Role = Annotated[str, typer.Option(help="engine (signs completions) or verifier (signs rewards)")]
 
 
