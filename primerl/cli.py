@@ -109,6 +109,9 @@ def up(
     eval_every: Annotated[int, typer.Option(help="evaluate every this many steps")] = 3,
     seed: Annotated[int, typer.Option(help="seed of the training prompts and the learner")] = 0,
     algo: Annotated[str, typer.Option(help="grpo or ppo")] = "grpo",
+    task: Annotated[
+        str, typer.Option(help="arithmetic (single turn), or a multi-turn environment: calculator, retrieval_qa")
+    ] = "arithmetic",
     keep: Annotated[bool, typer.Option(help="leave the local servers running")] = False,
     auth: AuthOpt = None,
     verbose: Annotated[
@@ -133,9 +136,15 @@ def up(
         eval_every=eval_every,
         max_tokens=max_tokens,
         seed=seed,
+        task=task,
     )
-    title = f"{algo.upper()} on a+b with SmolLM2-135M (CPU)"
-    suffix = "" if algo == "grpo" else f"_{algo}"
+    from primerl.tasks import make_task
+
+    try:
+        title = f"{algo.upper()} on {make_task(settings).title} with SmolLM2-135M (CPU)"
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--task") from err
+    suffix = ("" if algo == "grpo" else f"_{algo}") + ("" if task == "arithmetic" else f"_{task}")
     raise typer.Exit(run_up(cfg, settings, keep=keep, verbose=verbose, out_dir=out_dir, title=title, suffix=suffix))
 
 

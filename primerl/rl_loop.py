@@ -22,6 +22,7 @@ from learners.service import serve_learner
 from learners.worker import LearnerWorker
 from plumbing.config import Config
 from plumbing.model_store import resolve_model
+from plumbing.stage import Stage
 from plumbing.tracking import StepLog
 from primerl.console import RunConsole
 from primerl.curve import CurveRow, log_row
@@ -30,7 +31,7 @@ from primerl.observe import RunObserver
 from primerl.rewards_reader import RewardsReader
 from primerl.serve import serve_engine
 from primerl.settings import RunSettings
-from producers.arithmetic import arithmetic_requests, heldout_pairs
+from primerl.tasks import RunTask, make_task
 from schemas import RewardStatus
 from verifier_workers.service import load_signer, serve_verifier
 
@@ -47,16 +48,11 @@ class RunResult:
 
 
 async def evaluate(
-    cfg: Config,
-    run_id: str,
-    version: int,
-    pairs: list[tuple[int, int]],
-    max_tokens: int,
-    console: RunConsole | None = None,
+    cfg: Config, run_id: str, version: int, task: RunTask, console: RunConsole | None = None
 ) -> tuple[float, int]:
-    """Greedy accuracy on the held-out pairs under policy >= `version`; returns (accuracy, version served)."""
+    """Greedy success on the task's held-out prompts under policy >= `version`; returns (success, version served)."""
     eval_run = f"{run_id}-eval-v{version}"
-    reqs = arithmetic_requests(eval_run, 0, 1, pairs=pairs, temperature=0.0, max_tokens=max_tokens)
+    reqs = task.heldout(eval_run)
     for r in reqs:
         r.min_policy_version = version
     console = console or RunConsole()
@@ -65,14 +61,17 @@ async def evaluate(
         with console.wait(f"held-out evaluation, policy v{version}", total=len(reqs)) as progress:
             rewards = await reader.wait_for(len(reqs), timeout_s=900, on_progress=progress)
     scored = [r for r in rewards if r.status in (RewardStatus.OK, RewardStatus.POLICY_FAIL)]
-    # Strict task success: a correct answer in the required format.
-    acc = sum(r.components.get("success", 0.0) for r in scored) / max(1, len(scored))
+    # Strict task success (arithmetic: a correct answer in the required format).
+    acc = sum(r.components.get(task.success_component, 0.0) for r in scored) / max(1, len(scored))
     return acc, min(r.policy_version for r in rewards)
 
 
-async def rl_loop(cfg: Config, rs: RunSettings, console: RunConsole | None = None) -> RunResult:
-    """Run `rs.steps` learner steps; returns the learning curve (servers must be up)."""
+async def rl_loop(
+    cfg: Config, rs: RunSettings, console: RunConsole | None = None, task: RunTask | None = None
+) -> RunResult:
+    """Run `rs.steps` learner steps on `task` (default: arithmetic); returns the learning curve (servers must be up)."""
     console = console or RunConsole()
+    task = task or make_task(rs)
     run_id = cfg.run_id if cfg.run_id != "default" else f"run-{uuid.uuid4().hex[:8]}"
     events_dir = cfg.state_dir / "tensorboard" / run_id
     console.note(f"run {run_id}: TensorBoard log in {events_dir} (tensorboard --logdir {events_dir.parent})")
@@ -87,10 +86,17 @@ async def rl_loop(cfg: Config, rs: RunSettings, console: RunConsole | None = Non
         verifier_task, verifier = await start_stage(serve_verifier, cfg)
         learner_task, learner = await start_stage(serve_learner, cfg)
     tasks = [engine_task, verifier_task, learner_task]
+    stages: list[Stage] = [engine, verifier, learner]
+    if task.uses_envhub:
+        from envhub.service import serve_envhub
+
+        with console.wait("starting the env hub (tools, next turns)"):
+            envhub_task, envhub = await start_stage(serve_envhub, cfg)
+        tasks.append(envhub_task)
+        stages.append(envhub)
     step_log = StepLog(events_dir)
     observer = RunObserver(cfg, run_id)
     await observer.start()
-    held = sorted(heldout_pairs(rs.heldout))
     batches: dict[int, tuple[float, list[str]]] = {}
 
     async def feeder() -> None:
@@ -113,14 +119,7 @@ async def rl_loop(cfg: Config, rs: RunSettings, console: RunConsole | None = Non
                     break
                 await asyncio.sleep(0.2)
                 waited += 0.2
-            reqs = arithmetic_requests(
-                run_id,
-                rs.prompts_per_step,
-                rs.group_size,
-                seed=rs.seed * 100_003 + k,
-                max_tokens=rs.max_tokens,
-                exclude=set(held),
-            )
+            reqs = task.train(run_id, k, rs.prompts_per_step, rs.group_size, rs.seed)
             batches[k] = (await publish_prompts(cfg, reqs), [r.id for r in reqs])
             k += 1
 
@@ -129,10 +128,9 @@ async def rl_loop(cfg: Config, rs: RunSettings, console: RunConsole | None = Non
     t_start = time.time()
     try:
         with console.wait("joining the consumer groups"):
-            await asyncio.wait_for(engine.runner.assigned.wait(), 120)
-            await asyncio.wait_for(verifier.runner.assigned.wait(), 120)
-            await asyncio.wait_for(learner.assigned.wait(), 120)
-        acc, _ = await evaluate(cfg, run_id, 0, held, rs.max_tokens, console)
+            for stage in stages:
+                await asyncio.wait_for(stage.ready.wait(), 120)
+        acc, _ = await evaluate(cfg, run_id, 0, task, console)
         feed = asyncio.create_task(feeder(), name="feeder")
         tasks.append(feed)
         console.table(_COLUMNS)
@@ -150,7 +148,7 @@ async def rl_loop(cfg: Config, rs: RunSettings, console: RunConsole | None = Non
                 tps, cache = _batch_figures(observer, batches.get(stats.step))
                 acc = math.nan
                 if done % rs.eval_every == 0 or done == rs.steps:
-                    acc, _ = await evaluate(cfg, run_id, stats.policy_version, held, rs.max_tokens, console)
+                    acc, _ = await evaluate(cfg, run_id, stats.policy_version, task, console)
                 trained = stats.samples > 0  # a step without a learning signal has no loss, KL or clips
                 row = CurveRow(
                     done,
@@ -173,13 +171,12 @@ async def rl_loop(cfg: Config, rs: RunSettings, console: RunConsole | None = Non
     finally:
         step_log.close()
         await observer.stop()
-        engine.stop()
-        verifier.stop()
-        learner.stop()
-        for t in tasks[3:]:  # the feeder may wait on admission forever: cancel it
+        for stage in stages:
+            stage.stop()
+        for t in tasks[len(stages) :]:  # the feeder may wait on admission forever: cancel it
             t.cancel()
         _, pending = await asyncio.wait(tasks, timeout=60)
-        for name, t in zip(("engine", "verifier", "learner"), tasks, strict=False):
+        for name, t in zip(("engine", "verifier", "learner", "envhub"), tasks[: len(stages)], strict=False):
             if t in pending:
                 log.error("%s did not stop within 60s; cancelling it", name)
                 t.cancel()

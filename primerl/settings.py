@@ -15,3 +15,4 @@ class RunSettings(msgspec.Struct, frozen=True, kw_only=True):
     eval_every: int = 3
     max_tokens: int = 24
     seed: int = 0
+    task: str = "arithmetic"  # or a multi-turn environment's name (primerl/tasks.py)
