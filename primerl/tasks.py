@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from producers.arithmetic import arithmetic_requests, heldout_pairs
 from primerl.settings import RunSettings
+from producers.arithmetic import arithmetic_requests, heldout_pairs
 from schemas import PromptRequest
 
 DEFAULT_TASK = "arithmetic"
