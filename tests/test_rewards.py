@@ -26,7 +26,7 @@ from verifier_workers.rewards import (
     score_completion,
 )
 from verifier_workers.rewards.format import FormatReward
-from verifier_workers.rewards.match import ExactReward, RegexReward
+from verifier_workers.rewards.match import AnswerMatchReward, ExactReward, RegexReward
 from verifier_workers.rewards.math import MathReward, extract_answer, safe_sympy
 from verifier_workers.rewards.remote import BreakerState, CircuitBreaker
 
@@ -463,3 +463,18 @@ async def test_formatted_math_reward_shapes_format_and_success() -> None:
     assert (right.scalar, right.components["success"]) == (1.0, 1.0)
     assert (wrong_in_tags.scalar, wrong_in_tags.components["success"]) == (0.5, 0.0)
     assert (right_untagged.scalar, right_untagged.components["success"]) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "components", "scalar"),
+    [
+        ("It says <answer> Port  Vell. </answer>", {"format": 1.0, "correct": 1.0, "success": 1.0}, 1.0),
+        ("<answer>Nope</answer>", {"format": 1.0, "correct": 0.0, "success": 0.0}, 0.5),
+        ("Port Vell", {"format": 0.0, "correct": 0.0, "success": 0.0}, 0.0),  # right, but not in the tags
+    ],
+)
+async def test_answer_match_wants_the_reference_in_tags(text: str, components: dict[str, float], scalar: float) -> None:
+    s = await AnswerMatchReward().score(make_completion(text, task="answer_match", reference="port vell"))
+    assert (s.components, s.scalar, s.status) == (components, scalar, RewardStatus.OK)
+    missing = await AnswerMatchReward().score(make_completion(text, task="answer_match"))
+    assert missing.status == RewardStatus.INFRA_FAIL

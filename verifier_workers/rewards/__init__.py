@@ -18,7 +18,7 @@ from schemas import Completion
 from verifier_workers.rewards.base import Guarded, RewardFn, Score, infra_fail, policy_fail, timed_out
 from verifier_workers.rewards.code import CodeReward
 from verifier_workers.rewards.format import FormatReward
-from verifier_workers.rewards.match import ExactReward, RegexReward
+from verifier_workers.rewards.match import AnswerMatchReward, ExactReward, RegexReward
 from verifier_workers.rewards.math import FormattedMathReward, MathReward
 from verifier_workers.rewards.remote import RemoteConfig, RemoteReward
 from verifier_workers.sandbox import Sandbox, SandboxLimits
@@ -52,6 +52,7 @@ def build_registry(config: RewardConfig | None = None) -> dict[str, RewardFn]:
         FormattedMathReward(math),
         ExactReward(casefold=config.exact_casefold),
         RegexReward(),
+        AnswerMatchReward(),
         FormatReward(),
         CodeReward(Sandbox(config.sandbox)),
         RemoteReward(config.remote),
@@ -76,6 +77,7 @@ async def score_completion(registry: dict[str, RewardFn], completion: Completion
 
 
 __all__ = [
+    "AnswerMatchReward",
     "CodeReward",
     "ExactReward",
     "FormatReward",

@@ -53,3 +53,38 @@ class RegexReward:
             return policy_fail(f"output longer than {MAX_REGEX_TEXT} characters", {"match": 0.0})
         value = 1.0 if pattern.fullmatch(text) else 0.0
         return Score({"match": value}, value, RewardStatus.OK, {"pattern": clip(completion.reference, 200)})
+
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def _normalized(text: str) -> str:
+    return " ".join(text.split()).casefold().strip(" .")
+
+
+class AnswerMatchReward:
+    """A text answer in `<answer></answer>` tags against the reference (retrieval QA): half for
+    the tags, half for the right answer in them, compared case- and space-insensitively.
+
+    Components `format`, `correct` and `success` (correct and in tags), as `math_format`
+    has for numbers, so a held-out success counts the same component.
+    """
+
+    name = "answer_match"
+    version = "1"
+
+    async def score(self, completion: Completion) -> Score:
+        """OK with the shaped scalar; INFRA_FAIL without a reference."""
+        if completion.reference is None:
+            return infra_fail("request carries no reference")
+        found = _ANSWER_TAG.findall(completion.text[-MAX_REGEX_TEXT:])
+        if not found:
+            return Score({"format": 0.0, "correct": 0.0, "success": 0.0}, 0.0, RewardStatus.OK, {"answer": ""})
+        answer = found[-1]
+        correct = 1.0 if _normalized(answer) == _normalized(completion.reference) else 0.0
+        return Score(
+            {"format": 1.0, "correct": correct, "success": correct},
+            0.5 + 0.5 * correct,
+            RewardStatus.OK,
+            {"answer": clip(answer, 200)},
+        )
