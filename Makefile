@@ -72,3 +72,9 @@ guardrail: bootstrap
 .PHONY: cost-sweep
 cost-sweep: bootstrap
 	.venv/bin/python -m perf.cost_model_sweep $(COST_SWEEP_ARGS)
+
+# Issue 23: environment sessions (real tool calls, token-in/token-out turns) over two engine
+# workers, cache-aware routing vs round-robin side by side; artifacts/session_routing.csv, .png.
+.PHONY: session-routing
+session-routing: bootstrap
+	.venv/bin/python -m perf.session_routing_bench $(SESSION_ROUTING_ARGS)
