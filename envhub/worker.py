@@ -156,14 +156,12 @@ class EnvhubWorker(ConsumerStage):
     async def _turn(self, env: Environment, c: Completion) -> None:
         session = c.session
         assert session is not None
-        text = c.text
         sampling = session.sampling
-        if sampling is not None and TOOL_CLOSE in sampling.stop and c.finish_reason == "stop":
-            # vLLM drops the stop string from the text (not from the tokens): put it back for the parser.
-            if text.rfind("<tool") > text.rfind(TOOL_CLOSE):
-                text += TOOL_CLOSE
+        # vLLM drops a stop string from the text (not from the tokens): a call cut at
+        # `</tool>` is complete, and the environment is told so.
+        stopped = sampling is not None and TOOL_CLOSE in sampling.stop and c.finish_reason == "stop"
         with self.metrics.step_seconds.labels(session.env).time():
-            result = await env.step(session.state, c.turn_index, text)
+            result = await env.step(session.state, c.turn_index, c.text, stopped_at_close=stopped)
         for call in result.calls:
             self.metrics.tool_calls.labels(call.tool or "malformed", str(call.ok).lower()).inc()
         calls = [*session.calls, *result.calls]

@@ -12,7 +12,7 @@ from typing import Protocol
 
 from primerl.settings import RunSettings
 from producers.arithmetic import arithmetic_requests, heldout_pairs
-from schemas import PromptRequest
+from schemas import PromptRequest, SamplingParams, Session
 
 DEFAULT_TASK = "arithmetic"
 
@@ -60,8 +60,60 @@ class ArithmeticTask:
         return arithmetic_requests(run_id, 0, 1, pairs=self.held, temperature=0.0, max_tokens=self.max_tokens)
 
 
+class EnvTask:
+    """First turns of sessions of a multi-turn environment (envhub/), one session per sample.
+
+    The environment makes the prompt, the reference and the output grammar of each
+    instance (`reset`); `max_tokens` is per turn. Held-out instances come from the
+    environment's own held-out split, which never shares a question with training.
+    """
+
+    uses_envhub = True
+    success_component = "success"
+
+    def __init__(self, name: str, heldout: int, max_tokens: int, max_turns: int = 4) -> None:
+        from envhub.protocol import EnvContext
+        from envhub.registry import load_env
+
+        # Only reset() and instances() are used here: pure functions, no tool is reached.
+        self.env = load_env(name, EnvContext())
+        self.name = name
+        self.title = f"{name} sessions (multi-turn, tools)"
+        self.heldout_n, self.max_tokens, self.max_turns = heldout, max_tokens, max_turns
+
+    def _requests(
+        self, run_id: str, instances: list[dict[str, str]], group_size: int, temperature: float
+    ) -> list[PromptRequest]:
+        out = []
+        for inst in instances:
+            reset = self.env.reset(inst)
+            out.append(
+                PromptRequest(
+                    run_id=run_id,
+                    messages=reset.messages,
+                    group_size=group_size,
+                    sampling=SamplingParams(temperature=temperature, max_tokens=self.max_tokens),
+                    task=reset.task,
+                    reference=reset.reference,
+                    grammar=reset.grammar,
+                    session=Session(env=self.name, max_turns=self.max_turns, state=reset.state),
+                )
+            )
+        return out
+
+    def train(self, run_id: str, batch: int, prompts: int, group_size: int, seed: int) -> list[PromptRequest]:
+        return self._requests(run_id, self.env.instances("train", prompts, seed * 100_003 + batch), group_size, 1.0)
+
+    def heldout(self, run_id: str) -> list[PromptRequest]:
+        return self._requests(run_id, self.env.instances("heldout", self.heldout_n, 1234), 1, 0.0)
+
+
 def make_task(rs: RunSettings) -> RunTask:
-    """The task `rs.task` names; ValueError lists the known ones."""
+    """The task `rs.task` names: arithmetic, or any installed environment; ValueError lists the known ones."""
     if rs.task == DEFAULT_TASK:
         return ArithmeticTask(rs.heldout, rs.max_tokens)
-    raise ValueError(f"unknown task {rs.task!r}; known: {DEFAULT_TASK}")
+    from envhub.registry import known_envs
+
+    if rs.task not in known_envs():
+        raise ValueError(f"unknown task {rs.task!r}; known: {', '.join([DEFAULT_TASK, *known_envs()])}")
+    return EnvTask(rs.task, rs.heldout, rs.max_tokens)

@@ -15,7 +15,7 @@ import pytest
 from plumbing.config import Config
 from plumbing.kafka import Publisher
 from producers.arithmetic import arithmetic_requests
-from schemas import ChatMessage, Grammar, GrammarKind, PolicyUpdate, PromptRequest, SamplingParams, decode
+from schemas import ChatMessage, Grammar, GrammarKind, PolicyUpdate, PromptRequest, SamplingParams, Session, decode
 from schemas.topics import POLICY, PROMPTS
 from tests.kafka_helpers import dead_letters_matching
 
@@ -84,6 +84,59 @@ async def test_bad_requests_are_dead_lettered_and_the_worker_keeps_serving(engin
         and "grammar" in reasons
         and "DecodeError" in {d.error_type for d in letters}
     )
+
+
+async def test_token_in_prompts_are_served_as_given_and_bad_ids_are_dead_lettered(engine, cfg, observed) -> None:
+    """Issue 23: prompt_token_ids go to the engine untouched; ids outside the vocabulary never reach it."""
+    run_id, obs = observed
+    from transformers import AutoTokenizer
+
+    from plumbing.model_store import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.engine.model))
+    chat = tok.apply_chat_template([{"role": "user", "content": "Say hi"}], add_generation_prompt=True, tokenize=False)
+    # A tokenization a re-render would not produce: " hi" split into two tokens.
+    ids = tok.encode(chat, add_special_tokens=False)
+    odd = [
+        *ids[:-3],
+        *tok.encode(" h", add_special_tokens=False),
+        *tok.encode("i", add_special_tokens=False),
+        *ids[-3:],
+    ]
+    good = PromptRequest(
+        run_id=run_id,
+        prompt_token_ids=odd,
+        group_size=2,
+        sampling=SamplingParams(max_tokens=8),
+        session=Session(env="calculator", max_turns=3),
+    )
+    outside = PromptRequest(run_id=run_id, prompt_token_ids=[1, 2, 10**9])
+    negative = PromptRequest(run_id=run_id, prompt_token_ids=[-1, 5])
+    too_long = PromptRequest(run_id=run_id, prompt_token_ids=[5] * 50_000)
+    async with Publisher(cfg) as pub:
+        for r in (outside, negative, too_long, good):
+            await pub.publish(PROMPTS.name, r, key=r.routing_key())
+    await obs.wait_finals(2, timeout_s=300)
+    finals = sorted(obs.finals(), key=lambda c: c.sample_index)
+    assert [c.request_id for c in finals] == [good.id, good.id]
+    for i, c in enumerate(finals):
+        assert c.prompt_token_ids == odd and c.prompt_tokens == len(odd)
+        # The first turn of a session fans out into one session per sample.
+        assert c.session is not None and c.session.sample_index == i and c.session.group_size == 2
+        assert c.session.prompt_len == len(odd) and c.session.sampling == good.sampling
+        assert c.session_id == f"{good.group_id}/{i}"
+    letters = await dead_letters_matching(
+        cfg,
+        lambda d: (
+            d.stage == "engine"
+            and d.key == outside.routing_key()
+            or d.key == negative.routing_key()
+            or d.key == too_long.routing_key()
+        ),
+        3,
+    )
+    reasons = " | ".join(d.error for d in letters)
+    assert "vocabulary" in reasons and "context" in reasons
 
 
 async def test_metrics_count_requests_tokens_and_cache(engine, cfg, observed) -> None:

@@ -58,7 +58,7 @@ class Scripted:
         self.replies = replies
         self.seen: list[tuple[str, int, str]] = []
 
-    async def step(self, state: str, turn_index: int, model_text: str) -> StepResult:
+    async def step(self, state: str, turn_index: int, model_text: str, *, stopped_at_close: bool = False) -> StepResult:
         self.seen.append((state, turn_index, model_text))
         return self.replies[model_text]
 
