@@ -170,6 +170,10 @@ class Engine:
         except EngineDeadError as err:
             raise EngineDead(str(err)) from err
 
+    async def abort(self, request_id: str) -> None:
+        """Stop generating for `request_id` (a sample the worker ended itself)."""
+        await self.llm.abort(request_id)
+
     async def reload(self, weights_path: str, version: int) -> float:
         """Load new weights into the running engine and drop all cached KV; returns seconds.
 

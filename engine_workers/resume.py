@@ -32,6 +32,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable
+from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -269,3 +270,44 @@ def republished(p: Prefix, run_id: str, request_id: str, attempt: str) -> list[C
             )
             start, texts = at, []
     return out
+
+
+def held_back_text(tokenizer: Any, prefix: Prefix) -> str:
+    """The text of a prefix's tokens that its chunks never carried.
+
+    vLLM streams tokens at once but holds text back while it could still be the start
+    of a stop string (and while a character's bytes are incomplete); a worker that died
+    then left tokens whose text no chunk has. The continuation's own text starts after
+    them, so without this the final text would lack those characters (and fail the
+    verifier's text/token check).
+    """
+    full = str(tokenizer.decode(prefix.token_ids, skip_special_tokens=True))
+    return full[len(prefix.text) :] if full.startswith(prefix.text) else ""
+
+
+class Continuation:
+    """The text of a resumed sample's continuation, with its stop strings checked across the boundary.
+
+    vLLM checks stop strings in the text it generates, and a continuation's text starts
+    at the resume point: a stop string begun in the prefix ("</to") and finished in the
+    continuation ("ol>") would go unseen. This keeps the prefix's held-back text and the
+    continuation's in one pending buffer, emits only what can no longer be the start of
+    a stop string, and cuts at the first stop string found anywhere in it.
+    """
+
+    def __init__(self, held_back: str, stops: list[str]) -> None:
+        self.pending = held_back
+        self.stops = [s for s in stops if s]
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+
+    def feed(self, text: str, finished: bool) -> tuple[str, bool]:
+        """(the text to emit now, whether a stop string ended the sample here)."""
+        self.pending += text
+        hits = [at for at in (self.pending.find(s) for s in self.stops) if at >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        keep = 0 if finished else min(self.hold, len(self.pending))
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False

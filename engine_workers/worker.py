@@ -46,7 +46,17 @@ from engine_workers.engine import Engine, EngineDead
 from engine_workers.metrics import EngineMetrics
 from engine_workers.prefix_cache.kv_events import follow_kv_events
 from engine_workers.requests import build_input
-from engine_workers.resume import Prefix, format_hint, parse_hint, prefixes, read_chunks, republished, usable
+from engine_workers.resume import (
+    Continuation,
+    Prefix,
+    format_hint,
+    held_back_text,
+    parse_hint,
+    prefixes,
+    read_chunks,
+    republished,
+    usable,
+)
 from plumbing.config import Config
 from plumbing.consumer import ConsumerRunner, FatalError
 from plumbing.custody import engine_signer
@@ -81,6 +91,7 @@ class _Sample:
     seq: int = 0
     resumed_at: int | None = None  # tokens carried over from a dead attempt's chunks
     spans: list[VersionSpan] = field(default_factory=list)  # of the carried-over prefix
+    continuation: Continuation | None = None  # a resumed sample's text across the boundary
 
 
 @dataclass
@@ -315,6 +326,7 @@ class EngineWorker:
                 await self._send_chunk(run, c)
                 s.seq = c.seq + 1
             if not s.finish_reason:
+                s.continuation = Continuation(held_back_text(self.engine.tokenizer, pre), list(req.sampling.stop))
                 rest = params.clone()
                 rest.n = 1
                 rest.max_tokens = max_tokens - len(pre.token_ids)
@@ -418,26 +430,35 @@ class EngineWorker:
                 if d.token_ids and not s.first_token_at:
                     s.first_token_at = time.time()
                     self.metrics.ttfb.observe(s.first_token_at - enqueued_at)
-                s.text.append(d.text)
+                text, finish, cut = d.text, d.finish_reason or "", False
+                if s.continuation is not None:
+                    text, cut = s.continuation.feed(d.text, bool(finish))
+                    finish = "stop" if cut else finish
+                s.text.append(text)
                 s.token_ids.extend(d.token_ids)
                 s.logprobs.extend(d.logprobs)
-                if d.finish_reason:
-                    s.finish_reason = d.finish_reason
-                if d.token_ids or d.text or d.finish_reason:
+                if finish:
+                    s.finish_reason = finish
+                if d.token_ids or text or finish:
                     chunk = CompletionChunk(
                         run_id=run.req.run_id,
                         request_id=run.req.id,
                         sample_index=i,
                         seq=s.seq,
-                        text=d.text,
+                        text=text,
                         token_ids=d.token_ids,
                         policy_version=run.version,
                         logprobs=d.logprobs,
-                        finish_reason=d.finish_reason or "",
+                        finish_reason=finish,
                         attempt=run.attempt,
                     )
                     s.seq += 1
                     await self._send_chunk(run, chunk)
+                if cut:
+                    # A stop string across the resume point: vLLM cannot see it, so the
+                    # sample ends here (a continuation is a one-sample engine request).
+                    await self.engine.abort(engine_request_id)
+                    return
 
     async def _send_chunk(self, run: _Attempt, chunk: CompletionChunk) -> None:
         ack = await self.publisher.send(CHUNKS.name, chunk, key=run.req.id.encode())

@@ -11,7 +11,9 @@ import pytest
 
 from engine_workers.resume import (
     REPUBLISH_TOKENS,
+    Continuation,
     format_hint,
+    held_back_text,
     parse_hint,
     prefixes,
     read_chunks,
@@ -174,3 +176,35 @@ async def test_the_log_reader_skips_garbage_and_other_requests(cfg: Config) -> N
         cfg, CHUNKS.name, req, first.partition, first.offset, timeout_s=20, max_records=1
     )
     assert cut_stats.scanned == 1 and not cut_stats.complete and [c.seq for c in cut] == [0]
+
+
+def test_a_stop_string_across_the_resume_point_ends_the_sample_there() -> None:
+    # The dead attempt's chunks ended in "</to" (vLLM held it back as a possible stop
+    # string); the continuation writes "ol> and more".
+    c = Continuation("</to", ["</tool>"])
+    assert c.feed("ol", finished=False) == ("", False)  # "</tool" could still be the stop string
+    assert c.feed("> and more", finished=False) == ("", True)  # cut at the stop string, as vLLM would
+    # The last len(stop) - 1 characters are held (as vLLM holds them), the rest emitted.
+    c = Continuation("", ["</tool>"])
+    assert c.feed("2 + 2 </t", finished=False) == ("2 +", False)
+    assert c.feed("able>", finished=True) == (" 2 </table>", False)  # finished: nothing more is held
+    # No stop strings: the held-back text comes out at once.
+    assert Continuation("é", []).feed("t", finished=False) == ("ét", False)
+
+
+def test_held_back_text_is_what_the_prefix_tokens_decode_to_beyond_their_chunks() -> None:
+    from transformers import AutoTokenizer
+
+    from plumbing.model_store import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(None))
+    ids = tok.encode("call <tool name=x>1</to", add_special_tokens=False)
+
+    def prefix(text: str):
+        kw = {"run_id": RUN, "request_id": REQ, "group_size": 1, "vocab_size": len(tok), "max_tokens": 100}
+        return prefixes([_c(0, ids, text=text)], **kw)[0]
+
+    assert held_back_text(tok, prefix("call <tool name=x>1")) == "</to"
+    # Chunks that are not a prefix of the decoding (another tokenizer's text): nothing is guessed.
+    odd = prefix("something else")
+    assert held_back_text(tok, odd) == ""
