@@ -221,7 +221,7 @@ async def test_format_unusable_grammar_is_infra_fail(grammar: Grammar | None, re
 
 def test_registry_has_every_task() -> None:
     registry = build_registry(RewardConfig())
-    assert set(registry) == {"math", "math_format", "exact", "regex", "format", "code", "remote"}
+    assert set(registry) == {"math", "math_format", "exact", "regex", "answer_match", "format", "code", "remote"}
     assert all(fn.name == task and fn.version for task, fn in registry.items())
 
 
