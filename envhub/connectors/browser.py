@@ -144,4 +144,3 @@ class Browser:
         if self._session is not None:
             await self._session.close()
             self._session = None
-
