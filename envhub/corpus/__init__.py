@@ -98,15 +98,22 @@ def page(name: str) -> str | None:
     return _PAGE.format(**fields)
 
 
+_STOPWORDS = frozenset("a an and the of in on is was what which who when where how many much year".split())
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.casefold())) - _STOPWORDS
+
+
 def search(query: str, limit: int = 5) -> list[str]:
-    """Island names best matching `query`: words of the query found in a page's facts, name hits first."""
-    words = {w for w in re.findall(r"[a-z0-9]+", query.casefold()) if len(w) > 1}
+    """Island names best matching `query`: whole words of the query in a page's facts, its name counting most."""
+    words = _words(query)
     if not words:
         return []
     scored = []
     for island in ISLANDS:
-        facts = " ".join(str(v) for v in msgspec.structs.astuple(island)).casefold()
-        hits = sum(w in facts for w in words) + 2 * sum(w in island.name.casefold() for w in words)
+        facts = _words(" ".join(str(v) for v in msgspec.structs.astuple(island)))
+        hits = len(words & facts) + 10 * (island.name.casefold() in words)
         if hits:
             scored.append((-hits, island.name))
     return [name for _, name in sorted(scored)[:limit]]

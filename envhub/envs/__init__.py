@@ -51,18 +51,19 @@ class ToolEnv:
         self.connectors = {c.name: c for c in connectors}
 
     def components(self, calls: list[ToolTrace], malformed: int) -> dict[str, float]:
-        """This step's reward components; the same keys on every step (sums over a session line up)."""
+        """This step's reward components from the calls that ran (a malformed one did not) and the
+        malformed count; the same keys on every step, so sums over a session line up."""
         return {
             "tool_calls": float(len(calls)),
             "tool_errors": float(sum(not c.ok for c in calls)),
             "malformed_calls": float(malformed),
         }
 
-    def _result(self, state: str, text: str, calls: list[ToolTrace], malformed: int = 0) -> StepResult:
+    def _result(self, state: str, text: str, calls: list[ToolTrace], malformed: bool = False) -> StepResult:
         return StepResult(
             observation=truncate(text, self.ctx.max_observation_chars),
             done=False,
-            components=self.components(calls, malformed),
+            components=self.components([] if malformed else calls, int(malformed)),
             calls=calls,
             state=state,
         )
@@ -74,7 +75,7 @@ class ToolEnv:
         if isinstance(parsed, Malformed):
             trace = ToolTrace(turn_index=turn_index, tool=parsed.tool, ok=False, error=f"malformed: {parsed.reason}")
             text = f"error: malformed tool call: {parsed.reason}. A correct call looks like {self.example}"
-            return self._result(state, text, [trace], malformed=1)
+            return self._result(state, text, [trace], malformed=True)
         if isinstance(parsed, Call):
             out = await self.connectors[parsed.tool].call(parsed.args, turn_index)
             text = out.text
