@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection
+from typing import Literal
 
 import msgspec
 
@@ -51,6 +52,7 @@ class Malformed(msgspec.Struct, frozen=True, tag="malformed"):
 
     reason: str
     tool: str = ""  # the name it gave, when it gave one
+    of: Literal["call", "answer"] = "call"
 
 
 Parsed = NoCall | Answer | Call | Malformed
@@ -79,10 +81,10 @@ def _answer(text: str, at: int) -> Answer | Malformed:
     body_start = at + len(ANSWER_OPEN)
     end = text.find(ANSWER_CLOSE, body_start)
     if end == -1:
-        return Malformed("unclosed <answer> tag: end the answer with </answer>")
+        return Malformed("unclosed <answer> tag: end the answer with </answer>", of="answer")
     answer = text[body_start:end].strip()
     if not answer:
-        return Malformed("empty <answer></answer>")
+        return Malformed("empty <answer></answer>", of="answer")
     return Answer(answer)
 
 

@@ -191,8 +191,11 @@ async def test_timeout_and_byte_cap() -> None:
     async def big(_: web.Request) -> web.Response:
         return web.Response(text="<p>" + "word " * 50_000 + "</p>", content_type="text/html")
 
+    async def away(_: web.Request) -> web.Response:
+        raise web.HTTPFound("http://example.com/")  # a redirect off the allow-list is not followed
+
     app = web.Application()
-    app.add_routes([web.get("/slow", slow), web.get("/big", big)])
+    app.add_routes([web.get("/slow", slow), web.get("/big", big), web.get("/away", away)])
     runner = web.AppRunner(app)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", 0).start()
@@ -203,6 +206,8 @@ async def test_timeout_and_byte_cap() -> None:
         late = await browser.call("/slow", 0)
         assert not late.trace.ok and late.trace.error == "timeout" and "timed out" in late.text
         assert time.monotonic() - started < 3
+        moved = await browser.call("/away", 0)
+        assert not moved.trace.ok and moved.trace.status == 302 and moved.trace.url == f"{url}/away"
         cut = await browser.call("/big", 0)
         assert cut.trace.ok and cut.trace.bytes == 10_000 and cut.text.endswith("[page cut at 10000 bytes]")
     finally:

@@ -54,6 +54,7 @@ async def test_calculator_session() -> None:
         ('<tool name="calculator">__import__("os")', True, "error: unsupported expression", (1, 1, 0)),
         ('<tool name="calculator">1/0', True, "error: division by zero", (1, 1, 0)),
         ("The answer is probably 500.", False, "No tool call and no answer", (0, 0, 0)),
+        ("so: <answer>500", False, "error: unclosed <answer> tag", (0, 0, 0)),
         ("\x00\ud800<<<>>>", False, "No tool call and no answer", (0, 0, 0)),
     ],
 )
@@ -71,6 +72,14 @@ async def test_calculator_bad_turns_are_observations(
         assert len(got.calls) == 1 and not got.calls[0].ok and got.calls[0].error and got.calls[0].turn_index == 3
     if components[2]:  # a malformed call shows a correct one
         assert '<tool name="calculator">12 * 34</tool>' in got.observation
+
+
+def test_tools_need_their_connectors() -> None:
+    class Broken(CalculatorEnv):
+        tools = ("calculator", "python")
+
+    with pytest.raises(ValueError, match="connectors"):
+        Broken(CTX)
 
 
 async def test_ignored_calls_are_mentioned() -> None:

@@ -62,6 +62,12 @@ def test_malformed_calls_say_why(text: str, reason: str) -> None:
     assert isinstance(got, Malformed) and reason in got.reason, got
 
 
+def test_a_malformed_answer_is_not_a_call() -> None:
+    assert parse("<answer>42", TOOLS) == Malformed("unclosed <answer> tag: end the answer with </answer>", of="answer")
+    got = parse('<tool name="x">1</tool>', TOOLS)
+    assert isinstance(got, Malformed) and got.of == "call"
+
+
 def test_unknown_tool_lists_the_known_ones() -> None:
     got = parse('<tool name="python">print(1)</tool>', TOOLS)
     assert isinstance(got, Malformed) and "browser, calculator" in got.reason and got.tool == "python"

@@ -49,6 +49,8 @@ class ToolEnv:
     def __init__(self, ctx: EnvContext, connectors: Sequence[Connector]) -> None:
         self.ctx = ctx
         self.connectors = {c.name: c for c in connectors}
+        if set(self.connectors) != set(self.tools):  # the parser accepts `tools`; each needs its connector
+            raise ValueError(f"{self.name}: tools {self.tools} but connectors {sorted(self.connectors)}")
 
     def components(self, calls: list[ToolTrace], malformed: int) -> dict[str, float]:
         """This step's reward components from the calls that ran (a malformed one did not) and the
@@ -72,6 +74,9 @@ class ToolEnv:
         parsed = parse(model_text, self.tools, stopped_at_close=stopped_at_close)
         if isinstance(parsed, Answer):
             return StepResult(observation=None, done=True, components=self.components([], 0), state=state)
+        if isinstance(parsed, Malformed) and parsed.of == "answer":
+            text = f"error: {parsed.reason}. A final answer looks like <answer>...</answer>."
+            return self._result(state, text, [])
         if isinstance(parsed, Malformed):
             trace = ToolTrace(turn_index=turn_index, tool=parsed.tool, ok=False, error=f"malformed: {parsed.reason}")
             text = f"error: malformed tool call: {parsed.reason}. A correct call looks like {self.example}"
