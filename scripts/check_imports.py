@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = {"engine_workers", "verifier_workers", "learners", "producers", "router", "archiver"}
+STAGES = {"engine_workers", "verifier_workers", "learners", "producers", "router", "archiver", "envhub"}
 NEUTRAL = {"schemas", "plumbing"}
 TOOLS = {"primerl", "operations", "perf"}
 PACKAGES = STAGES | NEUTRAL | TOOLS

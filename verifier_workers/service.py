@@ -7,10 +7,10 @@ import logging
 
 from plumbing.config import Config
 from plumbing.custody import engine_keyring, engine_tokenizer, verifier_signer
+from plumbing.sandbox import SandboxLimits
 from plumbing.stage import StageContext, serve_stage
 from verifier_workers.rewards import RewardConfig, build_registry, close_registry
 from verifier_workers.rewards.remote import RemoteConfig
-from verifier_workers.sandbox import SandboxLimits
 from verifier_workers.worker import VerifierWorker
 
 log = logging.getLogger(__name__)

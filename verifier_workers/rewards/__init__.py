@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import msgspec
 
+from plumbing.sandbox import Sandbox, SandboxLimits
 from schemas import Completion
 from verifier_workers.rewards.base import Guarded, RewardFn, Score, infra_fail, policy_fail, timed_out
 from verifier_workers.rewards.code import CodeReward
@@ -21,7 +22,6 @@ from verifier_workers.rewards.format import FormatReward
 from verifier_workers.rewards.match import AnswerMatchReward, ExactReward, RegexReward
 from verifier_workers.rewards.math import FormattedMathReward, MathReward
 from verifier_workers.rewards.remote import RemoteConfig, RemoteReward
-from verifier_workers.sandbox import Sandbox, SandboxLimits
 
 
 class RewardConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 
+from plumbing.sandbox import Outcome, Sandbox
 from schemas import Completion, RewardStatus
 from verifier_workers.rewards.base import Score, clip, infra_fail, policy_fail, timed_out
-from verifier_workers.sandbox import Outcome, Sandbox
 
 _PYTHON_FENCE = re.compile(r"```(?:python3?|py)[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
 _ANY_FENCE = re.compile(r"```[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)

@@ -37,8 +37,8 @@ from pathlib import Path
 
 import msgspec
 
-from verifier_workers import sandbox_runner
-from verifier_workers.sandbox_runner import BLOCKED_EXIT, BLOCKED_MARK, ERROR_MARK
+from plumbing import sandbox_runner
+from plumbing.sandbox_runner import BLOCKED_EXIT, BLOCKED_MARK, ERROR_MARK
 
 # The runner is copied into each temp dir: the sandboxed interpreter reads nothing
 # outside it and its stdlib, and must not import the project.
@@ -164,7 +164,7 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
 
 
 class Sandbox:
-    """Runs candidate code against tests under the limits; one per verifier process."""
+    """Runs candidate code against tests under the limits; one per process (verifier, env hub)."""
 
     def __init__(self, limits: SandboxLimits | None = None) -> None:
         self.limits = limits or SandboxLimits()

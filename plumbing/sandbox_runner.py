@@ -2,7 +2,7 @@
 
 Copied into the sandbox's temp dir and run as `python -I -S runner.py`; it imports
 nothing from the project and only the standard library. Protocol with the parent
-(verifier_workers.sandbox):
+(plumbing.sandbox):
 
 - stdin carries one line, a nonce, read before any candidate code runs;
 - `solution.py` then `tests.py` (from the working directory) run in one namespace

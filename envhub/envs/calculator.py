@@ -1,0 +1,69 @@
+"""Env `calculator`: arithmetic a 135M model cannot do in its head, with a calculator tool.
+
+Task "math": the verifier compares the final `<answer>` numerically with the product
+or sum. The prompt shows one short worked example: a small model copies a format it
+has seen far more reliably than one it was only told about.
+"""
+
+from __future__ import annotations
+
+import random
+
+from envhub.connectors.calculator import Calculator
+from envhub.envs import Split, ToolEnv, split_of
+from envhub.protocol import EnvContext, Reset
+from schemas.prompts import ChatMessage
+
+SYSTEM = """You solve arithmetic with a calculator tool. To use it, write the expression inside tool tags, \
+like <tool name="calculator">12 * 34</tool>, and stop. The result comes back in the next message. \
+When you know the result, give it as <answer>N</answer>.
+
+Example:
+Question: What is 12 * 34?
+You: <tool name="calculator">12 * 34</tool>
+Calculator: 408
+You: <answer>408</answer>"""
+
+
+def _problem(rng: random.Random) -> tuple[str, int]:
+    kind = rng.randrange(3)
+    if kind == 0:
+        a, b = rng.randint(100, 999), rng.randint(11, 99)
+        return f"What is {a} * {b}?", a * b
+    if kind == 1:
+        a, b, c = (rng.randint(100, 999) for _ in range(3))
+        return f"What is {a} + {b} + {c}?", a + b + c
+    a, b, c = rng.randint(100, 999), rng.randint(11, 99), rng.randint(100, 999)
+    return f"What is {a} * {b} - {c}?", a * b - c
+
+
+def instances(split: Split, n: int, seed: int) -> list[dict[str, str]]:
+    """`n` distinct problems of `split`; train and held-out never share a question (split by its hash)."""
+    rng = random.Random(f"calculator:{seed}")
+    out: dict[str, dict[str, str]] = {}
+    while len(out) < n:
+        question, answer = _problem(rng)
+        if split_of(question) == split:
+            out.setdefault(question, {"question": question, "answer": str(answer)})
+    return list(out.values())
+
+
+class CalculatorEnv(ToolEnv):
+    name = "calculator"
+    tools = ("calculator",)
+    example = '<tool name="calculator">12 * 34</tool>'
+
+    def __init__(self, ctx: EnvContext) -> None:
+        super().__init__(ctx, [Calculator()])
+
+    def reset(self, instance: dict[str, str]) -> Reset:
+        return Reset(
+            messages=[ChatMessage("system", SYSTEM), ChatMessage("user", f"Question: {instance['question']}")],
+            reference=instance["answer"],
+            task="math",
+        )
+
+
+def make(ctx: EnvContext) -> CalculatorEnv:
+    """The entry point's factory."""
+    return CalculatorEnv(ctx)
