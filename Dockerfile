@@ -27,7 +27,6 @@ COPY learners learners
 COPY perf perf
 COPY plumbing plumbing
 COPY primerl primerl
-COPY envhub envhub
 ENV PRIMERL_STATE_DIR=/var/lib/primerl PRIMERL_METRICS__HOST=0.0.0.0 PRIMERL_METRICS__PORT=9400
 EXPOSE 9400
 ENTRYPOINT ["primerl"]

@@ -7,11 +7,11 @@ hub replica can run a session's next turn, and a redelivered turn replays the sa
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 import msgspec
 
-from schemas.prompts import ChatMessage
+from schemas.prompts import ChatMessage, Grammar
 from schemas.sessions import ToolTrace
 
 
@@ -30,7 +30,10 @@ class Reset(msgspec.Struct, frozen=True, kw_only=True):
     messages: list[ChatMessage]  # the first turn's chat prompt
     state: str = ""  # env-private JSON carried in Session.state
     reference: str | None = None  # what the verifier checks the final answer against
-    task: str = "math"  # the verifier's reward-function name for the final answer ("math" or "exact")
+    task: str = "math_format"  # the verifier's reward-function name for the final answer
+    # The output grammar of every turn (None: free text). A 135M model writes a well-formed
+    # call or answer only when the engine enforces the shape; the built-in tasks do.
+    grammar: Grammar | None = None
 
 
 class StepResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -50,6 +53,10 @@ class Environment(Protocol):
 
     name: str
     tools: tuple[str, ...]
+
+    def instances(self, split: Literal["train", "heldout"], n: int, seed: int) -> list[dict[str, str]]:
+        """`n` task instances of `split` (train and held-out never share one), deterministic in `seed`."""
+        ...
 
     def reset(self, instance: dict[str, str]) -> Reset:
         """The first turn of a session on `instance` (one of the env module's `instances`)."""

@@ -27,7 +27,7 @@ async def test_calculator_session() -> None:
     env = CalculatorEnv(CTX)
     inst = calculator.instances("train", 1, seed=0)[0]
     reset = env.reset(inst)
-    assert reset.task == "math" and reset.reference == inst["answer"]
+    assert reset.task == "math_format" and reset.reference == inst["answer"] and reset.grammar is not None
     assert [m.role for m in reset.messages] == ["system", "user"] and inst["question"] in reset.messages[1].content
     assert '<tool name="calculator">' in reset.messages[0].content and "<answer>" in reset.messages[0].content
     expr = inst["question"].removeprefix("What is ").removesuffix("?")
@@ -112,7 +112,7 @@ async def test_retrieval_session(corpus_ctx: EnvContext) -> None:
             i for i in retrieval.instances("train", 40, seed=1) if i["question"].startswith("What is the capital")
         )
         reset = env.reset(inst)
-        assert reset.task == "exact" and reset.reference == BY_NAME[inst["page"]].capital
+        assert reset.task == "answer_match" and reset.reference == BY_NAME[inst["page"]].capital
         assert '<tool name="browser">/wiki/' in reset.messages[0].content
         miss = await env.step(reset.state, 0, '<tool name="browser">/wiki/Nowhere', stopped_at_close=True)
         assert not miss.done and miss.observation is not None and "HTTP 404" in miss.observation

@@ -29,9 +29,8 @@ PYPROJECT = read_pyproject()
 # Imports that run only on a path into another role, which needs that role's extra too (README):
 # (role, import) -> the one module allowed to hold it, and the role package that module calls.
 CROSS_ROLE = {("ops", "torch"): ("operations/replay.py", "learners")}  # `primerl replay --stage learner`
-# An import each role's walk must find, so an empty walk cannot pass: a stage's Kafka client. The
-# env hub's library has no Kafka client (its Kafka stage builds on it), so its browser's parser.
-FOUND = {"envhub": "bs4"}
+# An import each role's walk must find, so an empty walk cannot pass: a stage's Kafka client.
+FOUND: dict[str, str] = {}
 
 
 def _role_imports(role: str) -> dict[str, list[str]]:

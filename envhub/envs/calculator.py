@@ -1,6 +1,6 @@
 """Env `calculator`: arithmetic a 135M model cannot do in its head, with a calculator tool.
 
-Task "math": the verifier compares the final `<answer>` numerically with the product
+Task "math_format": the verifier compares the final `<answer>` numerically with the product
 or sum. The prompt shows one short worked example: a small model copies a format it
 has seen far more reliably than one it was only told about.
 """
@@ -12,7 +12,7 @@ import random
 from envhub.connectors.calculator import Calculator
 from envhub.envs import Split, ToolEnv, split_of
 from envhub.protocol import EnvContext, Reset
-from schemas.prompts import ChatMessage
+from schemas.prompts import ChatMessage, Grammar, GrammarKind
 
 SYSTEM = """You solve arithmetic with a calculator tool. To use it, write the expression inside tool tags, \
 like <tool name="calculator">12 * 34</tool>, and stop. The result comes back in the next message. \
@@ -23,6 +23,13 @@ Question: What is 12 * 34?
 You: <tool name="calculator">12 * 34</tool>
 Calculator: 408
 You: <answer>408</answer>"""
+
+
+# One call or one answer per turn, nothing else: the engine enforces it, so even the
+# untrained 135M model's turns parse (its free text rarely did), and RL learns when to call.
+GRAMMAR = Grammar(
+    GrammarKind.REGEX, r'(<tool name="calculator">[0-9][0-9+*/() -]{0,39}</tool>|<answer>-?[0-9]{1,12}</answer>)'
+)
 
 
 def _problem(rng: random.Random) -> tuple[str, int]:
@@ -60,8 +67,14 @@ class CalculatorEnv(ToolEnv):
         return Reset(
             messages=[ChatMessage("system", SYSTEM), ChatMessage("user", f"Question: {instance['question']}")],
             reference=instance["answer"],
-            task="math",
+            # math_format: half for an answer in tags, half for the right one (its `success`
+            # is what a held-out success counts).
+            task="math_format",
+            grammar=GRAMMAR,
         )
+
+    def instances(self, split: Split, n: int, seed: int) -> list[dict[str, str]]:
+        return instances(split, n, seed)
 
 
 def make(ctx: EnvContext) -> CalculatorEnv:

@@ -58,8 +58,11 @@ class PythonEnv(ToolEnv):
         return Reset(
             messages=[ChatMessage("system", SYSTEM), ChatMessage("user", f"Question: {instance['question']}")],
             reference=instance["answer"],
-            task="math",
+            task="math_format",
         )
+
+    def instances(self, split: Split, n: int, seed: int) -> list[dict[str, str]]:
+        return instances(split, n, seed)
 
 
 def make(ctx: EnvContext) -> PythonEnv:

@@ -1,7 +1,7 @@
 """Env `retrieval_qa`: questions about fictional islands, answered by reading the local corpus.
 
-Task "exact": the reference is the fact as the page writes it (a name, or digits), so
-the verifier needs no normalization beyond stripping. The held-out islands are never
+Task "answer_match": the reference is the fact as the page writes it (a name, or digits),
+compared with the answer in tags, case- and space-insensitively. The held-out islands are never
 asked about in training, so a held-out score measures reading, not memorized pages.
 """
 
@@ -12,7 +12,7 @@ from envhub.connectors.browser import Browser
 from envhub.corpus import ISLANDS, Island
 from envhub.envs import Split, ToolEnv, draw
 from envhub.protocol import EnvContext, Reset
-from schemas.prompts import ChatMessage
+from schemas.prompts import ChatMessage, Grammar, GrammarKind
 from schemas.sessions import ToolTrace
 
 SYSTEM = """You answer questions about islands by reading an island wiki with a browser tool. To open the \
@@ -25,6 +25,10 @@ Question: What is the capital of Examplia?
 You: <tool name="browser">/wiki/Examplia</tool>
 Browser: Examplia is an island in the Saltwind Sea. Its capital is Portwell.
 You: <answer>Portwell</answer>"""
+
+# One browser call (a wiki path or search words) or one answer per turn, as the engine enforces.
+_CALL = r'<tool name="browser">(/wiki/[A-Za-z_-]{1,40}|[A-Za-z0-9 ]{1,60})</tool>'
+GRAMMAR = Grammar(GrammarKind.REGEX, rf"({_CALL}|<answer>[A-Za-z0-9 .,'-]{{1,60}}</answer>)")
 
 # question kind -> (question template, the island's fact that answers it)
 QUESTIONS: dict[str, tuple[str, str]] = {
@@ -77,8 +81,12 @@ class RetrievalEnv(ToolEnv):
         return Reset(
             messages=[ChatMessage("system", SYSTEM), ChatMessage("user", f"Question: {instance['question']}")],
             reference=instance["answer"],
-            task="exact",
+            task="answer_match",
+            grammar=GRAMMAR,
         )
+
+    def instances(self, split: Split, n: int, seed: int) -> list[dict[str, str]]:
+        return instances(split, n, seed)
 
 
 def make(ctx: EnvContext) -> RetrievalEnv:
