@@ -222,7 +222,7 @@ async def pipeline(cfg: Config, prompts: int, repeats: int, max_tokens: int) -> 
                 obs = RunObserver(cfg, run_id, with_rewards=True)
                 await obs.start()
                 try:
-                    await asyncio.wait_for(verifier.ready.wait(), 120)
+                    await asyncio.wait_for(verifier.runner.assigned.wait(), 120)
                     await asyncio.wait_for(obs.ready.wait(), 60)
                     reqs = arithmetic_requests(run_id, prompts, 4, max_tokens=max_tokens, seed=rep)
                     n = prompts * 4

@@ -130,7 +130,7 @@ async def rl_loop(cfg: Config, rs: RunSettings, console: RunConsole | None = Non
     try:
         with console.wait("joining the consumer groups"):
             await asyncio.wait_for(engine.runner.assigned.wait(), 120)
-            await asyncio.wait_for(verifier.ready.wait(), 120)
+            await asyncio.wait_for(verifier.runner.assigned.wait(), 120)
             await asyncio.wait_for(learner.assigned.wait(), 120)
         acc, _ = await evaluate(cfg, run_id, 0, held, rs.max_tokens, console)
         feed = asyncio.create_task(feeder(), name="feeder")

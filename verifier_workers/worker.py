@@ -1,13 +1,14 @@
 """The verifier worker: rollout.completions and rollout.trajectories -> score -> sign -> rollout.rewards.
 
-Consumer group `verifier`, one runner per input topic (a Completion and a Trajectory
-decode differently). Multi-turn sessions (issue 23) are scored once, finished: a
-completion with `session` set on rollout.completions is a turn for the env hub and is
-skipped (counted); a Trajectory's completion (engine signature, then the layout check
-of plumbing/sessions.py) is scored on its final answer, and its reward adds the
-session's tool use: the env's components under `tool.<name>`, `turns` (the model turns
-the signed layout holds), and the signed tool calls as JSON under trace `tool_calls`.
-That reward binds the last turn's completion exactly as a single turn's does.
+Consumer group `verifier`, one runner for both input topics, each decoded as its own
+type (a second member of the group would make every start a rebalance, and records
+finished across a rebalance are redelivered). Multi-turn sessions (issue 23) are scored
+once, finished: a completion with `session` set on rollout.completions is a turn for the
+env hub and is skipped (counted); a Trajectory's completion (engine signature, then the
+layout check of plumbing/sessions.py) is scored on its final answer, and its reward adds
+the session's tool use: the env's components under `tool.<name>`, `turns` (the model
+turns the signed layout holds), and the signed tool calls as JSON under trace
+`tool_calls`. That reward binds the last turn's completion exactly as a single turn's does.
 
 One reward per completion and verifier version: the reward
 id is derived from both, and a Redis ledger skips completions already rewarded, so a
@@ -18,7 +19,6 @@ huggingface-hub (click >= 8.4.2) cannot share one environment with.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -117,64 +117,28 @@ class VerifierWorker(ConsumerStage):
             self.tokenizer = engine_tokenizer(self.cfg)
         self.metrics = VerifierMetrics(self.registry)
         self.ledger = Ledger(self.redis, f"verifier:{v.verifier_id}:{v.version}")
-        dead_letters = DeadLetters.from_config(self.cfg, self.publisher, "verifier", self.registry)
         self.runner = ConsumerRunner(
             self.cfg,
-            topics=[COMPLETIONS.name],
+            topics=[COMPLETIONS.name, TRAJECTORIES.name],
             group_id=VERIFIER_GROUP,
             message_type=Completion,
+            message_types={TRAJECTORIES.name: Trajectory},
             handler=self.handle,
-            dead_letters=dead_letters,
+            dead_letters=DeadLetters.from_config(self.cfg, self.publisher, "verifier", self.registry),
             registry=self.registry,
             max_in_flight=v.max_in_flight,
         )
-        self.trajectory_runner = ConsumerRunner(
-            self.cfg,
-            topics=[TRAJECTORIES.name],
-            group_id=VERIFIER_GROUP,
-            message_type=Trajectory,
-            handler=self.handle_trajectory,
-            dead_letters=dead_letters,
-            metrics=self.runner.metrics,
-            max_in_flight=v.max_in_flight,
-        )
-        self._ready = asyncio.Event()
 
-    async def run(self) -> None:
-        """Run both runners until `stop()`; one that fails stops the other (its error is raised)."""
-        runners = [self.runner, self.trajectory_runner]
-        tasks = [asyncio.create_task(r.run()) for r in runners]
-        assigned = asyncio.create_task(self._when_assigned())
-        try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        finally:
-            self.stop()  # in-flight records of both finish and commit
-            results = await asyncio.gather(*tasks, return_exceptions=True)
-            assigned.cancel()
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-
-    async def _when_assigned(self) -> None:
-        await asyncio.gather(self.runner.assigned.wait(), self.trajectory_runner.assigned.wait())
-        self._ready.set()
-
-    def stop(self) -> None:
-        """Finish in-flight records of both topics, commit, and return from `run`."""
-        self.runner.stop()
-        self.trajectory_runner.stop()
-
-    @property
-    def ready(self) -> asyncio.Event:
-        """Set once the group gave both runners partitions."""
-        return self._ready
-
-    async def handle(self, completion: Completion, _record: ConsumerRecord) -> None:
+    async def handle(self, msg: Completion | Trajectory, _record: ConsumerRecord) -> None:
         """Check custody, score, sign and publish one reward; returns once the broker acked it.
 
         Before the ledger claim: a forged completion is dead-lettered without claiming its
         id, so the genuine one with that id is still scored when it comes.
         """
+        if isinstance(msg, Trajectory):
+            await self.handle_trajectory(msg)
+            return
+        completion = msg
         if completion.session is not None:
             self.metrics.session_turns.inc()  # a turn: scored with its session, from rollout.trajectories
             return
@@ -185,7 +149,7 @@ class VerifierWorker(ConsumerStage):
                 return
             await self._reward(completion)
 
-    async def handle_trajectory(self, trajectory: Trajectory, _record: ConsumerRecord) -> None:
+    async def handle_trajectory(self, trajectory: Trajectory) -> None:
         """One reward for a finished session, bound to its last turn's completion (see the module doc)."""
         completion = self._checked(trajectory.completion, session=True)
         async with self.ledger.claim(completion.id) as fresh:
@@ -193,8 +157,8 @@ class VerifierWorker(ConsumerStage):
                 self.metrics.duplicates.inc()
                 return
             assert completion.session is not None  # check_layout
-            self.metrics.trajectories.labels(trajectory.done_reason).inc()
             await self._reward(completion, session_components(trajectory), tool_calls_trace(completion.session.calls))
+            self.metrics.trajectories.labels(trajectory.done_reason).inc()
 
     def _checked(self, completion: Completion, *, session: bool) -> Completion:
         """Custody (engine signature, then a session's layout) and the text scored; Rejected is
