@@ -27,16 +27,21 @@ def gae(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation over token positions.
 
-    rewards, values, mask: [batch, T]; mask is 1 on response tokens. The value after
-    the last response token is 0 (episode end). Returns (advantages, returns).
+    rewards, values, mask: [batch, T]; mask is 1 on the response tokens trained on. The
+    value after the last of them is 0 (episode end). Masked positions inside a response
+    (a session's tool tokens) are skipped: each trained token bootstraps from the next
+    trained one, so an earlier turn still sees the final reward. With a contiguous mask
+    this is the textbook recursion. Returns (advantages, returns).
     """
     batch, length = rewards.shape
     adv = torch.zeros_like(rewards)
-    last = torch.zeros(batch, dtype=rewards.dtype)
+    last = torch.zeros(batch, dtype=rewards.dtype)  # advantage at the next trained position
+    next_value = torch.zeros(batch, dtype=rewards.dtype)  # value at the next trained position
     for t in reversed(range(length)):
-        next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < length else torch.zeros(batch, dtype=rewards.dtype)
+        on = mask[:, t] > 0
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        next_adv = last * (mask[:, t + 1] if t + 1 < length else 0)
-        last = delta + gamma * lam * next_adv
-        adv[:, t] = last * mask[:, t]
+        here = delta + gamma * lam * last
+        adv[:, t] = here * mask[:, t]
+        last = torch.where(on, here, last)
+        next_value = torch.where(on, values[:, t], next_value)
     return adv, (adv + values) * mask

@@ -45,6 +45,7 @@ from __future__ import annotations
 import msgspec
 
 from learners.samples import Sample
+from plumbing.sessions import loss_mask, oldest_version
 from plumbing.trust import prompt_hash, token_hash
 from schemas import Completion, Reward
 
@@ -87,19 +88,32 @@ class Taken(msgspec.Struct, frozen=True):
 
 
 def sample_of(c: Completion, r: Reward) -> Sample:
-    """The sample of a completion scored by its reward (the one place a sample is made)."""
+    """The sample of a completion scored by its reward (the one place a sample is made).
+
+    A session's completion (the last turn of a trajectory, its layout checked by
+    plumbing.sessions.check_layout before it got here) trains on the whole response after
+    the first prompt: every turn's output and the tool responses between them, the latter
+    masked out of the loss. Its version is the oldest of any turn (staleness stays conservative).
+    """
+    s = c.session
+    if s is None:
+        prompt, tokens, logprobs, mask, version = c.prompt_token_ids, c.token_ids, c.logprobs, [], c.policy_version
+    else:
+        prompt, tokens = c.prompt_token_ids[: s.prompt_len], c.prompt_token_ids[s.prompt_len :] + c.token_ids
+        logprobs, mask, version = s.logprobs + c.logprobs, loss_mask(c), oldest_version(c)
     return Sample(
         completion_id=c.id,
         group_id=c.group_id,
         group_size=c.group_size,
         sample_index=c.sample_index,
-        prompt_token_ids=c.prompt_token_ids,
-        token_ids=c.token_ids,
-        logprobs=c.logprobs,
-        policy_version=c.policy_version,
+        prompt_token_ids=prompt,
+        token_ids=tokens,
+        logprobs=logprobs,
+        policy_version=version,
         reward=r.scalar,
         status=r.status,
         reward_id=r.id,
+        loss_mask=mask,
     )
 
 
@@ -216,17 +230,18 @@ class GroupBuffer:
             return drops
         del s.completions[completion_id], s.completion_seen[completion_id]
         del s.rewards[completion_id], s.reward_seen[completion_id]
-        if self.is_stale(c.policy_version, version):
+        sample = sample_of(c, r)
+        if self.is_stale(sample.policy_version, version):
             self._count("stale")
             self._consumed(1)
-            return [*drops, Drop("stale", [c.id], f"policy v{c.policy_version}, learner v{version}")]
+            return [*drops, Drop("stale", [c.id], f"policy v{sample.policy_version}, learner v{version}")]
         group = s.groups.setdefault(c.group_id, [])
         s.group_first_seen.setdefault(c.group_id, now)
         if any(x.sample_index == c.sample_index for x in group):
             self._count("duplicate_in_group")
             self._consumed(1)
             return [*drops, Drop("duplicate_in_group", [c.id], f"sample {c.sample_index} of group {c.group_id}")]
-        group.append(sample_of(c, r))
+        group.append(sample)
         if len(group) >= c.group_size:
             self._make_ready(c.group_id)
         return drops

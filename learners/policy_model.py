@@ -25,13 +25,21 @@ _COPY = (
 
 
 class Batch:
-    """Prompt+completion token ids padded into tensors; `mask` marks completion tokens.
+    """Prompt+completion token ids padded into tensors; `mask` marks completion tokens trained on.
 
     Position t of `mask`/`old_logp` refers to predicting token t+1 of `input_ids`.
+    `loss_masks` (one per sequence, 1/0 per completion token; empty = all 1) zero the
+    tool-response tokens of a session: every loss, KL and PPO term is weighted by `mask`,
+    so they never contribute.
     """
 
     def __init__(
-        self, prompts: list[list[int]], completions: list[list[int]], old_logps: list[list[float]], pad_id: int
+        self,
+        prompts: list[list[int]],
+        completions: list[list[int]],
+        old_logps: list[list[float]],
+        pad_id: int,
+        loss_masks: list[list[int]] | None = None,
     ) -> None:
         seqs = [p + c for p, c in zip(prompts, completions, strict=True)]
         width = max(len(s) for s in seqs)
@@ -44,6 +52,11 @@ class Batch:
             self.input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
             self.attention[i, : len(p) + len(c)] = 1
             self.mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1
+            lm = loss_masks[i] if loss_masks else []
+            if lm:
+                if len(lm) != len(c):
+                    raise ValueError(f"loss mask of {len(lm)} for {len(c)} completion tokens")
+                self.mask[i, len(p) - 1 : len(p) + len(c) - 1] *= torch.tensor(lm, dtype=self.mask.dtype)
             if lp:
                 self.old_logp[i, len(p) - 1 : len(p) + len(c) - 1] = torch.tensor(lp[: len(c)])
 

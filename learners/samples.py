@@ -21,6 +21,10 @@ class Sample(msgspec.Struct, frozen=True):
     reward: float
     status: RewardStatus
     reward_id: str = ""  # the Reward message it was scored by (recorded per step, for exact replays)
+    # Issue 23: 1 per token of `token_ids` the policy sampled, 0 per tool-response token of a
+    # session (never trained on). Empty: every token is trained (single turns, and the
+    # checkpoints and outcome logs written before sessions, which decode with the default).
+    loss_mask: list[int] = []
 
     @property
     def trainable(self) -> bool:

@@ -82,6 +82,7 @@ class Trainer:
             [s.token_ids for s in samples],
             [s.logprobs for s in samples],
             self.model.pad_id,
+            [s.loss_mask for s in samples],
         )
         logp, values = self.model(batch)
         if self.cfg.algo == "ppo":

@@ -1,4 +1,4 @@
-"""The learner: rollout.completions + rollout.rewards -> verified, assembled groups -> update -> rollout.policy.
+"""The learner: completions, trajectories and rewards -> verified, assembled groups -> update -> rollout.policy.
 
 One process per run (group `learner-<run_id>`). This module is the learner's Kafka
 I/O, verification, training calls and publishing; group assembly and the staleness
@@ -6,6 +6,9 @@ rule are the GroupBuffer's (learners/group_buffer.py). Every completion passes
 `verify_completion` (engine signature) and every reward `verify_reward` (signature,
 key, replay) before the buffer joins a reward with the completion it binds (ids and
 hashes; the others with that id are dead-lettered); samples older than `max_policy_lag` versions are dropped.
+A multi-turn session (issue 23) is a candidate only once finished: the completion of its
+Trajectory, engine-signed and layout-checked (plumbing/sessions.py); its turns on
+rollout.completions are the env hub's and are skipped here (counted).
 Complete groups (or groups timed out with >= 2 samples) are trained on once
 `groups_per_step` are ready; the new weights are written as a safetensors folder and
 announced on rollout.policy, and the version goes to Redis, where producers read it
@@ -40,9 +43,10 @@ from plumbing.custody import engine_keyring
 from plumbing.dead_letters import DeadLetters
 from plumbing.failures import retry_transient
 from plumbing.kafka import Publisher, consumer_kwargs
+from plumbing.sessions import check_layout
 from plumbing.trust import Keyring, Rejected, verify_completion, verify_reward
-from schemas import Completion, PolicyUpdate, Reward, decode, encode, keys
-from schemas.topics import COMPLETIONS, POLICY, REWARDS
+from schemas import Completion, PolicyUpdate, Reward, Trajectory, decode, encode, keys
+from schemas.topics import COMPLETIONS, POLICY, REWARDS, TRAJECTORIES
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +78,11 @@ class _LearnerMetrics:
             "primerl_learner_completions_rejected",
             "Completions refused (dead-lettered): engine signature, or not bound by their verified reward",
             ["reason"],
+            registry=registry,
+        )
+        self.session_turns = Counter(
+            "primerl_learner_session_turns_skipped",
+            "Session turns on rollout.completions, not candidates (a session trains once finished, as a trajectory)",
             registry=registry,
         )
         self.stale = Counter(
@@ -162,7 +171,9 @@ class LearnerWorker:
     async def run(self) -> None:
         """Consume, assemble, train and publish until stopped."""
         consumer = AIOKafkaConsumer(**consumer_kwargs(self.cfg, f"learner-{self.cfg.run_id}"))
-        consumer.subscribe([COMPLETIONS.name, REWARDS.name], listener=_SeekToCheckpoint(self, consumer))
+        consumer.subscribe(
+            [COMPLETIONS.name, TRAJECTORIES.name, REWARDS.name], listener=_SeekToCheckpoint(self, consumer)
+        )
         await consumer.start()
         try:
             if self.state.version > 0:
@@ -201,13 +212,23 @@ class LearnerWorker:
         once stopped the learner on one bad reward).
         """
         try:
-            if record.topic == COMPLETIONS.name:
-                completion = decode(record.value or b"", Completion, list(record.headers or ()))
+            if record.topic in (COMPLETIONS.name, TRAJECTORIES.name):
+                if record.topic == COMPLETIONS.name:
+                    completion = decode(record.value or b"", Completion, list(record.headers or ()))
+                else:
+                    completion = decode(record.value or b"", Trajectory, list(record.headers or ())).completion
                 if completion.run_id != self.cfg.run_id:
+                    return True
+                if record.topic == COMPLETIONS.name and completion.session is not None:
+                    # A turn of a session: the env hub's input; the session comes whole as a trajectory.
+                    self.metrics.session_turns.inc()
+                    self.state.count("session_turns_skipped")
                     return True
                 try:
                     # Before the buffer: a forged completion never becomes a candidate.
                     verify_completion(completion, self.engine_keys)
+                    if record.topic == TRAJECTORIES.name:
+                        check_layout(completion)  # after the signature: the layout is the engine's
                 except Rejected as err:
                     self.metrics.completions_rejected.labels(err.reason).inc()
                     self.state.count(f"rejected_completion_{err.reason}")

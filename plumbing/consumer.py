@@ -26,7 +26,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord, OffsetAndMetadata
@@ -132,13 +132,19 @@ class ConsumerRunner(Generic[M]):
         metrics: ConsumerMetrics | None = None,
         max_in_flight: int = 1,
         client_id: str | None = None,
+        message_types: dict[str, type[Message]] | None = None,
     ) -> None:
-        """Metrics go to `metrics` when given (a second runner in one process), else to `registry`."""
+        """Metrics go to `metrics` when given (a second runner in one process), else to `registry`.
+
+        `message_types` (topic -> type) decodes some of `topics` as another message type than
+        `message_type`: one member reading two topics of one group, where a second runner
+        would make each join a rebalance (records finished across it are redelivered)."""
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, not {max_in_flight}")
         self.group_id = group_id
         self._topics = topics
         self._type = message_type
+        self._types = message_types or {}
         self._handler = handler
         self._dlq = dead_letters
         self._max_in_flight = max_in_flight
@@ -277,7 +283,10 @@ class ConsumerRunner(Generic[M]):
     async def _process(self, record: ConsumerRecord) -> bool:
         """Handle one record; True once it took effect or was dead-lettered (committable)."""
         try:
-            msg = decode(record.value or b"", self._type, list(record.headers or ()))
+            # A type of `message_types` is one the handler takes too (the caller's contract).
+            msg = cast(
+                M, decode(record.value or b"", self._types.get(record.topic, self._type), list(record.headers or ()))
+            )
         except Exception as err:  # noqa: BLE001 - DecodeError, or whatever a hostile payload makes the decoder raise
             return await self._dead_letter(record, err)
         backoff = Backoff()

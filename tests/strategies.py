@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from hypothesis import strategies as st
 
 from schemas import (
@@ -17,7 +18,9 @@ from schemas import (
     RewardStatus,
     SamplingParams,
     Timings,
+    Trajectory,
 )
+from schemas.sessions import Segment, Session, ToolTrace
 
 text = st.text(max_size=40)
 ids = st.text(alphabet="abcdef0123456789", min_size=1, max_size=32)
@@ -73,6 +76,42 @@ completions = st.builds(
     cached_prompt_tokens=small,
     grammar=st.none() | grammars,
     grammar_completed=st.none() | st.booleans(),
+)
+segments = st.builds(Segment, kind=st.sampled_from(["model", "tool"]), start=small, end=small, version=small)
+tool_traces = st.builds(
+    ToolTrace,
+    turn_index=small,
+    tool=text,
+    ok=st.booleans(),
+    error=text,
+    latency_ms=floats,
+    url=text,
+    status=small,
+    bytes=small,
+)
+sessions = st.builds(
+    Session,
+    env=ids,
+    max_turns=small,
+    sample_index=small,
+    group_size=st.integers(1, 64),
+    prompt_len=small,
+    sampling=st.none() | sampling,
+    segments=st.lists(segments, max_size=6),
+    logprobs=st.lists(floats, max_size=16),
+    calls=st.lists(tool_traces, max_size=4),
+    state=text,
+)
+# Kept apart from `completions`: a session turn on rollout.completions is skipped by the
+# verifier and the learner, not refused, so the completion storms stay session-free.
+session_completions = st.builds(lambda c, s: msgspec.structs.replace(c, session=s), completions, sessions)
+trajectories = st.builds(
+    Trajectory,
+    run_id=ids,
+    completion=session_completions,
+    done_reason=st.sampled_from(["env_done", "turn_limit", "context_full"]),
+    turns=small,
+    components=st.dictionaries(ids, floats, max_size=4),
 )
 chunks = st.builds(
     CompletionChunk,

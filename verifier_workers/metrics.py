@@ -27,6 +27,14 @@ class VerifierMetrics:
             ["reason"],
             registry=registry,
         )
+        self.session_turns = Counter(
+            "primerl_verifier_session_turns_skipped",
+            "Session turns on rollout.completions, not scored (their session is, from rollout.trajectories)",
+            registry=registry,
+        )
+        self.trajectories = Counter(
+            "primerl_verifier_trajectories", "Finished sessions scored", ["done_reason"], registry=registry
+        )
         self.duplicates = Counter(
             "primerl_verifier_duplicates", "Redelivered completions already rewarded", registry=registry
         )

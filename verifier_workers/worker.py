@@ -1,6 +1,16 @@
-"""The verifier worker: rollout.completions -> score -> sign -> rollout.rewards.
+"""The verifier worker: rollout.completions and rollout.trajectories -> score -> sign -> rollout.rewards.
 
-Consumer group `verifier`. One reward per completion and verifier version: the reward
+Consumer group `verifier`, one runner for both input topics, each decoded as its own
+type (a second member of the group would make every start a rebalance, and records
+finished across a rebalance are redelivered). Multi-turn sessions (issue 23) are scored
+once, finished: a completion with `session` set on rollout.completions is a turn for the
+env hub and is skipped (counted); a Trajectory's completion (engine signature, then the
+layout check of plumbing/sessions.py) is scored on its final answer, and its reward adds
+the session's tool use: the env's components under `tool.<name>`, `turns` (the model
+turns the signed layout holds), and the signed tool calls as JSON under trace
+`tool_calls`. That reward binds the last turn's completion exactly as a single turn's does.
+
+One reward per completion and verifier version: the reward
 id is derived from both, and a Redis ledger skips completions already rewarded, so a
 redelivered completion never yields a second reward. aiokafka, not faust: scoring is
 stateless per message, and faust-streaming pins click < 8.4, which vLLM's
@@ -10,7 +20,9 @@ huggingface-hub (click >= 8.4.2) cannot share one environment with.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,15 +38,56 @@ from plumbing.custody import decoded_text, engine_keyring, engine_tokenizer
 from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
 from plumbing.ledger import Ledger
+from plumbing.sessions import check_layout
 from plumbing.trust import Keyring, Rejected, Signer, prompt_hash, token_hash, verify_completion
-from schemas import Completion, Reward
-from schemas.topics import COMPLETIONS, REWARDS
+from schemas import Completion, Reward, Trajectory
+from schemas.sessions import ToolTrace
+from schemas.topics import COMPLETIONS, REWARDS, TRAJECTORIES
 from verifier_workers.metrics import VerifierMetrics
 from verifier_workers.rewards import RewardFn, score_completion
 
 log = logging.getLogger(__name__)
 
 VERIFIER_GROUP = "verifier"
+TOOL_CALLS_MAX_BYTES = 8192  # trace["tool_calls"]: calls past this are counted in trace["tool_calls_dropped"]
+_TOOL_COMPONENTS_MAX = 32  # tool-use components taken from one (unsigned) trajectory wrapper
+_FIELD_MAX = 256  # characters kept of a call's url or error
+
+
+def tool_calls_trace(calls: list[ToolTrace]) -> dict[str, str]:
+    """The calls as compact JSON (trace key `tool_calls`), whole calls only, capped at
+    TOOL_CALLS_MAX_BYTES; how many did not fit goes under `tool_calls_dropped`."""
+    out: list[str] = []
+    size = 2  # the brackets
+    for call in calls:
+        item: dict[str, object] = {"turn": call.turn_index, "tool": call.tool[:_FIELD_MAX], "ok": call.ok}
+        if call.url:  # a browser fetch
+            item |= {"url": call.url[:_FIELD_MAX], "status": call.status, "bytes": call.bytes}
+        if math.isfinite(call.latency_ms):
+            item["latency_ms"] = round(call.latency_ms, 1)
+        if call.error:
+            item["error"] = call.error[:_FIELD_MAX]
+        text = json.dumps(item, separators=(",", ":"), ensure_ascii=False)
+        if size + len(text.encode()) + 1 > TOOL_CALLS_MAX_BYTES:
+            break
+        out.append(text)
+        size += len(text.encode()) + 1
+    trace = {"tool_calls": "[" + ",".join(out) + "]"}
+    if len(out) < len(calls):
+        trace["tool_calls_dropped"] = str(len(calls) - len(out))
+    return trace
+
+
+def session_components(t: Trajectory) -> dict[str, float]:
+    """The session's reward components besides the answer's: the env's tool-use ones as
+    `tool.<name>` (finite values only, at most _TOOL_COMPONENTS_MAX: the wrapper is unsigned),
+    and `turns`, counted from the signed layout (model segments + the last turn) rather than
+    taken from the wrapper's `turns`."""
+    s = t.completion.session
+    assert s is not None
+    tool = {f"tool.{k[:64]}": float(v) for k, v in sorted(t.components.items()) if math.isfinite(v)}
+    turns = 1 + sum(seg.kind == "model" for seg in s.segments)
+    return dict(list(tool.items())[:_TOOL_COMPONENTS_MAX]) | {"turns": float(turns)}
 
 
 def reward_id(completion_id: str, verifier_id: str, version: str) -> str:
@@ -66,36 +119,68 @@ class VerifierWorker(ConsumerStage):
         self.ledger = Ledger(self.redis, f"verifier:{v.verifier_id}:{v.version}")
         self.runner = ConsumerRunner(
             self.cfg,
-            topics=[COMPLETIONS.name],
+            topics=[COMPLETIONS.name, TRAJECTORIES.name],
             group_id=VERIFIER_GROUP,
             message_type=Completion,
+            message_types={TRAJECTORIES.name: Trajectory},
             handler=self.handle,
             dead_letters=DeadLetters.from_config(self.cfg, self.publisher, "verifier", self.registry),
             registry=self.registry,
             max_in_flight=v.max_in_flight,
         )
 
-    async def handle(self, completion: Completion, _record: ConsumerRecord) -> None:
+    async def handle(self, msg: Completion | Trajectory, _record: ConsumerRecord) -> None:
         """Check custody, score, sign and publish one reward; returns once the broker acked it.
 
         Before the ledger claim: a forged completion is dead-lettered without claiming its
         id, so the genuine one with that id is still scored when it comes.
         """
-        try:
-            verify_completion(completion, self.engine_keys)
-            if self.tokenizer is not None:
-                # Score what the learner trains on: the text its token_ids decode to.
-                completion = msgspec.structs.replace(completion, text=decoded_text(completion, self.tokenizer))
-        except Rejected as err:
-            self.metrics.rejected.labels(err.reason).inc()
-            raise  # dead-lettered by the runner, with the reason in the letter
+        if isinstance(msg, Trajectory):
+            await self.handle_trajectory(msg)
+            return
+        completion = msg
+        if completion.session is not None:
+            self.metrics.session_turns.inc()  # a turn: scored with its session, from rollout.trajectories
+            return
+        completion = self._checked(completion, session=False)
         async with self.ledger.claim(completion.id) as fresh:
             if not fresh:
                 self.metrics.duplicates.inc()
                 return
             await self._reward(completion)
 
-    async def _reward(self, completion: Completion) -> None:
+    async def handle_trajectory(self, trajectory: Trajectory) -> None:
+        """One reward for a finished session, bound to its last turn's completion (see the module doc)."""
+        completion = self._checked(trajectory.completion, session=True)
+        async with self.ledger.claim(completion.id) as fresh:
+            if not fresh:
+                self.metrics.duplicates.inc()
+                return
+            assert completion.session is not None  # check_layout
+            await self._reward(completion, session_components(trajectory), tool_calls_trace(completion.session.calls))
+            self.metrics.trajectories.labels(trajectory.done_reason).inc()
+
+    def _checked(self, completion: Completion, *, session: bool) -> Completion:
+        """Custody (engine signature, then a session's layout) and the text scored; Rejected is
+        dead-lettered by the runner, with the reason in the letter."""
+        try:
+            verify_completion(completion, self.engine_keys)
+            if session:
+                check_layout(completion)
+            if self.tokenizer is not None:
+                # Score what the learner trains on: the text its token_ids decode to.
+                completion = msgspec.structs.replace(completion, text=decoded_text(completion, self.tokenizer))
+        except Rejected as err:
+            self.metrics.rejected.labels(err.reason).inc()
+            raise
+        return completion
+
+    async def _reward(
+        self,
+        completion: Completion,
+        extra_components: dict[str, float] | None = None,
+        extra_trace: dict[str, str] | None = None,
+    ) -> None:
         t0 = time.perf_counter()
         # An unknown task raises UnknownTask: bad input for the dead-letter topic, not a zero reward.
         score = await score_completion(self.registry_fns, completion)
@@ -116,10 +201,13 @@ class VerifierWorker(ConsumerStage):
                 policy_version=completion.policy_version,
                 verifier_id=v.verifier_id,
                 verifier_version=f"{v.version}/{fn.name}@{fn.version}",
-                components=score.components,
+                # A session's tool-use components and calls ride along for analysis; the scalar
+                # stays the answer's: how much tool use should count is a reward-design choice
+                # the task's reward function should make, not a side effect of the env's report.
+                components=score.components | (extra_components or {}),
                 scalar=score.scalar,
                 status=score.status,
-                trace=score.trace,
+                trace=score.trace | (extra_trace or {}),
             )
         )
         self.metrics.signed.inc()

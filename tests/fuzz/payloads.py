@@ -53,6 +53,7 @@ from schemas import (
     PromptRequest,
     Reward,
     SamplingParams,
+    Trajectory,
 )
 from tests import strategies as valid
 
@@ -121,6 +122,7 @@ _STRATEGIES: dict[type[Message], st.SearchStrategy[Any]] = {
     Reward: valid.rewards,
     PolicyUpdate: valid.policies,
     DeadLetter: valid.letters,
+    Trajectory: valid.trajectories,
 }
 
 
