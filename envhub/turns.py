@@ -90,29 +90,3 @@ def extended_session(c: Completion, observation_ids: list[int]) -> Session:
         ],
         logprobs=[*s.logprobs, *c.logprobs, *([0.0] * len(observation_ids))],
     )
-
-
-def layout_problem(c: Completion) -> str | None:
-    """Why `c`'s session layout does not describe its prompt tokens, or None when it does.
-
-    The layout's segments must tile prompt_token_ids[prompt_len:] from 0, with one
-    log-prob per token; a learner's loss mask is built from them.
-    """
-    s = c.session
-    if s is None:
-        return "no session"
-    if not 0 < s.prompt_len <= len(c.prompt_token_ids):
-        return f"prompt_len {s.prompt_len} outside the prompt's {len(c.prompt_token_ids)} tokens"
-    at = 0
-    for seg in s.segments:
-        if seg.start != at or seg.end < seg.start:
-            return f"segment {seg.kind} [{seg.start}, {seg.end}) does not continue at {at}"
-        at = seg.end
-    response = len(c.prompt_token_ids) - s.prompt_len
-    if at != response:
-        return f"segments cover {at} tokens, the response before this turn has {response}"
-    if len(s.logprobs) != response:
-        return f"{len(s.logprobs)} session log-probs for {response} response tokens"
-    if len(c.logprobs) != len(c.token_ids):
-        return f"{len(c.logprobs)} log-probs for {len(c.token_ids)} sampled tokens"
-    return None

@@ -27,19 +27,20 @@ from typing import Any
 
 import msgspec
 from aiokafka.structs import ConsumerRecord
-from envhub.protocol import EnvContext, Environment
-from envhub.registry import load_env
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from redis.asyncio import Redis
 
-from envhub.turns import TurnTemplate, extended_session, layout_problem, next_request_id
+from envhub.protocol import EnvContext, Environment
+from envhub.registry import load_env
+from envhub.turns import TurnTemplate, extended_session, next_request_id
 from plumbing.config import Config
 from plumbing.consumer import ConsumerRunner, ConsumerStage
 from plumbing.custody import engine_keyring
 from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
 from plumbing.ledger import Ledger
-from plumbing.trust import Keyring, Rejected, verify_completion
+from plumbing.sessions import check_layout
+from plumbing.trust import Keyring, verify_completion
 from schemas import Completion, PromptRequest, SamplingParams, ToolTrace, Trajectory
 from schemas.topics import COMPLETIONS, PROMPTS, TRAJECTORIES
 from schemas.trajectories import DoneReason
@@ -142,9 +143,7 @@ class EnvhubWorker(ConsumerStage):
             self.metrics.skipped.inc()
             return
         verify_completion(completion, self.engine_keys)
-        problem = layout_problem(completion)
-        if problem is not None:
-            raise Rejected("session_layout", f"completion {completion.id}: {problem}")
+        check_layout(completion)  # the next turn extends this layout: it must describe the tokens
         env = self.env(session.env)  # before the claim: an unknown env is dead-lettered, not claimed
         async with self.ledger.claim(completion.id) as fresh:
             if not fresh:

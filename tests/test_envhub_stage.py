@@ -11,16 +11,17 @@ from typing import TypeVar
 import msgspec
 import pytest
 from aiokafka import AIOKafkaConsumer
-from envhub.protocol import EnvContext, StepResult
 from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
 
-from envhub.turns import TurnTemplate, layout_problem, next_request_id
+from envhub.protocol import EnvContext, StepResult
+from envhub.turns import TurnTemplate, next_request_id
 from envhub.worker import EnvhubWorker
 from plumbing.config import Config
 from plumbing.kafka import Publisher, consumer_kwargs
 from plumbing.model_store import resolve_model
 from plumbing.redis_client import connect_redis
+from plumbing.sessions import check_layout
 from schemas import Completion, Message, PromptRequest, SamplingParams, Session, ToolTrace, Trajectory, decode
 from schemas.topics import COMPLETIONS, PROMPTS, TRAJECTORIES
 from tests.kafka_helpers import dead_letters_matching
@@ -197,7 +198,7 @@ async def test_a_turn_becomes_the_next_request_built_from_tokens_and_then_a_traj
             ),
             cfg,
         )
-        assert layout_problem(t1) is None
+        check_layout(t1)  # what the env hub sent is a layout verifiers and learners accept
         await pub.publish(COMPLETIONS.name, t1, key=t1.group_id.encode())
         (traj,) = await read_topic(cfg, TRAJECTORIES.name, Trajectory, lambda t: t.run_id == run_id, 1)
     assert traj.id == t1.id and traj.completion == t1 and traj.done_reason == "env_done" and traj.turns == 2
