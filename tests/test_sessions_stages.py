@@ -147,8 +147,10 @@ async def test_the_verifier_scores_a_finished_session_once_with_its_tool_use_and
     assert sorted(d.source_topic for d in letters) == [TRAJECTORIES.name] * 3
     await _no_more_letters(cfg, lambda d: d.stage == "verifier" and run_id.encode() in d.payload, 3)
     sample = worker.registry.get_sample_value
-    assert sample("primerl_verifier_session_turns_skipped_total") == 2
-    assert sample("primerl_verifier_trajectories_total", {"done_reason": "env_done"}) == 1
+    # At least: group `verifier` also reads the session records other tests of the session wrote
+    # (the per-run checks above are the exact ones).
+    assert (sample("primerl_verifier_session_turns_skipped_total") or 0) >= 2
+    assert (sample("primerl_verifier_trajectories_total", {"done_reason": "env_done"}) or 0) >= 1
 
 
 def test_the_tool_calls_trace_is_capped_at_whole_calls() -> None:
