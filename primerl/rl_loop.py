@@ -78,7 +78,12 @@ async def rl_loop(
     with console.wait("preparing the model (converted once, then cached)"):
         # A thread: conversion takes ~20 s the first time and the console keeps drawing.
         model = await asyncio.to_thread(resolve_model, cfg.engine.model)
-    cfg = cfg.derive(run_id=run_id, **{"engine.policy_run": run_id, "engine.model": model})
+    # One step trains on one published batch: with --prompts below learner.groups_per_step the
+    # learner waited for groups admission control would never publish (the run stalled).
+    cfg = cfg.derive(
+        run_id=run_id,
+        **{"engine.policy_run": run_id, "engine.model": model, "learner.groups_per_step": rs.prompts_per_step},
+    )
     load_signer(cfg)  # the verifier's key exists before the learner reads the keyring
     with console.wait("starting the engine (vLLM)"):
         engine_task, engine = await start_stage(serve_engine, cfg)

@@ -33,8 +33,9 @@ async def test_calculator_session() -> None:
     expr = inst["question"].removeprefix("What is ").removesuffix("?")
     # The engine stopped at `</tool>`, which vLLM dropped from the text.
     call = await env.step(reset.state, 0, f'I will compute it. <tool name="calculator">{expr}', stopped_at_close=True)
+    a = inst["answer"]
     assert call == StepResult(
-        observation=inst["answer"],
+        observation=f"{a}\nIf {a} is the result asked for, answer <answer>{a}</answer>.",
         done=False,
         components={"tool_calls": 1.0, "tool_errors": 0.0, "malformed_calls": 0.0},
         calls=call.calls,

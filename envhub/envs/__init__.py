@@ -83,12 +83,16 @@ class ToolEnv:
             return self._result(state, text, [trace], malformed=True)
         if isinstance(parsed, Call):
             out = await self.connectors[parsed.tool].call(parsed.args, turn_index)
-            text = out.text
+            text = self.observe(out.text, out.trace)
             if parsed.ignored:
                 text += f"\n(only the first tool call of a turn runs: {parsed.ignored} more ignored)"
             return self._result(state, text, [out.trace])
         text = f"No tool call and no answer found. Call a tool like {self.example}, or answer as <answer>...</answer>."
         return self._result(state, text, [])
+
+    def observe(self, text: str, trace: ToolTrace) -> str:
+        """The observation of a tool's result (an env may add what to do next)."""
+        return text
 
     async def aclose(self) -> None:
         for c in self.connectors.values():

@@ -13,6 +13,7 @@ from envhub.connectors.calculator import Calculator
 from envhub.envs import Split, ToolEnv, split_of
 from envhub.protocol import EnvContext, Reset
 from schemas.prompts import ChatMessage, Grammar, GrammarKind
+from schemas.sessions import ToolTrace
 
 SYSTEM = """You solve arithmetic with a calculator tool. To use it, write the expression inside tool tags, \
 like <tool name="calculator">12 * 34</tool>, and stop. The result comes back in the next message. \
@@ -72,6 +73,14 @@ class CalculatorEnv(ToolEnv):
             task="math_format",
             grammar=GRAMMAR,
         )
+
+    def observe(self, text: str, trace: ToolTrace) -> str:
+        # Untrained, SmolLM2-135M called the calculator again on its own result in 13 of 16
+        # turns after one (4 sessions x 4 turns, real engine) instead of answering: the
+        # observation says what an answer looks like; whether to give it is still the policy's.
+        if not trace.ok:
+            return text
+        return f"{text}\nIf {text} is the result asked for, answer <answer>{text}</answer>."
 
     def instances(self, split: Split, n: int, seed: int) -> list[dict[str, str]]:
         return instances(split, n, seed)
