@@ -272,11 +272,15 @@ def assemble(
     from learners.group_buffer import GroupBuffer
 
     buffer = GroupBuffer(max_policy_lag=max_policy_lag, group_timeout_s=float("inf"))
-    completions = log_.completions()
+    scored_rewards = list(_scored_rewards(log_, rewards, verifier_version))
+    bound = {r.completion_id for r in scored_rewards}
+    # A session's turns are all on rollout.completions; only its last (the one its trajectory
+    # carries, which the reward binds) is a sample, as in the live learner.
+    completions = [c for c in log_.completions() if c.session is None or c.id in bound]
     for c in completions:
         buffer.add_completion(c, 0.0, 0)
     scored: set[str] = set()
-    for r in _scored_rewards(log_, rewards, verifier_version):
+    for r in scored_rewards:
         scored.add(r.completion_id)
         buffer.add_reward(r, 0.0, 0)
     without = sum(1 for c in completions if c.id not in scored)
