@@ -204,10 +204,8 @@ class EnvhubWorker(ConsumerStage):
     ) -> None:
         session = c.session
         assert session is not None
-        if calls != session.calls:
-            # The last step ran tools whose records the signed completion cannot hold (it was
-            # sampled before them); the trajectory's components still count them.
-            log.debug("session %s: %d tool calls after the last turn", c.session_id, len(calls) - len(session.calls))
+        # `calls` may hold tool calls of the last step, which the signed completion (sampled
+        # before them) cannot: the components count them, the verifier's trace shows the signed ones.
         trajectory = Trajectory(
             id=c.id,
             run_id=c.run_id,
