@@ -79,15 +79,18 @@ class _Metrics:
         )
 
 
-def trajectory_components(calls: list[ToolTrace], turns: int) -> dict[str, float]:
-    """Tool-use components of a finished session, from its signed call records."""
+def trajectory_components(calls: list[ToolTrace]) -> dict[str, float]:
+    """Tool-use components of a finished session, from its call records: totals, and calls and
+    successes per tool (`calls.browser`, `ok.browser`). The verifier adds `turns` itself, from
+    the signed layout."""
     tools = Tally(c.tool for c in calls if c.tool)
+    ok = Tally(c.tool for c in calls if c.tool and c.ok)
     return {
-        "turns": float(turns),
         "tool_calls": float(len(calls)),
         "tool_errors": float(sum(not c.ok for c in calls)),
         "malformed_calls": float(sum(not c.tool for c in calls)),
         **{f"calls.{name}": float(n) for name, n in sorted(tools.items())},
+        **{f"ok.{name}": float(ok[name]) for name in sorted(tools)},
     }
 
 
@@ -164,6 +167,9 @@ class EnvhubWorker(ConsumerStage):
         for call in result.calls:
             self.metrics.tool_calls.labels(call.tool or "malformed", str(call.ok).lower()).inc()
         calls = [*session.calls, *result.calls]
+        components = dict(session.components)
+        for k, v in result.components.items():
+            components[k] = components.get(k, 0.0) + v
         turns = c.turn_index + 1
         reason: DoneReason | None = None
         if result.done or result.observation is None:
@@ -177,9 +183,11 @@ class EnvhubWorker(ConsumerStage):
             if len(c.prompt_token_ids) + len(c.token_ids) + len(obs_ids) + max_tokens > self.max_model_len:
                 reason = "context_full"
         if reason is not None:
-            await self._finish(c, reason, turns, calls, result.components)
+            await self._finish(c, reason, turns, calls, components)
             return
-        nxt = msgspec.structs.replace(extended_session(c, obs_ids), calls=calls, state=result.state)
+        nxt = msgspec.structs.replace(
+            extended_session(c, obs_ids), calls=calls, components=components, state=result.state
+        )
         req = PromptRequest(
             id=next_request_id(c.id),
             run_id=c.run_id,
@@ -200,7 +208,7 @@ class EnvhubWorker(ConsumerStage):
         self.metrics.turns.labels(session.env, "continued").inc()
 
     async def _finish(
-        self, c: Completion, reason: DoneReason, turns: int, calls: list[ToolTrace], step: dict[str, float]
+        self, c: Completion, reason: DoneReason, turns: int, calls: list[ToolTrace], env: dict[str, float]
     ) -> None:
         session = c.session
         assert session is not None
@@ -212,7 +220,7 @@ class EnvhubWorker(ConsumerStage):
             completion=c,
             done_reason=reason,
             turns=turns,
-            components={**trajectory_components(calls, turns), **{f"env.{k}": v for k, v in step.items()}},
+            components={**trajectory_components(calls), **{f"env.{k}": v for k, v in sorted(env.items())}},
         )
         await self.publisher.publish(TRAJECTORIES.name, trajectory, key=c.group_id.encode())
         self.metrics.turns.labels(session.env, "finished").inc()

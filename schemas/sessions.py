@@ -67,6 +67,9 @@ class Session(msgspec.Struct, frozen=True, kw_only=True):
     segments: list[Segment] = []
     logprobs: list[float] = []
     calls: list[ToolTrace] = []
+    # The environment's own reward components (`StepResult.components`), summed over the
+    # steps so far; the trajectory adds the last step's.
+    components: dict[str, float] = {}
     state: str = ""  # the environment's own state (JSON), opaque to every other stage
 
     def response_len(self) -> int:
