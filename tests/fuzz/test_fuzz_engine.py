@@ -69,6 +69,7 @@ class _StandInEngine:
     block_size: int = 16
     kv_events_endpoint: str = ""
     kv_events_topic: str = "kv"
+    vocab_size: int = 0  # 0: the tokenizer's (build_input bounds token-in prompts by it)
     policy_version: int = 0
 
     async def stream(self, prompt_token_ids: list[int], params: Any, request_id: str):
