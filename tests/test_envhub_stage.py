@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import msgspec
 import pytest
@@ -14,6 +13,7 @@ from aiokafka import AIOKafkaConsumer
 from prometheus_client import CollectorRegistry
 from transformers import AutoTokenizer
 
+import envhub.worker as envhub_module
 from envhub.protocol import EnvContext, StepResult
 from envhub.turns import TurnTemplate, next_request_id
 from envhub.worker import EnvhubWorker
@@ -22,12 +22,17 @@ from plumbing.kafka import Publisher, consumer_kwargs
 from plumbing.model_store import resolve_model
 from plumbing.redis_client import connect_redis
 from plumbing.sessions import check_layout
-from schemas import Completion, Message, PromptRequest, SamplingParams, Session, ToolTrace, Trajectory, decode
-from schemas.topics import COMPLETIONS, PROMPTS, TRAJECTORIES
-from tests.kafka_helpers import dead_letters_matching
+from schemas import Completion, Message, PromptRequest, SamplingParams, Session, ToolTrace, Topic, Trajectory, decode
+from tests.kafka_helpers import dead_letters_matching, make_topic
 from tests.reward_helpers import engine_signed, make_completion
 
 M = TypeVar("M", bound=Message)
+
+
+class Topics(NamedTuple):
+    completions: str
+    prompts: str
+    trajectories: str
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +126,13 @@ async def read_topic(
 
 
 @pytest.fixture
-async def hub(cfg: Config, tokenizer, tmp_path: Path) -> AsyncIterator[tuple[EnvhubWorker, Scripted]]:
+async def hub(cfg: Config, tokenizer, monkeypatch) -> AsyncIterator[tuple[EnvhubWorker, Scripted, Topics]]:
+    # Private topics (the module's constants, read when the worker is built): this test's
+    # garbage and sessions never reach the session's other readers of the real topics.
+    topics = Topics(await make_topic(cfg, 4), await make_topic(cfg, 4), await make_topic(cfg, 4))
+    monkeypatch.setattr(envhub_module, "COMPLETIONS", Topic(topics.completions, 4, Completion, "test"))
+    monkeypatch.setattr(envhub_module, "PROMPTS", Topic(topics.prompts, 4, PromptRequest, "test"))
+    monkeypatch.setattr(envhub_module, "TRAJECTORIES", Topic(topics.trajectories, 4, Trajectory, "test"))
     replies = {
         "<tool>calc 2+2</tool>": StepResult(
             observation="4", done=False, calls=[ToolTrace(turn_index=0, tool="calculator", ok=True)], state="s1"
@@ -149,14 +160,14 @@ async def hub(cfg: Config, tokenizer, tmp_path: Path) -> AsyncIterator[tuple[Env
         )
         task = asyncio.create_task(worker.run())
         await asyncio.wait_for(worker.ready.wait(), 60)
-        yield worker, env
+        yield worker, env, topics
         worker.stop()
         await task
     await redis.aclose()
 
 
 async def test_a_turn_becomes_the_next_request_built_from_tokens_and_then_a_trajectory(cfg: Config, hub) -> None:
-    worker, env = hub
+    worker, env, topics = hub
     run_id = f"eh-{uuid.uuid4().hex[:8]}"
     tok = worker.tokenizer
     call_ids = tok.encode("<tool>calc 2+2</tool>", add_special_tokens=False) + [tok.eos_token_id]
@@ -165,9 +176,9 @@ async def test_a_turn_becomes_the_next_request_built_from_tokens_and_then_a_traj
     )
     t0 = engine_signed(t0, cfg)
     async with Publisher(cfg) as pub:
-        await pub.publish(COMPLETIONS.name, t0, key=t0.group_id.encode())
-        await pub.publish(COMPLETIONS.name, t0, key=t0.group_id.encode())  # a redelivery: one next turn
-        (nxt,) = await read_topic(cfg, PROMPTS.name, PromptRequest, lambda r: r.run_id == run_id, 1)
+        await pub.publish(topics.completions, t0, key=t0.group_id.encode())
+        await pub.publish(topics.completions, t0, key=t0.group_id.encode())  # a redelivery: one next turn
+        (nxt,) = await read_topic(cfg, topics.prompts, PromptRequest, lambda r: r.run_id == run_id, 1)
         obs = worker.template.observation_ids(call_ids, "4")
         # Token in: the previous prompt, exactly the sampled tokens, then the tool response.
         assert nxt.prompt_token_ids == [11, 12, 13, *call_ids, *obs]
@@ -199,8 +210,8 @@ async def test_a_turn_becomes_the_next_request_built_from_tokens_and_then_a_traj
             cfg,
         )
         check_layout(t1)  # what the env hub sent is a layout verifiers and learners accept
-        await pub.publish(COMPLETIONS.name, t1, key=t1.group_id.encode())
-        (traj,) = await read_topic(cfg, TRAJECTORIES.name, Trajectory, lambda t: t.run_id == run_id, 1)
+        await pub.publish(topics.completions, t1, key=t1.group_id.encode())
+        (traj,) = await read_topic(cfg, topics.trajectories, Trajectory, lambda t: t.run_id == run_id, 1)
     assert traj.id == t1.id and traj.completion == t1 and traj.done_reason == "env_done" and traj.turns == 2
     assert traj.components == {
         "tool_calls": 1.0,
@@ -214,18 +225,18 @@ async def test_a_turn_becomes_the_next_request_built_from_tokens_and_then_a_traj
 
 
 async def test_the_turn_limit_ends_a_session(cfg: Config, hub) -> None:
-    worker, _ = hub
+    worker, _, topics = hub
     run_id = f"eh-{uuid.uuid4().hex[:8]}"
     ids = worker.tokenizer.encode("<tool>calc 2+</tool>", add_special_tokens=False)
     t0 = first_turn(cfg, run_id, "<tool>calc 2+</tool>", ids, max_turns=1)
     async with Publisher(cfg) as pub:
-        await pub.publish(COMPLETIONS.name, t0, key=t0.group_id.encode())
-    (traj,) = await read_topic(cfg, TRAJECTORIES.name, Trajectory, lambda t: t.run_id == run_id, 1)
+        await pub.publish(topics.completions, t0, key=t0.group_id.encode())
+    (traj,) = await read_topic(cfg, topics.trajectories, Trajectory, lambda t: t.run_id == run_id, 1)
     assert traj.done_reason == "turn_limit" and traj.components["tool_errors"] == 1.0
 
 
 async def test_bad_turns_are_dead_lettered_once_and_the_stage_goes_on(cfg: Config, hub) -> None:
-    worker, _ = hub
+    worker, _, topics = hub
     run_id = f"eh-{uuid.uuid4().hex[:8]}"
     ids = worker.tokenizer.encode("<answer>4</answer>", add_special_tokens=False)
     good = first_turn(cfg, run_id, "<answer>4</answer>", ids, sample=1)
@@ -243,11 +254,11 @@ async def test_bad_turns_are_dead_lettered_once_and_the_stage_goes_on(cfg: Confi
         cfg,
     )
     async with Publisher(cfg) as pub:
-        await pub.publish_raw(COMPLETIONS.name, b"\x00garbage", key=run_id.encode())
-        await pub.publish_raw(COMPLETIONS.name, b"\x93" * 900_000, key=run_id.encode())  # oversized, not msgpack
+        await pub.publish_raw(topics.completions, b"\x00garbage", key=run_id.encode())
+        await pub.publish_raw(topics.completions, b"\x93" * 900_000, key=run_id.encode())  # oversized, not msgpack
         for c in (forged, unknown, bad_layout, good):
-            await pub.publish(COMPLETIONS.name, c, key=c.group_id.encode())
-    (traj,) = await read_topic(cfg, TRAJECTORIES.name, Trajectory, lambda t: t.run_id == run_id, 1)
+            await pub.publish(topics.completions, c, key=c.group_id.encode())
+    (traj,) = await read_topic(cfg, topics.trajectories, Trajectory, lambda t: t.run_id == run_id, 1)
     assert traj.completion.id == good.id  # the stage went on past every bad record
     letters = await dead_letters_matching(
         cfg,
