@@ -28,6 +28,20 @@ def split_of(key: str, heldout_percent: int = 20) -> Split:
     return "heldout" if bucket < heldout_percent else "train"
 
 
+def hashed_split_instances(
+    tag: str, problem: Callable[[random.Random], tuple[str, object]], split: Split, n: int, seed: int
+) -> list[dict[str, str]]:
+    """`n` distinct generated problems of `split` (`problem(rng)` -> (question, answer)); the
+    splits never share a question (split by its hash)."""
+    rng = random.Random(f"{tag}:{seed}")
+    out: dict[str, dict[str, str]] = {}
+    while len(out) < n:
+        question, answer = problem(rng)
+        if split_of(question) == split:
+            out.setdefault(question, {"question": question, "answer": str(answer)})
+    return list(out.values())
+
+
 def draw(pool: Sequence[T], n: int, seed: int) -> list[T]:
     """`n` items of `pool` in a seeded order; whole reshuffled passes when `n` exceeds the pool."""
     rng = random.Random(seed)

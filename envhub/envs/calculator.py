@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from envhub.connectors.calculator import Calculator
-from envhub.envs import Split, ToolEnv, split_of
+from envhub.envs import Split, ToolEnv, hashed_split_instances
 from envhub.protocol import EnvContext, Reset
 from schemas.prompts import ChatMessage, Grammar, GrammarKind
 from schemas.sessions import ToolTrace
@@ -46,14 +46,8 @@ def _problem(rng: random.Random) -> tuple[str, int]:
 
 
 def instances(split: Split, n: int, seed: int) -> list[dict[str, str]]:
-    """`n` distinct problems of `split`; train and held-out never share a question (split by its hash)."""
-    rng = random.Random(f"calculator:{seed}")
-    out: dict[str, dict[str, str]] = {}
-    while len(out) < n:
-        question, answer = _problem(rng)
-        if split_of(question) == split:
-            out.setdefault(question, {"question": question, "answer": str(answer)})
-    return list(out.values())
+    """`n` distinct problems of `split`; train and held-out never share a question."""
+    return hashed_split_instances("calculator", _problem, split, n, seed)
 
 
 class CalculatorEnv(ToolEnv):

@@ -10,7 +10,7 @@ import math
 import random
 
 from envhub.connectors.python import PythonTool
-from envhub.envs import Split, ToolEnv, split_of
+from envhub.envs import Split, ToolEnv, hashed_split_instances
 from envhub.protocol import EnvContext, Reset
 from plumbing.sandbox import Sandbox, SandboxLimits
 from schemas.prompts import ChatMessage
@@ -35,14 +35,8 @@ def _problem(rng: random.Random) -> tuple[str, int]:
 
 
 def instances(split: Split, n: int, seed: int) -> list[dict[str, str]]:
-    """`n` distinct questions of `split`; the splits never share a question (split by its hash)."""
-    rng = random.Random(f"python:{seed}")
-    out: dict[str, dict[str, str]] = {}
-    while len(out) < n:
-        question, answer = _problem(rng)
-        if split_of(question) == split:
-            out.setdefault(question, {"question": question, "answer": str(answer)})
-    return list(out.values())
+    """`n` distinct problems of `split`; train and held-out never share a question."""
+    return hashed_split_instances("python", _problem, split, n, seed)
 
 
 class PythonEnv(ToolEnv):
