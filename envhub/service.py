@@ -8,7 +8,6 @@ from typing import Any
 
 from envhub.corpus_server import corpus_server
 from envhub.protocol import EnvContext
-
 from envhub.worker import EnvhubWorker
 from plumbing.config import Config
 from plumbing.stage import StageContext, serve_stage
