@@ -114,6 +114,7 @@ class ChaosRun:
             prompts_per_batch=args.prompts_per_batch,
             groups_per_step=args.groups_per_step,
             max_tokens=args.max_tokens,
+            min_tokens=args.min_tokens,
             max_policy_lag=args.max_policy_lag,
             group_timeout_s=args.group_timeout_s,
             seed=args.seed,
@@ -675,6 +676,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts-per-batch", type=int, default=8)
     p.add_argument("--groups-per-step", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=12)
+    p.add_argument(
+        "--min-tokens",
+        type=int,
+        default=0,
+        help="> 0: samples run this long (no answer grammar), so an engine kill lands mid-sample and is resumed",
+    )
     p.add_argument("--max-policy-lag", type=int, default=1)
     p.add_argument("--group-timeout-s", type=float, default=40.0)
     p.add_argument(

@@ -194,6 +194,10 @@ class StackSettings:
     prompts_per_batch: int = 8
     groups_per_step: int = 8
     max_tokens: int = 12
+    # > 0: every sample runs this long, past its answer, without the answer grammar (which
+    # allows only EOS once the answer is closed); chaos runs use it so an engine kill lands
+    # mid-sample and the redelivery resumes from the chunk log.
+    min_tokens: int = 0
     max_policy_lag: int = 1
     group_timeout_s: float = 40.0
     engine_max_in_flight: int = 8
@@ -551,6 +555,8 @@ class Feeder:
                     self.s.group_size,
                     seed=self.s.seed * 100_003 + self.batches,
                     max_tokens=self.s.max_tokens,
+                    min_tokens=self.s.min_tokens,
+                    **({"grammar": None} if self.s.min_tokens else {}),
                 )
                 while True:
                     try:

@@ -39,6 +39,7 @@ def arithmetic_requests(
     *,
     seed: int = 0,
     max_tokens: int = 32,
+    min_tokens: int = 0,
     temperature: float = 1.0,
     exclude: set[tuple[int, int]] = frozenset(),  # type: ignore[assignment]
     pairs: list[tuple[int, int]] | None = None,
@@ -59,7 +60,7 @@ def arithmetic_requests(
                 run_id=run_id,
                 messages=[ChatMessage("system", SYSTEM), ChatMessage("user", f"What is {a} + {b}?")],
                 group_size=group_size,
-                sampling=SamplingParams(temperature=temperature, max_tokens=max_tokens),
+                sampling=SamplingParams(temperature=temperature, max_tokens=max_tokens, min_tokens=min_tokens),
                 task=TASK,
                 grammar=grammar,
                 reference=str(a + b),
