@@ -12,7 +12,8 @@ back as an observation, never as an error), and then either
   `turn_index + 1`; or
 - publishes the Trajectory: the last turn's completion exactly as the engine signed
   it, once the environment says done, the turn limit is reached, or the next prompt
-  would not fit the model's context.
+  would not fit the model's context. The env hub signs the wrapper (its key under
+  `<state_dir>/keys/envhub`), so verifiers take its tool-use components as its own.
 
 Idempotent like every stage: a Redis ledger on the completion id, and the next
 request's id derived from it, so a redelivered turn continues its session once.
@@ -35,12 +36,12 @@ from envhub.registry import load_env
 from envhub.turns import TurnTemplate, extended_session, next_request_id
 from plumbing.config import Config
 from plumbing.consumer import ConsumerRunner, ConsumerStage
-from plumbing.custody import engine_keyring
+from plumbing.custody import engine_keyring, envhub_signer
 from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
 from plumbing.ledger import Ledger
 from plumbing.sessions import check_layout
-from plumbing.trust import Keyring, verify_completion
+from plumbing.trust import Keyring, Signer, verify_completion
 from schemas import Completion, PromptRequest, SamplingParams, ToolTrace, Trajectory
 from schemas.topics import COMPLETIONS, PROMPTS, TRAJECTORIES
 from schemas.trajectories import DoneReason
@@ -106,11 +107,14 @@ class EnvhubWorker(ConsumerStage):
     registry: CollectorRegistry
     ctx: EnvContext
     engine_keys: Keyring | None = None  # None: from the config (custody.require_engine_signatures)
+    signer: Signer | None = None  # None: the state dir's env hub key (made on first use)
     envs: dict[str, Environment] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.engine_keys is None and self.cfg.custody.require_engine_signatures:
             self.engine_keys = engine_keyring(self.cfg)
+        if self.signer is None:
+            self.signer = envhub_signer(self.cfg)
         self.template = TurnTemplate(self.tokenizer, self.cfg.envhub.tool_role)
         self.metrics = _Metrics(self.registry)
         self.ledger = Ledger(self.redis, ENVHUB_GROUP)
@@ -214,13 +218,16 @@ class EnvhubWorker(ConsumerStage):
         assert session is not None
         # `calls` may hold tool calls of the last step, which the signed completion (sampled
         # before them) cannot: the components count them, the verifier's trace shows the signed ones.
-        trajectory = Trajectory(
-            id=c.id,
-            run_id=c.run_id,
-            completion=c,
-            done_reason=reason,
-            turns=turns,
-            components={**trajectory_components(calls), **{f"env.{k}": v for k, v in sorted(env.items())}},
+        assert self.signer is not None  # __post_init__
+        trajectory = self.signer.sign(
+            Trajectory(
+                id=c.id,
+                run_id=c.run_id,
+                completion=c,
+                done_reason=reason,
+                turns=turns,
+                components={**trajectory_components(calls), **{f"env.{k}": v for k, v in sorted(env.items())}},
+            )
         )
         await self.publisher.publish(TRAJECTORIES.name, trajectory, key=c.group_id.encode())
         self.metrics.turns.labels(session.env, "finished").inc()

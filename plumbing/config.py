@@ -344,7 +344,9 @@ class CustodyConfig(_Section):
     require_engine_signatures: bool = True
     """Verifiers and learners refuse a completion without a valid engine signature (unsigned,
     unknown or retired key, bad signature): dead-lettered, counted by reason. Off: completions
-    are taken unsigned (a broker anyone may write to can then put its own tokens into training)."""
+    are taken unsigned (a broker anyone may write to can then put its own tokens into training).
+    The same switch covers the env hub's signature on rollout.trajectories (its tool-use
+    components go into rewards): verifiers refuse an unsigned or wrongly signed wrapper."""
     check_text_tokens: bool = True
     """Verifiers decode `token_ids` with the engine's tokenizer and refuse a completion whose
     text is not that decoding (dead letter `text_tokens_mismatch`), so what is scored is what is
@@ -482,6 +484,11 @@ class Config(BaseSettings):
     def engine_keys_dir(self) -> Path:
         """Where engine key pairs live (public keys are the verifiers' and learners' engine keyring)."""
         return self.keys_dir / "engine"
+
+    @property
+    def envhub_keys_dir(self) -> Path:
+        """Where env hub key pairs live (public keys are the verifiers' trajectory keyring)."""
+        return self.keys_dir / "envhub"
 
     @property
     def spill_dir(self) -> Path:

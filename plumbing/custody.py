@@ -1,10 +1,10 @@
 """Which keys a process signs with and trusts, from its Config (plumbing/trust.py does the crypto).
 
 Key distribution is by files under the state dir: verifier keys in `<state_dir>/keys`,
-engine keys in `<state_dir>/keys/engine`. Every process of a run shares that folder
-(one host, or a shared volume in deploy/), so a public key reaches its checkers by
-being written next to the private one; no network path, no Redis key an attacker with
-Redis access could add a key to. Checkers re-read the folder when they meet a key id
+engine keys in `<state_dir>/keys/engine`, env hub keys in `<state_dir>/keys/envhub`.
+Every process of a run shares that folder (one host, or a shared volume in deploy/), so
+a public key reaches its checkers by being written next to the private one; no network
+path, no Redis key an attacker with Redis access could add a key to. Checkers re-read the folder when they meet a key id
 they do not know, so a rotation needs no restart.
 """
 
@@ -43,6 +43,21 @@ def verifier_signer(cfg: Config) -> Signer:
     if generated:
         log.info("generated verifier key %s in %s (learners trust that folder)", signer.key_id, cfg.keys_dir)
     return signer
+
+
+def envhub_signer(cfg: Config) -> Signer:
+    """The env hub's key: the newest live key under keys/envhub (made on first use)."""
+    signer, generated = load_or_create_signer(cfg.envhub_keys_dir, "envhub")
+    if generated:
+        log.info("generated env hub key %s in %s (verifiers trust that folder)", signer.key_id, cfg.envhub_keys_dir)
+    return signer
+
+
+def envhub_keyring(cfg: Config) -> Keyring | None:
+    """The env hub keys verifiers trust for trajectories; None when custody.require_engine_signatures is off."""
+    if not cfg.custody.require_engine_signatures:
+        return None
+    return Keyring.from_dir(cfg.envhub_keys_dir)
 
 
 def engine_keyring(cfg: Config) -> Keyring | None:

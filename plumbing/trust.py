@@ -8,7 +8,12 @@ Two links of custody, one mechanism:
   (`<state_dir>/keys/engine/*.pub`);
 - a verifier signs every Reward (`canonical_bytes`: ids, prompt and token hashes,
   policy version, verifier id and version, components, scalar, status, trace, time);
-  learners check it against the verifier keyring (`<state_dir>/keys/*.pub`).
+  learners check it against the verifier keyring (`<state_dir>/keys/*.pub`);
+- between the two, for multi-turn sessions, the env hub signs every Trajectory
+  wrapper (`trajectory_bytes`: its ids, the engine signature of the completion it
+  wraps, done reason, turns, tool-use components, time); verifiers check it against
+  the env hub keyring (`<state_dir>/keys/envhub/*.pub`) before copying the components
+  into a reward.
 
 Each canonical encoding is msgpack of a fixed-order list that starts with its own
 domain tag, so a signature over one kind of message never verifies as the other. Any
@@ -38,12 +43,13 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from schemas import Completion, Reward
+from schemas import Completion, Reward, Trajectory
 
 _DOMAIN = "primerl-reward-v1"  # so a signature over another kind of message never verifies here
 _COMPLETION_DOMAIN = "primerl-completion-v1"
+_TRAJECTORY_DOMAIN = "primerl-trajectory-v1"
 
-Signed = TypeVar("Signed", Reward, Completion)
+Signed = TypeVar("Signed", Reward, Completion, Trajectory)
 
 
 class Rejected(ValueError):
@@ -134,10 +140,32 @@ def completion_bytes(c: Completion) -> bytes:
     )
 
 
-def _signed_fields(msg: Reward | Completion) -> tuple[str, bytes, bytes]:
-    """(key id, signature, signed bytes) of a reward or a completion."""
+def trajectory_bytes(t: Trajectory) -> bytes:
+    """The exact bytes the env hub signs for `t`: the wrapper's own fields, bound to the wrapped
+    completion by its id and engine signature (which covers the completion's every token)."""
+    return msgspec.msgpack.encode(
+        [
+            _TRAJECTORY_DOMAIN,
+            t.key_id,
+            t.id,
+            t.run_id,
+            t.completion.id,
+            t.completion.engine_key_id,
+            t.completion.engine_signature,
+            t.done_reason,
+            t.turns,
+            sorted(t.components.items()),
+            t.created_at,
+        ]
+    )
+
+
+def _signed_fields(msg: Reward | Completion | Trajectory) -> tuple[str, bytes, bytes]:
+    """(key id, signature, signed bytes) of a reward, a completion or a trajectory."""
     if isinstance(msg, Reward):
         return msg.key_id, msg.signature, canonical_bytes(msg)
+    if isinstance(msg, Trajectory):
+        return msg.key_id, msg.signature, trajectory_bytes(msg)
     return msg.engine_key_id, msg.engine_signature, completion_bytes(msg)
 
 
@@ -145,20 +173,23 @@ def _with_signature(msg: Signed, key_id: str, sign: Callable[[bytes], bytes]) ->
     if isinstance(msg, Reward):
         unsigned_r = msgspec.structs.replace(msg, key_id=key_id, signature=b"")
         return msgspec.structs.replace(unsigned_r, signature=sign(canonical_bytes(unsigned_r)))
+    if isinstance(msg, Trajectory):
+        unsigned_t = msgspec.structs.replace(msg, key_id=key_id, signature=b"")
+        return msgspec.structs.replace(unsigned_t, signature=sign(trajectory_bytes(unsigned_t)))
     unsigned_c = msgspec.structs.replace(msg, engine_key_id=key_id, engine_signature=b"")
     return msgspec.structs.replace(unsigned_c, engine_signature=sign(completion_bytes(unsigned_c)))
 
 
 class Signer:
-    """Signs rewards (verifiers) or completions (engines) with one private key."""
+    """Signs rewards (verifiers), completions (engines) or trajectories (env hubs) with one private key."""
 
     def __init__(self, key_id: str, private_key: Ed25519PrivateKey) -> None:
         self.key_id = key_id
         self._key = private_key
 
     def sign(self, msg: Signed) -> Signed:
-        """A copy of `msg` with this key's id and signature (a reward's key_id/signature, a
-        completion's engine_key_id/engine_signature)."""
+        """A copy of `msg` with this key's id and signature (a reward's or trajectory's
+        key_id/signature, a completion's engine_key_id/engine_signature)."""
         return _with_signature(msg, self.key_id, self._key.sign)
 
     @classmethod
@@ -364,7 +395,7 @@ class Keyring:
             entry = self._keys.get(key_id)
         return entry
 
-    def check_signature(self, msg: Reward | Completion) -> None:
+    def check_signature(self, msg: Reward | Completion | Trajectory) -> None:
         """Raise Rejected unless `msg` carries a valid signature of a live key of this ring.
 
         Reasons: unsigned, unknown_key, retired_key, bad_signature.
@@ -423,3 +454,13 @@ def verify_completion(completion: Completion, engine_keys: Keyring | None) -> No
     """
     if engine_keys is not None:
         engine_keys.check_signature(completion)
+
+
+def verify_trajectory(trajectory: Trajectory, envhub_keys: Keyring | None) -> None:
+    """A trajectory wrapper's env hub signature (None: custody off, nothing checked); the
+    wrapped completion's engine signature is `verify_completion`'s.
+
+    Raises Rejected with reason unsigned, unknown_key, retired_key or bad_signature.
+    """
+    if envhub_keys is not None:
+        envhub_keys.check_signature(trajectory)

@@ -246,23 +246,26 @@ def envhub(
     run(serve_envhub(cfg))
 
 
-Role = Annotated[str, typer.Option(help="engine (signs completions) or verifier (signs rewards)")]
+Role = Annotated[
+    str, typer.Option(help="engine (signs completions), verifier (signs rewards) or envhub (signs trajectories)")
+]
 
 
 def _keys_folder(role: str, out_dir: Path | None, config: Path | None, state_dir: Path | None) -> Path:
-    if role not in ("engine", "verifier"):
-        raise typer.BadParameter(f"role must be engine or verifier, not {role!r}")
+    if role not in ("engine", "verifier", "envhub"):
+        raise typer.BadParameter(f"role must be engine, verifier or envhub, not {role!r}")
     if out_dir is not None:
         return out_dir
     cfg = command_config(config, state_dir)
-    return cfg.engine_keys_dir if role == "engine" else cfg.keys_dir
+    return {"engine": cfg.engine_keys_dir, "envhub": cfg.envhub_keys_dir}.get(role, cfg.keys_dir)
 
 
 @keys_app.command("generate")
 def keys_generate(
     role: Role = "verifier",
     out_dir: Annotated[
-        Optional[Path], typer.Option(help="folder (default: <state-dir>/keys, engine keys in <state-dir>/keys/engine)")
+        Optional[Path],
+        typer.Option(help="folder (default: <state-dir>/keys; engine and envhub keys in <state-dir>/keys/<role>)"),
     ] = None,
     key_id: Annotated[Optional[str], typer.Option(help="key id (default: <role>-<date>-<random>)")] = None,
     config: ConfigOpt = None,

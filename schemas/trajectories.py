@@ -17,6 +17,11 @@ class Trajectory(Message, kw_only=True):
     earlier turn's output and tool response) and its `session` their layout, so the
     engine's signature covers every token a learner trains on. `id` is the last
     turn's completion id: a session finished twice (a redelivery) is one trajectory.
+
+    The env hub signs the wrapper (`key_id`, `signature`: plumbing/trust.py's
+    `trajectory_bytes`, which binds the completion's engine signature too), so the
+    tool-use components a verifier copies into the reward are the env hub's, not a
+    broker writer's.
     """
 
     completion: Completion
@@ -25,3 +30,5 @@ class Trajectory(Message, kw_only=True):
     # What the environment reports besides the final answer (tool use); the verifier
     # puts them into the reward's components.
     components: dict[str, float] = {}
+    key_id: str = ""
+    signature: bytes = b""

@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import msgspec
 
+from plumbing.config import Config
+from plumbing.custody import envhub_signer
 from schemas import Completion, Trajectory
 from schemas.sessions import Segment, Session, ToolTrace
 
@@ -47,10 +49,11 @@ def with_session(
     )
 
 
-def trajectory_of(c: Completion, components: dict[str, float] | None = None) -> Trajectory:
-    """The env hub's Trajectory of a finished session whose last turn is `c` (signed or not)."""
+def trajectory_of(c: Completion, cfg: Config | None, components: dict[str, float] | None = None) -> Trajectory:
+    """The env hub's Trajectory of a finished session whose last turn is `c` (signed or not),
+    signed with `cfg`'s env hub key as the env hub signs it (None: an unsigned wrapper)."""
     assert c.session is not None
-    return Trajectory(
+    t = Trajectory(
         id=c.id,
         run_id=c.run_id,
         completion=c,
@@ -58,6 +61,7 @@ def trajectory_of(c: Completion, components: dict[str, float] | None = None) -> 
         turns=c.turn_index + 1,
         components=components or {},
     )
+    return envhub_signer(cfg).sign(t) if cfg is not None else t
 
 
 BROWSER_CALLS = [

@@ -23,10 +23,13 @@ from plumbing.trust import (
     newest_live_key,
     retire_key,
     rotate_keys,
+    trajectory_bytes,
     verify_completion,
+    verify_trajectory,
 )
-from schemas import Grammar, GrammarKind, Reward, RewardStatus, decode, encode
+from schemas import Grammar, GrammarKind, Reward, RewardStatus, Trajectory, decode, encode
 from tests.reward_helpers import make_completion
+from tests.session_helpers import Turn, with_session
 
 
 @pytest.fixture
@@ -135,6 +138,43 @@ def test_reward_and_completion_signatures_never_verify_as_each_other(engine_keys
     assert canonical_bytes(r) != completion_bytes(c)
 
 
+def _trajectory(engine: Signer) -> Trajectory:
+    c = engine.sign(with_session(make_completion("<answer>42</answer>"), [Turn([10], [-0.5], 0, [50, 51])]))
+    return Trajectory(
+        run_id=c.run_id, id=c.id, completion=c, done_reason="env_done", turns=2, components={"calls": 1.0}
+    )
+
+
+def test_a_trajectory_wrapper_is_signed_by_the_env_hub_and_bound_to_its_completion(engine_keys, tmp_path) -> None:
+    engine, engine_ring = engine_keys
+    priv, _ = generate_keypair(tmp_path / "envhub", "envhub-a", role="envhub")
+    hub, ring = Signer.from_file(priv), Keyring.from_dir(tmp_path / "envhub")
+    t = hub.sign(_trajectory(engine))
+    verify_trajectory(t, ring)
+    verify_trajectory(decode(encode(t), Trajectory), ring)
+    verify_trajectory(msgspec.structs.replace(t, signature=b""), None)  # custody off: nothing checked
+    other = engine.sign(msgspec.structs.replace(t.completion, id="req-0/9"))  # another genuine completion
+    for name, forged in {
+        "components": msgspec.structs.replace(t, components={"calls": 99.0}),
+        "done_reason": msgspec.structs.replace(t, done_reason="turn_limit"),
+        "turns": msgspec.structs.replace(t, turns=7),
+        "completion": msgspec.structs.replace(t, completion=other),  # the wrapper moved onto another session
+    }.items():
+        with pytest.raises(Rejected) as info:
+            verify_trajectory(forged, ring)
+        assert info.value.reason == "bad_signature", name
+    with pytest.raises(Rejected) as info:
+        verify_trajectory(msgspec.structs.replace(t, signature=b""), ring)
+    assert info.value.reason == "unsigned"
+    with pytest.raises(Rejected):  # an engine key is no env hub key
+        verify_trajectory(engine.sign(_trajectory(engine)), ring)
+    with pytest.raises(Rejected):  # nor does a wrapper's signature verify as the completion's
+        engine_ring.check_signature(
+            msgspec.structs.replace(t.completion, engine_key_id=t.key_id, engine_signature=t.signature)
+        )
+    assert trajectory_bytes(t) != completion_bytes(t.completion)
+
+
 def test_rotation_and_retirement_through_the_key_folder(tmp_path: Path) -> None:
     old_priv, _ = generate_keypair(tmp_path, "engine-old", role="engine")
     ring = Keyring.from_dir(tmp_path, refresh_s=0.0)
@@ -184,14 +224,18 @@ def test_the_scored_text_is_the_tokens_decoded(tokenizer) -> None:
         assert info.value.reason == "text_tokens_mismatch"
 
 
-def test_keys_cli_generates_lists_rotates_and_retires_both_roles(tmp_path: Path) -> None:
+def test_keys_cli_generates_lists_rotates_and_retires_every_role(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
     from primerl.cli import app
 
     cli = CliRunner()
     state = ["--state-dir", str(tmp_path)]
-    for role, folder in (("engine", tmp_path / "keys" / "engine"), ("verifier", tmp_path / "keys")):
+    for role, folder in (
+        ("engine", tmp_path / "keys" / "engine"),
+        ("envhub", tmp_path / "keys" / "envhub"),
+        ("verifier", tmp_path / "keys"),
+    ):
         out = cli.invoke(app, ["keys", "generate", "--role", role, "--key-id", f"{role}-one", *state])
         assert out.exit_code == 0, out.output
         out = cli.invoke(app, ["keys", "rotate", "--role", role, "--grace-s", "0", *state])

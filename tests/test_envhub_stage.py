@@ -18,10 +18,12 @@ from envhub.protocol import EnvContext, StepResult
 from envhub.turns import TurnTemplate, next_request_id
 from envhub.worker import EnvhubWorker
 from plumbing.config import Config
+from plumbing.custody import envhub_keyring
 from plumbing.kafka import Publisher, consumer_kwargs
 from plumbing.model_store import resolve_model
 from plumbing.redis_client import connect_redis
 from plumbing.sessions import check_layout
+from plumbing.trust import Rejected, verify_trajectory
 from schemas import Completion, Message, PromptRequest, SamplingParams, Session, ToolTrace, Topic, Trajectory, decode
 from tests.kafka_helpers import dead_letters_matching, make_topic
 from tests.reward_helpers import engine_signed, make_completion
@@ -221,6 +223,11 @@ async def test_a_turn_becomes_the_next_request_built_from_tokens_and_then_a_traj
         "ok.calculator": 1.0,
         "env.answered": 1.0,  # the environment's own components, summed over the steps
     }
+    verify_trajectory(traj, envhub_keyring(cfg))  # signed by the env hub, as the verifier checks it
+    with pytest.raises(Rejected):
+        verify_trajectory(
+            msgspec.structs.replace(traj, components={**traj.components, "tool_calls": 9.0}), envhub_keyring(cfg)
+        )
     assert [(s, i) for s, i, _ in env.seen] == [("s0", 0), ("s1", 1)]  # the redelivery was not stepped again
 
 

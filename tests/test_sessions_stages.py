@@ -118,14 +118,21 @@ async def test_the_verifier_scores_a_finished_session_once_with_its_tool_use_and
         _bad_layout(with_session(_last_turn(run_id, f"{run_id}-z", 0, "x", tokenizer), EARLIER)), cfg
     )
     components = {"calls": 2.0, "call_errors": 1.0, "nan": math.nan}
+    # The wrapper's own forgeries, around a genuine engine-signed session: components inflated
+    # after the env hub signed, and no env hub signature at all.
+    wrapped = _session(cfg, run_id, f"{run_id}-w", 0, "<answer>42</answer>", tokenizer)
+    inflated = msgspec.structs.replace(trajectory_of(wrapped, cfg, components), components={"calls": 99.0})
+    unsigned = trajectory_of(_session(cfg, run_id, f"{run_id}-u", 0, "<answer>42</answer>", tokenizer), None)
     async with RewardsReader(cfg, run_id) as reader, Publisher(cfg) as pub:
         await pub.publish(COMPLETIONS.name, turn, key=turn.group_id.encode())  # a turn: never scored
         await pub.publish(COMPLETIONS.name, good, key=good.group_id.encode())  # the last turn, as a turn: neither
+        for t in (inflated, unsigned):
+            await pub.publish(TRAJECTORIES.name, t, key=t.completion.group_id.encode())
         for c in (tool_tampered, layout_tampered, layout_signed, good, good):  # `good` twice: a redelivery
-            await pub.publish(TRAJECTORIES.name, trajectory_of(c, components), key=c.group_id.encode())
+            await pub.publish(TRAJECTORIES.name, trajectory_of(c, cfg, components), key=c.group_id.encode())
         [reward] = await reader.wait_for(1, timeout_s=60)
         letters = await dead_letters_matching(
-            cfg, lambda d: d.stage == "verifier" and run_id.encode() in d.payload, 3, timeout_s=60
+            cfg, lambda d: d.stage == "verifier" and run_id.encode() in d.payload, 5, timeout_s=60
         )
         await asyncio.sleep(2)  # a second reward would be here by now
     assert len(reader.rewards) == 1
@@ -143,14 +150,17 @@ async def test_the_verifier_scores_a_finished_session_once_with_its_tool_use_and
         ("http://example.test/b", 404, False, 0, 3.0),
     ]
     assert calls[1]["error"] == "HTTP 404" and "tool_calls_dropped" not in reward.trace
-    assert {d.error.split(":")[0] for d in letters} == {"bad_signature", "session_layout"}
-    assert sorted(d.source_topic for d in letters) == [TRAJECTORIES.name] * 3
-    await _no_more_letters(cfg, lambda d: d.stage == "verifier" and run_id.encode() in d.payload, 3)
+    assert {d.error.split(":")[0] for d in letters} == {"bad_signature", "session_layout", "unsigned"}
+    assert sum("trajectory " in d.error for d in letters) == 2  # the two wrappers, refused for the wrapper
+    assert sorted(d.source_topic for d in letters) == [TRAJECTORIES.name] * 5
+    await _no_more_letters(cfg, lambda d: d.stage == "verifier" and run_id.encode() in d.payload, 5)
     sample = worker.registry.get_sample_value
     # At least: group `verifier` also reads the session records other tests of the session wrote
     # (the per-run checks above are the exact ones).
     assert (sample("primerl_verifier_session_turns_skipped_total") or 0) >= 2
     assert (sample("primerl_verifier_trajectories_total", {"done_reason": "env_done"}) or 0) >= 1
+    for reason in ("trajectory_bad_signature", "trajectory_unsigned"):
+        assert (sample("primerl_verifier_completions_rejected_total", {"reason": reason}) or 0) == 1, reason
 
 
 def test_the_tool_calls_trace_is_capped_at_whole_calls() -> None:
@@ -182,7 +192,7 @@ async def test_garbage_and_oversized_records_on_rollout_trajectories_are_dead_le
             await pub.publish_raw(source, huge, key=b"big")
             await pub.publish_raw(source, b"\xde\xad " + run_id.encode(), key=b"k")
             await pub.publish_raw(source, not_a_trajectory, key=b"k")
-            await pub.publish(source, trajectory_of(good), key=good.group_id.encode())
+            await pub.publish(source, trajectory_of(good, cfg), key=good.group_id.encode())
             [reward] = await reader.wait_for(1, timeout_s=60)
             assert reward.completion_id == good.id and not task.done()
         finally:
@@ -224,9 +234,9 @@ async def test_the_learner_trains_on_trajectories_not_on_session_turns(cfg: Conf
         for c in [turn0, *sessions]:  # the engine publishes every turn, the last one included
             await pub.publish(COMPLETIONS.name, c, key=c.group_id.encode())
         await pub.publish(REWARDS.name, reward_for(turn0, signer), key=group.encode())
-        await pub.publish(TRAJECTORIES.name, trajectory_of(mislaid), key=mislaid.group_id.encode())
+        await pub.publish(TRAJECTORIES.name, trajectory_of(mislaid, cfg), key=mislaid.group_id.encode())
         for c, scalar in zip(sessions, [1.0, 0.0], strict=True):
-            await pub.publish(TRAJECTORIES.name, trajectory_of(c), key=group.encode())
+            await pub.publish(TRAJECTORIES.name, trajectory_of(c, cfg), key=group.encode())
             await pub.publish(REWARDS.name, reward_for(c, signer, scalar), key=group.encode())
         learner = LearnerWorker(
             cfg,

@@ -23,7 +23,8 @@ class VerifierMetrics:
         self.signed = Counter("primerl_verifier_signed", "Rewards signed", registry=registry)
         self.rejected = Counter(
             "primerl_verifier_completions_rejected",
-            "Completions refused (dead-lettered) for custody: engine signature, text/token mismatch",
+            "Completions refused (dead-lettered) for custody: engine signature, text/token mismatch, "
+            "a trajectory wrapper's env hub signature (reasons trajectory_*)",
             ["reason"],
             registry=registry,
         )

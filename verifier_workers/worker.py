@@ -4,8 +4,9 @@ Consumer group `verifier`, one runner for both input topics, each decoded as its
 type (a second member of the group would make every start a rebalance, and records
 finished across a rebalance are redelivered). Multi-turn sessions (issue 23) are scored
 once, finished: a completion with `session` set on rollout.completions is a turn for the
-env hub and is skipped (counted); a Trajectory's completion (engine signature, then the
-layout check of plumbing/sessions.py) is scored on its final answer, and its reward adds
+env hub and is skipped (counted); a Trajectory (the env hub's signature on the wrapper,
+then its completion's engine signature and the layout check of plumbing/sessions.py) is
+scored on its final answer, and its reward adds
 the session's tool use: the env's components under `tool.<name>`, `turns` (the model
 turns the signed layout holds), and the signed tool calls as JSON under trace
 `tool_calls`. That reward binds the last turn's completion exactly as a single turn's does.
@@ -34,12 +35,12 @@ from redis.asyncio import Redis
 
 from plumbing.config import Config
 from plumbing.consumer import ConsumerRunner, ConsumerStage
-from plumbing.custody import decoded_text, engine_keyring, engine_tokenizer
+from plumbing.custody import decoded_text, engine_keyring, engine_tokenizer, envhub_keyring
 from plumbing.dead_letters import DeadLetters
 from plumbing.kafka import Publisher
 from plumbing.ledger import Ledger
 from plumbing.sessions import check_layout
-from plumbing.trust import Keyring, Rejected, Signer, prompt_hash, token_hash, verify_completion
+from plumbing.trust import Keyring, Rejected, Signer, prompt_hash, token_hash, verify_completion, verify_trajectory
 from schemas import Completion, Reward, Trajectory
 from schemas.sessions import ToolTrace
 from schemas.topics import COMPLETIONS, REWARDS, TRAJECTORIES
@@ -50,7 +51,9 @@ log = logging.getLogger(__name__)
 
 VERIFIER_GROUP = "verifier"
 TOOL_CALLS_MAX_BYTES = 8192  # trace["tool_calls"]: calls past this are counted in trace["tool_calls_dropped"]
-_TOOL_COMPONENTS_MAX = 32  # tool-use components taken from one (unsigned) trajectory wrapper
+# Tool-use components taken from one trajectory wrapper: signed by the env hub, and bounded
+# all the same (custody can be off, and an env's report is not the reward's to grow).
+_TOOL_COMPONENTS_MAX = 32
 _FIELD_MAX = 256  # characters kept of a call's url or error
 
 
@@ -80,7 +83,7 @@ def tool_calls_trace(calls: list[ToolTrace]) -> dict[str, str]:
 
 def session_components(t: Trajectory) -> dict[str, float]:
     """The session's reward components besides the answer's: the env's tool-use ones as
-    `tool.<name>` (finite values only, at most _TOOL_COMPONENTS_MAX: the wrapper is unsigned),
+    `tool.<name>` (finite values only, at most _TOOL_COMPONENTS_MAX),
     and `turns`, counted from the signed layout (model segments + the last turn) rather than
     taken from the wrapper's `turns`."""
     s = t.completion.session
@@ -106,6 +109,7 @@ class VerifierWorker(ConsumerStage):
     redis: Redis
     registry: CollectorRegistry
     engine_keys: Keyring | None = None  # None: from the config (custody.require_engine_signatures)
+    envhub_keys: Keyring | None = None  # likewise, for the trajectories' env hub signatures
     tokenizer: Any = None  # None: the engine's, when custody.check_text_tokens
 
     def __post_init__(self) -> None:
@@ -113,6 +117,8 @@ class VerifierWorker(ConsumerStage):
         custody = self.cfg.custody
         if self.engine_keys is None and custody.require_engine_signatures:
             self.engine_keys = engine_keyring(self.cfg)
+        if self.envhub_keys is None and custody.require_engine_signatures:
+            self.envhub_keys = envhub_keyring(self.cfg)
         if self.tokenizer is None and custody.check_text_tokens:
             self.tokenizer = engine_tokenizer(self.cfg)
         self.metrics = VerifierMetrics(self.registry)
@@ -151,6 +157,11 @@ class VerifierWorker(ConsumerStage):
 
     async def handle_trajectory(self, trajectory: Trajectory) -> None:
         """One reward for a finished session, bound to its last turn's completion (see the module doc)."""
+        try:
+            verify_trajectory(trajectory, self.envhub_keys)
+        except Rejected as err:
+            self.metrics.rejected.labels(f"trajectory_{err.reason}").inc()
+            raise
         completion = self._checked(trajectory.completion, session=True)
         async with self.ledger.claim(completion.id) as fresh:
             if not fresh:

@@ -154,7 +154,7 @@ async def test_verifier_survives_a_storm_on_rollout_trajectories(
                 request_id=f"{run_id}-good",
             )
             good = as_engine(with_session(last, [Turn([10], [-0.5], 0, [50, 51])], BROWSER_CALLS), cfg)
-            await pub.publish(source, trajectory_of(good), key=good.group_id.encode())
+            await pub.publish(source, trajectory_of(good, cfg), key=good.group_id.encode())
             await wait_until(lambda: any(r.completion_id == good.id for r in rewards), 60, "the good session rewarded")
             assert next(r for r in rewards if r.completion_id == good.id).scalar == 1.0
             assert not task.done(), "the verifier exited"
