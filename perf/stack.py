@@ -34,7 +34,7 @@ from plumbing.config import Config, load_config
 from plumbing.kafka import Publisher, create_topics
 from plumbing.local_servers import ServerProcess, start_broker, start_redis
 from plumbing.security import server_env
-from producers.arithmetic import arithmetic_requests
+from producers.arithmetic import ANSWER_GRAMMAR, arithmetic_requests
 from schemas import Completion, DeadLetter, PolicyUpdate, PromptRequest, Reward, decode
 from schemas.completions import completion_id
 from schemas.topics import COMPLETIONS, DLQ, POLICY, PROMPTS, REWARDS, ROUTED, TOPICS
@@ -556,7 +556,7 @@ class Feeder:
                     seed=self.s.seed * 100_003 + self.batches,
                     max_tokens=self.s.max_tokens,
                     min_tokens=self.s.min_tokens,
-                    **({"grammar": None} if self.s.min_tokens else {}),
+                    grammar=None if self.s.min_tokens else ANSWER_GRAMMAR,
                 )
                 while True:
                     try:
