@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import psutil
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram as PromHistogram
@@ -71,7 +72,7 @@ from tqdm import tqdm
 
 from perf.common import ARTIFACTS, percentile, write_csv
 from perf.scrape import scrape, write_scrape
-from perf.stack import Stack, StackSettings, Stage
+from perf.stack import Stack, StackSettings, Stage, process_tree
 from perf.workload import ROOT, Shape, Workload, engine_command, pinned, wait_workers
 from plumbing.config import MetricsConfig
 from plumbing.redis_client import connect_redis
@@ -287,6 +288,50 @@ def acceptance(before: tuple[float, float], after: tuple[float, float]) -> float
     return (after[1] - before[1]) / drafted if drafted > 0 else float("nan")
 
 
+class CpuRow(msgspec.Struct):
+    """CPU seconds one process tree used during one cell (perf_cpu.csv): where the cores went."""
+
+    stack: str
+    context: int
+    repeat: int
+    process: str
+    wall_s: float
+    cpu_s: float
+    core_share: float  # cpu_s over wall_s x the cores the bench runs on
+
+
+def cpu_seconds(pids: dict[str, tuple[int, bool]]) -> dict[str, float]:
+    """User + system CPU seconds so far of each named process, with its descendants where the
+    flag says so (an engine's engine core; not the bench's own children, counted by name)."""
+    out: dict[str, float] = {}
+    for name, (pid, tree) in pids.items():
+        total = 0.0
+        procs = process_tree(pid) if tree else [psutil.Process(pid)]
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass  # gone meanwhile: its time is lost to both snapshots alike
+        out[name] = total
+    return out
+
+
+def cpu_rows(cell: Cell, before: dict[str, float], after: dict[str, float], wall_s: float, cores: int) -> list[CpuRow]:
+    return [
+        CpuRow(
+            cell.stack,
+            cell.context,
+            cell.repeat,
+            name,
+            wall_s,
+            after[name] - before.get(name, 0.0),
+            (after[name] - before.get(name, 0.0)) / (wall_s * cores),
+        )  # fmt: skip
+        for name in sorted(after)
+    ]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -421,6 +466,15 @@ class PipelineSet:
     def targets(self) -> dict[str, str]:
         return {f"{self.name}-{n}": f"http://127.0.0.1:{p}/metrics" for n, p in self.ports.items()}
 
+    def pids(self) -> dict[str, tuple[int, bool]]:
+        """This set's process trees by name (`baseline-engine-0`, `prime-broker`, ...), for the CPU accounting."""
+        out = {f"{self.name}-{n}": (st.proc.pid, True) for n, st in self.stages.items() if st.proc is not None}
+        if self.stack is not None:
+            for n, server in (("broker", self.stack.broker), ("redis", self.stack.redis)):
+                if server is not None:
+                    out[f"{self.name}-{n}"] = (server.pid, True)
+        return out
+
     async def spec_counters(self) -> tuple[float, float]:
         """Draft tokens (drafted, accepted) summed over this set's engines."""
         if not self.spec.speculation:
@@ -553,13 +607,24 @@ def shape_for(args: argparse.Namespace, context: int) -> Shape:
     )
 
 
-async def run_cell(cell: Cell, args: argparse.Namespace, metrics: BenchMetrics, target: Any) -> Row:
-    """One cell on `target` (a PipelineSet or RawEngines)."""
+async def run_cell(
+    cell: Cell,
+    args: argparse.Namespace,
+    metrics: BenchMetrics,
+    target: Any,
+    pids: dict[str, tuple[int, bool]] | None = None,
+    cpu: list[CpuRow] | None = None,
+) -> Row:
+    """One cell on `target` (a PipelineSet or RawEngines); with `pids`, the CPU each of those
+    process trees used during the cell goes into `cpu`."""
     await asyncio.sleep(args.pause_s)  # the idle engines' busy-polling readers go quiet first
     shape = shape_for(args, cell.context)
     cr = CellRun(cell, shape, metrics, args.request_timeout_s)
     before = await target.spec_counters() if isinstance(target, PipelineSet) else target.spec_counters()
+    cpu_before, t_start = cpu_seconds(pids or {}), time.monotonic()
     await Workload(shape, f"{cell.stack}-{cell.context}-{cell.repeat}", cell.seed).run(lambda r: target.send(r, cr))
+    if pids and cpu is not None:
+        cpu += cpu_rows(cell, cpu_before, cpu_seconds(pids), time.monotonic() - t_start, len(os.sched_getaffinity(0)))
     await asyncio.sleep(0.5)  # the engines' metrics / stats files catch up
     after = await target.spec_counters() if isinstance(target, PipelineSet) else target.spec_counters()
     cr.bar.close()
@@ -595,6 +660,7 @@ async def bench(args: argparse.Namespace) -> list[Row]:
     bench_port = serve_metrics(MetricsConfig(port=0), metrics.registry)
     cells = cell_order(args.contexts, args.repeats, raw=not args.no_raw, seed=args.seed)
     rows: list[Row] = []
+    cpu: list[CpuRow] = []
     t0 = time.time()
     print(f"{len(cells)} cells; logs under {work}", flush=True)
     if not args.no_raw:
@@ -604,7 +670,7 @@ async def bench(args: argparse.Namespace) -> list[Row]:
         try:
             await warm_up(args, metrics, raw, "raw")
             for cell in [c for c in cells if c.stack == "raw"]:
-                rows.append(await run_cell(cell, args, metrics, raw))
+                rows.append(await run_cell(cell, args, metrics, raw, {"raw-engines": (os.getpid(), True)}, cpu))
         finally:
             raw.shutdown()
     sets = {name: PipelineSet(name, STACKS[name], work / name, args) for name in PIPELINE}
@@ -615,8 +681,11 @@ async def bench(args: argparse.Namespace) -> list[Row]:
         for s in sets.values():
             await s.ready()
             await warm_up(args, metrics, s, s.name)
+        # Every process of both sets and this one (observer, publisher): where the cores go
+        # while a pipeline cell runs, against the raw cells' engines in this process.
+        pids = {"bench": (os.getpid(), False), **{k: v for s in sets.values() for k, v in s.pids().items()}}
         for cell in tqdm([c for c in cells if c.stack != "raw"], desc="cells"):
-            rows.append(await run_cell(cell, args, metrics, sets[cell.stack]))
+            rows.append(await run_cell(cell, args, metrics, sets[cell.stack], pids, cpu))
         targets = {n: u for s in sets.values() for n, u in s.targets().items()}
         targets["bench"] = f"http://127.0.0.1:{bench_port}/metrics"
         metrics_path = write_scrape(out / f"{prefix}metrics.txt", await scrape(targets))
@@ -625,6 +694,9 @@ async def bench(args: argparse.Namespace) -> list[Row]:
             await s.stop()
     csv_path = out / f"{prefix}perf_results.csv"
     write_csv(csv_path, rows)
+    if cpu:
+        write_csv(out / f"{prefix}perf_cpu.csv", cpu)
+        print(f"\nCPU share of the cores during the cells (mean over cells):\n{cpu_table(cpu)}")
     rs = ratios(rows)
     plot(rows, rs, out / f"{prefix}perf_matrix.png", args)
     print(f"\nper cell ({(time.time() - t0) / 60:.1f} min):\n{table(rows)}")
@@ -635,6 +707,15 @@ async def bench(args: argparse.Namespace) -> list[Row]:
             print(f"targets at {r.context}: " + ("all met" if not missed else "missed " + ", ".join(missed)))
     print(f"wrote {csv_path}, {out / f'{prefix}perf_matrix.png'}, {metrics_path}")
     return rows
+
+
+def cpu_table(cpu: Sequence[CpuRow]) -> str:
+    """Mean core share per (stack of the cell, process), the busiest first within a stack."""
+    by: dict[tuple[str, str], list[float]] = {}
+    for r in cpu:
+        by.setdefault((r.stack, r.process), []).append(r.core_share)
+    means = sorted(((st, p, sum(v) / len(v)) for (st, p), v in by.items()), key=lambda t: (t[0], -t[2]))
+    return "\n".join(f"  {st:>8} cell: {p:<22} {m:6.1%}" for st, p, m in means if m >= 0.005)
 
 
 def plot(rows: Sequence[Row], rs: Sequence[Ratios], path: Path, args: argparse.Namespace) -> None:

@@ -19,6 +19,9 @@ from perf.bench_matrix import (
     Sample,
     acceptance,
     cell_order,
+    cpu_rows,
+    cpu_seconds,
+    cpu_table,
     meets,
     parser,
     ratios,
@@ -190,3 +193,31 @@ def test_scrape_merges_processes_under_one_family_with_a_process_label() -> None
     [fam] = [f for f in text_string_to_metric_families(text) if f.name == "primerl_demo_things"]
     totals = {s.labels["process"]: s.value for s in fam.samples if s.name.endswith("_total")}
     assert totals == {"p0": 3.0, "p1": 5.0}
+
+
+def test_cpu_accounting_counts_a_process_tree_or_the_process_alone() -> None:
+    import os
+    import subprocess
+    import sys
+
+    # A child that burns CPU, then waits to be measured: counted in the tree, not alone.
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+            "print(1, flush=True)\ntime.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"1"
+        t = cpu_seconds({"tree": (os.getpid(), True), "alone": (os.getpid(), False)})
+        assert t["tree"] - t["alone"] >= 0.3
+    finally:
+        child.kill()
+        child.wait()
+    cell = Cell("prime", 2048, 0, 1)
+    rows = cpu_rows(cell, {"a": 1.0, "b": 0.0}, {"a": 3.0, "b": 0.5}, wall_s=2.0, cores=2)
+    assert [(r.process, r.cpu_s, r.core_share) for r in rows] == [("a", 2.0, 0.5), ("b", 0.5, 0.125)]
+    assert "50.0%" in cpu_table(rows) and "12.5%" in cpu_table(rows)
