@@ -224,6 +224,27 @@ def test_the_scored_text_is_the_tokens_decoded(tokenizer) -> None:
         assert info.value.reason == "text_tokens_mismatch"
 
 
+def test_a_sample_cut_off_inside_a_character_is_not_a_mismatch(tokenizer) -> None:
+    """The text vLLM streams (tokenizers' DecodeStream, as its fast incremental detokenizer) for
+    a sample cut by max_tokens inside an emoji lacks the partial character; that is accepted, and
+    anything more than that partial character still is not."""
+    from tokenizers.decoders import DecodeStream
+
+    ids = tokenizer.encode("A rocket \U0001f680 flies", add_special_tokens=False)
+    cuts = []
+    for n in range(1, len(ids) + 1):
+        stream = DecodeStream(skip_special_tokens=True)
+        text = "".join(filter(None, (stream.step(tokenizer._tokenizer, i) for i in ids[:n])))
+        c = msgspec.structs.replace(make_completion(text), token_ids=ids[:n], finish_reason="length")
+        assert decoded_text(c, tokenizer).startswith(text)
+        if text != tokenizer.decode(ids[:n], skip_special_tokens=True):
+            cuts.append(c)
+    assert cuts, "no cut fell inside the emoji: the test no longer covers the held-back tail"
+    for c in cuts:  # a word dropped before the partial character is still refused
+        with pytest.raises(Rejected):
+            decoded_text(msgspec.structs.replace(c, text=c.text[: -len(" rocket")]), tokenizer)
+
+
 def test_keys_cli_generates_lists_rotates_and_retires_every_role(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
