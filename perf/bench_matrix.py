@@ -495,6 +495,9 @@ class PipelineSet:
             view = self.observer.requests.get(req.id)
             if view is not None and view.rewards and view.finals:
                 break
+            if view is not None and view.dead:  # no reward will come: fail now, not at the timeout
+                cell.fail(f"dead-lettered: {next(iter(view.dead.values()))[:300]}")
+                return ""
             if time.monotonic() > deadline:
                 cell.fail(f"no reward after {cell.timeout_s:.0f}s")
                 return ""

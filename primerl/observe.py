@@ -11,8 +11,8 @@ from aiokafka import AIOKafkaConsumer
 
 from plumbing.config import Config
 from plumbing.kafka import consumer_kwargs
-from schemas import Completion, CompletionChunk, DecodeError, Reward, decode
-from schemas.topics import CHUNKS, COMPLETIONS, REWARDS
+from schemas import Completion, CompletionChunk, DeadLetter, DecodeError, PromptRequest, Reward, decode
+from schemas.topics import CHUNKS, COMPLETIONS, DLQ, REWARDS
 
 
 @dataclass
@@ -25,17 +25,20 @@ class RequestView:
     final_at: float = 0.0
     rewards: dict[int, Reward] = field(default_factory=dict)  # by sample index (with_rewards only)
     reward_at: float = 0.0
+    dead: dict[int, str] = field(default_factory=dict)  # sample index (-1: the request) -> stage: error
 
 
 class RunObserver:
     """Consumes chunks and completions of one run (a private group, from the beginning);
-    also its rewards with `with_rewards` (what a client of the verified pipeline sees)."""
+    also its rewards with `with_rewards` (what a client of the verified pipeline sees), and
+    then the dead letters of its requests and completions too, so a client waiting on a reward
+    learns at once that none will come (the bench waited out a 600 s timeout on one, stop 26)."""
 
     def __init__(self, cfg: Config, run_id: str, with_rewards: bool = False) -> None:
         self.run_id = run_id
         self.requests: dict[str, RequestView] = {}
         self.duplicates = 0
-        topics = [CHUNKS.name, COMPLETIONS.name] + ([REWARDS.name] if with_rewards else [])
+        topics = [CHUNKS.name, COMPLETIONS.name] + ([REWARDS.name, DLQ.name] if with_rewards else [])
         self._consumer = AIOKafkaConsumer(*topics, **consumer_kwargs(cfg, f"observer-{run_id}-{uuid.uuid4().hex[:6]}"))
         self._task: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
@@ -88,6 +91,8 @@ class RunObserver:
                             index = int(reward.completion_id.rpartition("/")[2])
                             view.rewards.setdefault(index, reward)
                             view.reward_at = view.reward_at or now
+                        elif tp.topic == DLQ.name:
+                            self._dead_letter(decode(r.value, DeadLetter, list(r.headers)))
                         else:
                             final = decode(r.value, Completion, list(r.headers))
                             if final.run_id != self.run_id:
@@ -99,3 +104,20 @@ class RunObserver:
                             view.final_at = now
                     except DecodeError:
                         continue  # not ours to judge: the producing stage dead-letters its own garbage
+
+    def _dead_letter(self, letter: DeadLetter) -> None:
+        """Note a letter whose original is one of this run's completions or requests."""
+        why = f"{letter.stage}: {letter.error_type}: {letter.error}"
+        original = list(letter.headers)
+        for kind in (Completion, PromptRequest):
+            try:
+                msg = decode(letter.payload, kind, original)
+            except DecodeError:
+                continue
+            if msg.run_id != self.run_id:
+                return
+            if isinstance(msg, Completion):
+                self.requests.setdefault(msg.request_id, RequestView()).dead.setdefault(msg.sample_index, why)
+            else:
+                self.requests.setdefault(msg.id, RequestView()).dead.setdefault(-1, why)
+            return
