@@ -4,8 +4,8 @@ Key distribution is by files under the state dir: verifier keys in `<state_dir>/
 engine keys in `<state_dir>/keys/engine`, env hub keys in `<state_dir>/keys/envhub`.
 Every process of a run shares that folder (one host, or a shared volume in deploy/), so
 a public key reaches its checkers by being written next to the private one; no network
-path, no Redis key an attacker with Redis access could add a key to. Checkers re-read the folder when they meet a key id
-they do not know, so a rotation needs no restart.
+path, no Redis key an attacker with Redis access could add a key to. Checkers re-read
+the folder when they meet a key id they do not know, so a rotation needs no restart.
 """
 
 from __future__ import annotations
