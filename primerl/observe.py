@@ -32,7 +32,7 @@ class RunObserver:
     """Consumes chunks and completions of one run (a private group, from the beginning);
     also its rewards with `with_rewards` (what a client of the verified pipeline sees), and
     then the dead letters of its requests and completions too, so a client waiting on a reward
-    learns at once that none will come (the bench waited out a 600 s timeout on one, stop 26)."""
+    learns at once that none will come (the bench waited out a 600 s timeout on one in the levers run)."""
 
     def __init__(self, cfg: Config, run_id: str, with_rewards: bool = False) -> None:
         self.run_id = run_id

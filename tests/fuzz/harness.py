@@ -28,7 +28,7 @@ from tests.fuzz.payloads import Payload, malformed
 
 FUZZ_HEADER = "fuzz-id"
 # Per topic in the default suite; 500 (was 1,000) saved ~13 s per fuzz test, ~90 s of the suite,
-# which had grown past its 30-min budget (32.7 min, stop 27). `make fuzz` runs HEAVY_N.
+# which had grown past its 30-min budget (32.7 min). `make fuzz` runs HEAVY_N.
 DEFAULT_N = 500
 HEAVY_N = 10_000
 # Near-limit records per topic; 0 skips them (to look past the crash they cause until
