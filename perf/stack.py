@@ -31,12 +31,12 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from learners.outcome_log import read_outcomes
 from plumbing.config import Config, load_config
+from plumbing.dead_letters import dead_letter_sample_ids
 from plumbing.kafka import Publisher, create_topics
 from plumbing.local_servers import ServerProcess, start_broker, start_redis
 from plumbing.security import server_env
 from producers.arithmetic import ANSWER_GRAMMAR, arithmetic_requests
-from schemas import Completion, DeadLetter, PolicyUpdate, PromptRequest, Reward, decode
-from schemas.completions import completion_id
+from schemas import DeadLetter, PolicyUpdate, PromptRequest, Reward, decode
 from schemas.topics import COMPLETIONS, DLQ, POLICY, PROMPTS, REWARDS, ROUTED, TOPICS
 
 log = logging.getLogger(__name__)
@@ -467,26 +467,6 @@ class Observer:
         """Creation time of the first record on `topic` created after `t`."""
         times = [r.timestamp for r in self.records.get(topic, ()) if r.timestamp > t]
         return min(times) if times else None
-
-
-def dead_letter_sample_ids(letter: DeadLetter, run_id: str) -> list[str]:
-    """The sample (completion) ids of `run_id` a dead letter carries (none for other runs/topics)."""
-    topic = TOPICS.get(letter.source_topic)
-    if topic is None:
-        return []
-    try:
-        msg = decode(letter.payload, topic.message_type, list(letter.headers))
-    except Exception:  # noqa: BLE001 - garbage: no sample of ours
-        return []
-    if msg.run_id != run_id:
-        return []
-    if isinstance(msg, PromptRequest):
-        return [completion_id(msg.id, i) for i in range(msg.group_size)]
-    if isinstance(msg, Completion):
-        return [msg.id]
-    if isinstance(msg, Reward):
-        return [msg.completion_id]
-    return []
 
 
 def learner_consumed(path: Path) -> set[str]:

@@ -90,7 +90,7 @@ def _incomplete_char_tail(tail: str) -> bool:
     """A tail the engine's incremental detokenizer holds back: the bytes of a character the
     sample was cut off in (decoded here as U+FFFD), with the space before it. vLLM's
     DecodeStream emits nothing until a character is whole, so a sample cut by max_tokens
-    mid-emoji ends without it; one in ~180 bench completions at 2,048 tokens did)."""
+    mid-emoji ends without it; one in ~180 bench completions at 2,048 tokens did."""
     return "\ufffd" in tail and not tail.replace("\ufffd", "").strip()
 
 

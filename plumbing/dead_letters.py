@@ -28,8 +28,9 @@ from plumbing.config import Config, DeadLetterConfig
 from plumbing.failures import Backoff
 from plumbing.kafka import Publisher
 from plumbing.spill import spill
-from schemas import DeadLetter, encode
-from schemas.topics import DLQ
+from schemas import Completion, DeadLetter, PromptRequest, Reward, decode, encode
+from schemas.completions import completion_id
+from schemas.topics import DLQ, TOPICS
 
 log = logging.getLogger(__name__)
 
@@ -224,3 +225,23 @@ class DeadLetters:
 
 def _clip(text: str, limit: int = _ERROR_CHARS) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} chars)"
+
+
+def dead_letter_sample_ids(letter: DeadLetter, run_id: str) -> list[str]:
+    """The sample (completion) ids of `run_id` a dead letter carries (none for other runs/topics)."""
+    topic = TOPICS.get(letter.source_topic)
+    if topic is None:
+        return []
+    try:
+        msg = decode(letter.payload, topic.message_type, list(letter.headers))
+    except Exception:  # noqa: BLE001 - garbage: no sample of ours
+        return []
+    if msg.run_id != run_id:
+        return []
+    if isinstance(msg, PromptRequest):
+        return [completion_id(msg.id, i) for i in range(msg.group_size)]
+    if isinstance(msg, Completion):
+        return [msg.id]
+    if isinstance(msg, Reward):
+        return [msg.completion_id]
+    return []

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from aiokafka import AIOKafkaConsumer
 
 from plumbing.config import Config
+from plumbing.dead_letters import dead_letter_sample_ids
 from plumbing.kafka import consumer_kwargs
-from schemas import Completion, CompletionChunk, DeadLetter, DecodeError, PromptRequest, Reward, decode
+from schemas import Completion, CompletionChunk, DeadLetter, DecodeError, Reward, decode
 from schemas.topics import CHUNKS, COMPLETIONS, DLQ, REWARDS
 
 
@@ -25,7 +26,7 @@ class RequestView:
     final_at: float = 0.0
     rewards: dict[int, Reward] = field(default_factory=dict)  # by sample index (with_rewards only)
     reward_at: float = 0.0
-    dead: dict[int, str] = field(default_factory=dict)  # sample index (-1: the request) -> stage: error
+    dead: dict[int, str] = field(default_factory=dict)  # sample index -> stage: error_type: error
 
 
 class RunObserver:
@@ -106,18 +107,10 @@ class RunObserver:
                         continue  # not ours to judge: the producing stage dead-letters its own garbage
 
     def _dead_letter(self, letter: DeadLetter) -> None:
-        """Note a letter whose original is one of this run's completions or requests."""
+        """Note a letter whose original is one of this run's requests, completions or rewards."""
         why = f"{letter.stage}: {letter.error_type}: {letter.error}"
-        original = list(letter.headers)
-        for kind in (Completion, PromptRequest):
-            try:
-                msg = decode(letter.payload, kind, original)
-            except DecodeError:
+        for sample_id in dead_letter_sample_ids(letter, self.run_id):
+            request_id, _, index = sample_id.rpartition("/")
+            if not index.isdigit():  # a forged id; engines name samples <request id>/<index>
                 continue
-            if msg.run_id != self.run_id:
-                return
-            if isinstance(msg, Completion):
-                self.requests.setdefault(msg.request_id, RequestView()).dead.setdefault(msg.sample_index, why)
-            else:
-                self.requests.setdefault(msg.id, RequestView()).dead.setdefault(-1, why)
-            return
+            self.requests.setdefault(request_id, RequestView()).dead.setdefault(int(index), why)
