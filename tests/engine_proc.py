@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -79,6 +80,14 @@ class EngineProcess:
         if self.proc and self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
+
+    async def crash_and_restart(self) -> None:
+        """`kill`, then `start`, in a thread: start() waits minutes for vLLM, and blocking an
+        async test's loop that long starves its observer's heartbeat, so the observer rejoins
+        its group and lags by tens of seconds (in a CI run a second kill then landed after the
+        sample it was meant for had finished)."""
+        await asyncio.to_thread(self.kill)
+        await asyncio.to_thread(self.start)
 
     def stop(self) -> int | None:
         """SIGTERM and wait; returns the exit code."""

@@ -205,8 +205,7 @@ async def test_a_worker_killed_mid_batch_completes_every_request_exactly_once(en
     reqs = arithmetic_requests(run_id, 12, 2, max_tokens=32, seed=11)
     await _publish(cfg, reqs)
     await obs.wait_finals(4, timeout_s=300)  # mid-batch: some done, most not
-    await asyncio.to_thread(engine.kill)  # a thread: the observer keeps consuming meanwhile
-    await asyncio.to_thread(engine.start)
+    await engine.crash_and_restart()
     await obs.wait_finals(24, timeout_s=400)
     await asyncio.sleep(2)
     assert sorted(c.id for c in obs.finals()) == sorted(f"{r.id}/{i}" for r in reqs for i in range(2))

@@ -71,15 +71,10 @@ async def test_samples_killed_twice_resume_from_their_chunks_and_finish_once(eng
     )
     await _publish(cfg, [g, s])
     await _until(lambda: _streamed(obs, g, 0, 0) >= 24 and _streamed(obs, s, 0, 0) >= 24, 300, "no tokens streamed")
-    # In a thread: start() waits minutes for vLLM, and blocking the loop that long starves the
-    # observer's heartbeat, so it rejoins its group and lags by tens of seconds (a CI run: the
-    # second kill then landed after the sample had finished).
-    await asyncio.to_thread(engine.kill)
-    await asyncio.to_thread(engine.start)
+    await engine.crash_and_restart()
     # The second attempt re-publishes its prefix, then streams more: kill it mid-way too.
     await _until(lambda: _streamed(obs, s, 0, 1) >= _streamed(obs, s, 0, 0) + 16, 300, "no resumed tokens")
-    await asyncio.to_thread(engine.kill)
-    await asyncio.to_thread(engine.start)
+    await engine.crash_and_restart()
     await obs.wait_finals(4, timeout_s=400)
     await asyncio.sleep(2)  # a duplicate final would show up now
     assert obs.duplicates == 0
