@@ -32,7 +32,7 @@ from perf.bench_matrix import (
 from perf.common import write_csv
 from perf.scrape import scrape
 from perf.workload import Shape, Workload
-from schemas import GrammarKind, PromptRequest
+from schemas import ChatMessage, GrammarKind, PromptRequest
 
 RESEARCH_COLUMNS = "context,speculation,global_cache,tokens_per_s,ttfb_ms,p95_ms,cache_hit_rate".split(",")
 EXTRA_COLUMNS = "stack,repeat,requests,ttfb_p95_ms,load_max_over_mean,acceptance_rate".split(",")
@@ -221,3 +221,131 @@ def test_cpu_accounting_counts_a_process_tree_or_the_process_alone() -> None:
     rows = cpu_rows(cell, {"a": 1.0, "b": 0.0}, {"a": 3.0, "b": 0.5}, wall_s=2.0, cores=2)
     assert [(r.process, r.cpu_s, r.core_share) for r in rows] == [("a", 2.0, 0.5), ("b", 0.5, 0.125)]
     assert "50.0%" in cpu_table(rows) and "12.5%" in cpu_table(rows)
+
+
+class _View:
+    def __init__(self) -> None:
+        self.finals: dict[int, object] = {}
+        self.rewards: dict[int, object] = {}
+        self.dead: dict[int, str] = {}
+        self.first_chunk_at = self.final_at = self.reward_at = 0.0
+
+
+class _Final:
+    text, token_ids, prompt_tokens, cached_prompt_tokens, worker_id = "answer", [1, 2, 3], 10, 4, "w0"
+
+
+class _Observer:
+    def __init__(self) -> None:
+        self.requests: dict[str, _View] = {}
+
+
+class _Publisher:
+    def __init__(self, observer: _Observer) -> None:
+        self.observer = observer
+        self.sent: list[PromptRequest] = []
+
+    async def publish(self, topic: str, req: PromptRequest, key: bytes) -> None:
+        self.sent.append(req)
+        self.observer.requests[req.id] = _View()
+
+
+def _pipeline(turn_after: str) -> tuple[object, _Observer, _Publisher]:
+    from perf.bench_matrix import STACKS, PipelineSet
+
+    args = resolve(parser().parse_args(["--smoke", "--turn-after", turn_after]))
+    s = PipelineSet("prime", STACKS["prime"], Path("/nonexistent"), args)
+    observer = _Observer()
+    s.observer, s.publisher = observer, _Publisher(observer)
+    return s, observer, s.publisher
+
+
+@pytest.mark.parametrize("turn_after", ["completion", "reward"])
+def test_a_turn_returns_on_its_completion_and_its_sample_is_recorded_on_its_reward(turn_after: str) -> None:
+    from perf.bench_matrix import BenchMetrics, CellRun
+
+    async def go() -> None:
+        s, observer, publisher = _pipeline(turn_after)
+        cr = CellRun(Cell("prime", 512, 0, 0), Shape(512, sessions=1, turns=1, groups=0), BenchMetrics(), 30)
+        req = PromptRequest(run_id="x", messages=[ChatMessage("user", "p")], session_id="s", turn_index=2)
+        task = asyncio.ensure_future(s.send(req, cr))  # type: ignore[attr-defined]
+        while not publisher.sent:
+            await asyncio.sleep(0.01)
+        view = observer.requests[req.id]
+        view.finals[0], view.final_at, view.first_chunk_at = _Final(), 5.0, 4.0
+        await asyncio.sleep(0.2)
+        # On the completion the env hub's way; waiting for the reward the old way.
+        assert task.done() is (turn_after == "completion")
+        assert cr.samples == []  # no reward yet: nothing recorded
+        view.rewards[0], view.reward_at = object(), 6.0
+        assert await asyncio.wait_for(task, 5) == "answer"
+        await asyncio.wait_for(cr.settle(), 5)
+        assert [(x.first, x.final, x.done, x.kind, x.tokens) for x in cr.samples] == [(4.0, 5.0, 6.0, "turn 2", 3)]
+        cr.bar.close()
+
+    asyncio.run(go())
+
+
+def test_a_dead_letter_after_the_completion_fails_the_request_once_at_settle() -> None:
+    from perf.bench_matrix import BenchMetrics, CellRun
+
+    async def go() -> None:
+        s, observer, publisher = _pipeline("completion")
+        cr = CellRun(Cell("prime", 512, 0, 0), Shape(512, sessions=1, turns=1, groups=0), BenchMetrics(), 30)
+        req = PromptRequest(run_id="x", messages=[ChatMessage("user", "p")], group_id="g")
+        task = asyncio.ensure_future(s.send(req, cr))  # type: ignore[attr-defined]
+        while not publisher.sent:
+            await asyncio.sleep(0.01)
+        observer.requests[req.id].finals[0] = _Final()
+        assert await asyncio.wait_for(task, 5) == "answer"
+        observer.requests[req.id].dead[0] = "verifier: BadSignature: forged"
+        await asyncio.wait_for(cr.settle(), 5)
+        assert cr.failed == 1 and cr.samples == [] and not cr.pending
+        cr.bar.close()
+
+    asyncio.run(go())
+
+
+def test_request_rows_time_each_request_from_the_cells_start() -> None:
+    from perf.bench_matrix import request_rows
+
+    samples = [
+        Sample(sent=12.0, first=13.0, done=16.0, tokens=5, prompt_tokens=100, cached_tokens=90, worker="b",
+               final=15.0, kind="turn 1"),  # fmt: skip
+        Sample(sent=10.0, first=11.0, done=12.0, tokens=5, prompt_tokens=100, cached_tokens=0, worker="a",
+               kind="group"),  # fmt: skip
+    ]
+    rows = request_rows(Cell("raw", 2048, 1, 0), samples)
+    assert [(r.kind, r.sent_s, r.first_s, r.final_s, r.done_s) for r in rows] == [
+        ("group", 0.0, 1.0, 2.0, 2.0),  # raw: no separate completion time, the last token's
+        ("turn 1", 2.0, 3.0, 5.0, 6.0),
+    ]
+
+
+def test_renice_sets_every_process_of_the_set_and_its_children() -> None:
+    import subprocess
+    import sys
+
+    import psutil
+
+    from perf.bench_matrix import STACKS, PipelineSet
+
+    parent = subprocess.Popen([sys.executable, "-c", "import subprocess,sys,time\n"
+                               "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                               "print(1, flush=True)\ntime.sleep(60)"], stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert parent.stdout is not None and parent.stdout.readline().strip() == b"1"
+
+        class _Stage:
+            proc = parent
+
+        s = PipelineSet("baseline", STACKS["baseline"], Path("/nonexistent"), resolve(parser().parse_args([])))
+        s.stages = {"engine-0": _Stage()}  # type: ignore[dict-item]
+        assert s.renice(7)
+        procs = [psutil.Process(parent.pid), *psutil.Process(parent.pid).children(recursive=True)]
+        assert len(procs) == 2 and [p.nice() for p in procs] == [7, 7]
+    finally:
+        for p in psutil.Process(parent.pid).children(recursive=True):
+            p.kill()
+        parent.kill()
+        parent.wait()
