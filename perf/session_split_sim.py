@@ -1,0 +1,86 @@
+"""Where the router's cost model puts the bench's opening burst: 4 session first turns and
+2 GRPO groups of 8 separate requests, all under one shared system prompt (perf/workload.py's
+2,048-token cell), decided one at a time in a random order (the router takes records from
+several rollout.prompts partitions, so the order differs from run to run).
+
+It calls router/cost_model.choose with the pending blocks and load each decision adds, as the
+router records them in Redis (nothing is served during a burst of a few milliseconds). What it
+counts is how the four sessions split over two workers: a session stays where its first turn
+went (its own prefix is cached there), so a 4/0 or 3/1 split leaves one engine with most of
+the cell's later turns while the other idles after its groups.
+
+    python -m perf.session_split_sim [--orders 2000] [--latency-weight 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from collections import Counter
+
+from router.cost_model import choose
+from schemas.registry import WorkerInfo
+
+BLOCK = 32
+SYSTEM_BLOCKS = 16  # 512 tokens: a quarter of the 2,048 context
+SESSION = (1362, 26)  # first-turn prompt tokens, blocks of its own after the system prompt
+GROUP = (1872, 42)
+DECODE = 32.0
+
+
+def burst() -> list[tuple[str, list[tuple[str, int]], int]]:
+    """(routing key, block chain, prompt tokens) of each request of the opening burst."""
+    out = [(f"s{i}", [("sys", b) for b in range(SYSTEM_BLOCKS)] + [(f"s{i}", b) for b in range(SESSION[1])],
+            SESSION[0]) for i in range(4)]  # fmt: skip
+    for g in range(2):
+        chain = [("sys", b) for b in range(SYSTEM_BLOCKS)] + [(f"g{g}", b) for b in range(GROUP[1])]
+        out += [(f"g{g}", chain, GROUP[0])] * 8
+    return out
+
+
+def split(order: list[tuple[str, list[tuple[str, int]], int]], latency_weight: float) -> tuple[int, ...]:
+    """Sessions per worker (sorted) after routing `order`."""
+    from plumbing.prefix_cache.index import Probe
+
+    workers = [WorkerInfo(worker_id=f"w{i}") for i in range(2)]
+    pending: dict[str, set[tuple[str, int]]] = {w.worker_id: set() for w in workers}
+    load = {w.worker_id: [0.0, 0.0] for w in workers}
+    home: dict[str, str] = {}
+    for key, chain, n in order:
+        probes = []
+        for w in workers:
+            matched = 0
+            for block in chain:
+                if block not in pending[w.worker_id]:
+                    break
+                matched += 1
+            probes.append(Probe(w, matched, *load[w.worker_id]))
+        c = choose(probes, n, BLOCK, DECODE, 1.0, latency_weight, tie_key=key.encode())
+        wid = c.probe.worker.worker_id
+        pending[wid].update(chain)
+        load[wid][0] += c.prefill_tokens
+        load[wid][1] += DECODE
+        home.setdefault(key, wid)
+    per = Counter(home[f"s{i}"] for i in range(4))
+    return tuple(sorted((per.get(w.worker_id, 0) for w in workers), reverse=True))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--orders", type=int, default=2000)
+    p.add_argument("--latency-weight", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    rng = random.Random(a.seed)
+    counts: Counter[tuple[int, ...]] = Counter()
+    for _ in range(a.orders):
+        order = burst()
+        rng.shuffle(order)
+        counts[split(order, a.latency_weight)] += 1
+    for s, n in sorted(counts.items()):
+        print(f"sessions per worker {s}: {n / a.orders:.1%} of {a.orders} orders")
+    print(f"in publish order (sessions first): {split(burst(), a.latency_weight)}")
+
+
+if __name__ == "__main__":
+    main()

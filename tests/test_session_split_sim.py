@@ -1,0 +1,21 @@
+"""perf/session_split_sim.py: the cost model's myopic split of an opening burst, on fixed orders."""
+
+from __future__ import annotations
+
+from perf.session_split_sim import burst, split
+
+
+def test_the_burst_is_four_session_turns_and_two_groups_of_eight() -> None:
+    b = burst()
+    assert len(b) == 20 and sorted({k for k, _, _ in b}) == ["g0", "g1", "s0", "s1", "s2", "s3"]
+
+
+def test_sessions_split_evenly_in_publish_order_but_not_when_groups_interleave() -> None:
+    b = burst()
+    sessions, groups = b[:4], b[4:]
+    assert split(sessions + groups, 0.5) == (2, 2)
+    assert split(groups + sessions, 0.5) == (2, 2)
+    # s0, then group 0's first sample, s1, group 1's first: both groups end on one worker and
+    # every session on the other (the instantaneous load is balanced; the sessions' later turns are not).
+    interleaved = [sessions[0], groups[0], sessions[1], groups[8], *sessions[2:], *groups[1:8], *groups[9:]]
+    assert split(interleaved, 0.5) == (4, 0)
