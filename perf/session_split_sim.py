@@ -1,7 +1,10 @@
 """Where the router's cost model puts the bench's opening burst: 4 session first turns and
 2 GRPO groups of 8 separate requests, all under one shared system prompt (perf/workload.py's
-2,048-token cell), decided one at a time in a random order (the router takes records from
-several rollout.prompts partitions, so the order differs from run to run).
+2,048-token cell), decided one at a time in the order the router takes them: the burst's
+records are keyed (session id, group id) over rollout.prompts' 16 partitions, and a fetch
+hands the router one partition's records after another, in publish order within each; which
+partition comes first, and where each key lands, differs from run to run (`--order shuffle`:
+any order at all).
 
 It calls router/cost_model.choose with the pending blocks and load each decision adds, as the
 router records them in Redis (nothing is served during a burst of a few milliseconds). What it
@@ -9,7 +12,7 @@ counts is how the four sessions split over two workers: a session stays where it
 went (its own prefix is cached there), so a 4/0 or 3/1 split leaves one engine with most of
 the cell's later turns while the other idles after its groups.
 
-    python -m perf.session_split_sim [--orders 2000] [--latency-weight 0.5]
+    python -m perf.session_split_sim [--orders 2000] [--latency-weight 0.5] [--order partitions|shuffle]
 """
 
 from __future__ import annotations
@@ -36,6 +39,16 @@ def burst() -> list[tuple[str, list[tuple[str, int]], int]]:
         chain = [("sys", b) for b in range(SYSTEM_BLOCKS)] + [(f"g{g}", b) for b in range(GROUP[1])]
         out += [(f"g{g}", chain, GROUP[0])] * 8
     return out
+
+
+def partition_order(requests: list[tuple[str, list[tuple[str, int]], int]], rng: random.Random,
+                    partitions: int = 16) -> list[tuple[str, list[tuple[str, int]], int]]:  # fmt: skip
+    """`requests` as the router sees them: partition by partition, publish order within one."""
+    where = {key: rng.randrange(partitions) for key in sorted({k for k, _, _ in requests})}
+    first = list(range(partitions))
+    rng.shuffle(first)
+    rank = {p: i for i, p in enumerate(first)}
+    return sorted(requests, key=lambda r: rank[where[r[0]]])
 
 
 def split(order: list[tuple[str, list[tuple[str, int]], int]], latency_weight: float) -> tuple[int, ...]:
@@ -69,13 +82,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--orders", type=int, default=2000)
     p.add_argument("--latency-weight", type=float, default=0.5)
+    p.add_argument("--order", choices=("partitions", "shuffle"), default="partitions")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     rng = random.Random(a.seed)
     counts: Counter[tuple[int, ...]] = Counter()
     for _ in range(a.orders):
         order = burst()
-        rng.shuffle(order)
+        if a.order == "shuffle":
+            rng.shuffle(order)
+        else:
+            order = partition_order(order, rng)
         counts[split(order, a.latency_weight)] += 1
     for s, n in sorted(counts.items()):
         print(f"sessions per worker {s}: {n / a.orders:.1%} of {a.orders} orders")

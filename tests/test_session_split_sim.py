@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from perf.session_split_sim import burst, split
+import random
+
+from perf.session_split_sim import burst, partition_order, split
 
 
 def test_the_burst_is_four_session_turns_and_two_groups_of_eight() -> None:
@@ -19,3 +21,11 @@ def test_sessions_split_evenly_in_publish_order_but_not_when_groups_interleave()
     # every session on the other (the instantaneous load is balanced; the sessions' later turns are not).
     interleaved = [sessions[0], groups[0], sessions[1], groups[8], *sessions[2:], *groups[1:8], *groups[9:]]
     assert split(interleaved, 0.5) == (4, 0)
+
+
+def test_the_partition_order_keeps_a_keys_records_together_in_publish_order() -> None:
+    order = partition_order(burst(), random.Random(3))
+    keys = [k for k, _, _ in order]
+    runs = [k for i, k in enumerate(keys) if i == 0 or keys[i - 1] != k]
+    assert sorted(keys) == sorted(k for k, _, _ in burst())
+    assert len(runs) == len(set(runs)) == 6  # every key's records in one contiguous run
