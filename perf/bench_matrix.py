@@ -29,8 +29,11 @@ the run. So the baseline and prime sets run side by side, each with its own brok
 Redis, router and verifier (topic and consumer-group names are fixed, so two sets on one
 broker would serve each other's requests); two engine processes share each core, and
 only one set has work at a time (a pause between cells lets vLLM's busy-polling readers
-of the idle set go quiet). The raw cells run first, before the pipeline sets start:
-six engines at once do not fit in 24 GiB (one engine is ~2.4 GiB + its KV cache).
+of the idle set go quiet, and the idle set runs at nice 19, `--idle-nice`). A session's
+next turn goes out on its previous turn's completion, as the env hub sends turns
+(`--turn-after`); perf_requests.csv has each request's times and worker. The raw cells
+run first, before the pipeline sets start: six engines at once do not fit in 24 GiB
+(one engine is ~2.4 GiB + its KV cache).
 
 Cells: raw (context x repeat), then per context and repeat baseline, prime, baseline,
 prime, ...; a cell's text is drawn from a seed of its context and repeat, so the three
