@@ -59,10 +59,10 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import psutil
@@ -82,6 +82,9 @@ from plumbing.redis_client import connect_redis
 from plumbing.runtime import run, setup_logging
 from schemas import PromptRequest
 from schemas.topics import PROMPTS
+
+if TYPE_CHECKING:
+    from primerl.observe import RequestView
 
 PIPELINE = ("baseline", "prime")
 COLUMNS = (
@@ -185,8 +188,20 @@ class RequestRow(msgspec.Struct):
 def request_rows(cell: Cell, samples: Sequence[Sample]) -> list[RequestRow]:
     t0 = min((s.sent for s in samples), default=0.0)
     return [
-        RequestRow(cell.stack, cell.context, cell.repeat, s.kind, s.worker, s.sent - t0, s.first - t0,
-                   (s.final or s.done) - t0, s.done - t0, s.tokens, s.prompt_tokens, s.cached_tokens)  # fmt: skip
+        RequestRow(
+            cell.stack,
+            cell.context,
+            cell.repeat,
+            s.kind,
+            s.worker,
+            s.sent - t0,
+            s.first - t0,
+            (s.final or s.done) - t0,
+            s.done - t0,
+            s.tokens,
+            s.prompt_tokens,
+            s.cached_tokens,
+        )
         for s in sorted(samples, key=lambda s: s.sent)
     ]
 
@@ -418,14 +433,9 @@ class CellRun:
         self.bar.update()
 
     async def settle(self) -> None:
-        """Until every sent request has its reward or has failed."""
-        while self.pending:
-            done = [f for f in self.pending if f.done()]
-            self.pending.difference_update(done)
-            for f in done:
-                f.result()
-            if self.pending:
-                await asyncio.wait(self.pending)
+        """Until every sent request has its reward or has failed (called once the workload has sent all)."""
+        await asyncio.gather(*self.pending)
+        self.pending.clear()
 
     def fail(self, why: str) -> None:
         self.failed += 1
@@ -578,7 +588,9 @@ class PipelineSet:
         cell.done(Sample(sent, first, view.reward_at, tokens, prompt, cached, final.worker_id, view.final_at,
                          kind_of(req)))  # fmt: skip
 
-    async def _wait(self, req_id: str, cell: CellRun, deadline: float, until: Any) -> Any:
+    async def _wait(
+        self, req_id: str, cell: CellRun, deadline: float, until: Callable[[RequestView], bool]
+    ) -> RequestView | None:
         """The request's view once `until(view)`; None (and the request failed) on a dead letter or the deadline."""
         while True:
             view = self.observer.requests.get(req_id)
@@ -780,8 +792,8 @@ async def bench(args: argparse.Namespace) -> list[Row]:
         # while a pipeline cell runs, against the raw cells' engines in this process.
         pids = {"bench": (os.getpid(), False), **{k: v for s in sets.values() for k, v in s.pids().items()}}
         for cell in tqdm([c for c in cells if c.stack != "raw"], desc="cells"):
-            reniced = [s.renice(0 if s.name == cell.stack else args.idle_nice) for s in sets.values()]
-            if args.idle_nice and not all(reniced):
+            if args.idle_nice and not all([s.renice(0 if s.name == cell.stack else args.idle_nice)
+                                           for s in sets.values()]):  # fmt: skip
                 tqdm.write("  could not renice the idle set (lowering it again needs root); --idle-nice 0: off")
             rows.append(await run_cell(cell, args, metrics, sets[cell.stack], pids, cpu, reqs))
         targets = {n: u for s in sets.values() for n, u in s.targets().items()}
@@ -887,10 +899,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-in-flight", type=int, default=16, help="requests per engine worker at once")
     p.add_argument("--request-timeout-s", type=float, default=600)
     p.add_argument("--pause-s", type=float, default=2.0, help="pause before each cell")
-    p.add_argument("--turn-after", choices=("completion", "reward"), default="completion",
-                   help="when a session's next turn goes out (the env hub's way: completion)")
-    p.add_argument("--idle-nice", type=int, default=19, choices=range(0, 20), metavar="0-19",
-                   help="nice value of the idle engine set during the other's cells (0: off)")
+    p.add_argument(
+        "--turn-after",
+        choices=("completion", "reward"),
+        default="completion",
+        help="when a session's next turn goes out (the env hub's way: completion)",
+    )
+    p.add_argument(
+        "--idle-nice",
+        type=int,
+        default=19,
+        choices=range(0, 20),
+        metavar="0-19",
+        help="nice value of the idle engine set during the other's cells (0: off)",
+    )
     p.add_argument("--no-raw", action="store_true", help="skip the raw-engine bound")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=str(ARTIFACTS))

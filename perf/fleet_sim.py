@@ -476,7 +476,7 @@ class _Engine:
 
 
 @dataclass(eq=False)
-class _IndexView:
+class IndexView:
     """What Redis holds about one engine: stored blocks as of its last heartbeat, pending routes, load."""
 
     snapshot: frozenset[str] = frozenset()
@@ -499,11 +499,11 @@ class _Router:
     policy: Policy
     engines: list[_Engine]
     knobs: RoutingKnobs
-    views: list[_IndexView] = field(default_factory=list)
+    views: list[IndexView] = field(default_factory=list)
     turn: itertools.count[int] = field(default_factory=itertools.count)
 
     def __post_init__(self) -> None:
-        self.views = [_IndexView() for _ in self.engines]
+        self.views = [IndexView() for _ in self.engines]
         # Sorted like the registry's listing, so ties go where the real router sends them.
         self.infos = [WorkerInfo(worker_id=f"engine-{i:03d}") for i in range(len(self.engines))]
 

@@ -6,8 +6,9 @@ hands the router one partition's records after another, in publish order within 
 partition comes first, and where each key lands, differs from run to run (`--order shuffle`:
 any order at all).
 
-It calls router/cost_model.choose with the pending blocks and load each decision adds, as the
-router records them in Redis (nothing is served during a burst of a few milliseconds). What it
+It calls router/cost_model.choose on perf/fleet_sim's IndexView of each worker (the pending
+blocks and load each decision adds, as the router records them in Redis; nothing is served
+during a burst of a few milliseconds, so nothing is released or expires). What it
 counts is how the four sessions split over two workers: a session stays where its first turn
 went (its own prefix is cached there), so a 4/0 or 3/1 split leaves one engine with most of
 the cell's later turns while the other idles after its groups.
@@ -18,9 +19,12 @@ the cell's later turns while the other idles after its groups.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 from collections import Counter
 
+from perf.fleet_sim import IndexView
+from plumbing.prefix_cache.index import Probe
 from router.cost_model import choose
 from schemas.registry import WorkerInfo
 
@@ -31,18 +35,23 @@ GROUP = (1872, 42)
 DECODE = 32.0
 
 
-def burst() -> list[tuple[str, list[tuple[str, int]], int]]:
-    """(routing key, block chain, prompt tokens) of each request of the opening burst."""
-    out = [(f"s{i}", [("sys", b) for b in range(SYSTEM_BLOCKS)] + [(f"s{i}", b) for b in range(SESSION[1])],
-            SESSION[0]) for i in range(4)]  # fmt: skip
+Request = tuple[str, list[str], int]  # routing key, block hashes, prompt tokens
+
+
+def _chain(key: str, own_blocks: int) -> list[str]:
+    """The block hashes of a prompt: the shared system prompt's, then `own_blocks` of its own."""
+    return [f"sys:{b}" for b in range(SYSTEM_BLOCKS)] + [f"{key}:{b}" for b in range(own_blocks)]
+
+
+def burst() -> list[Request]:
+    """Each request of the opening burst, in publish order (sessions, then groups)."""
+    out = [(f"s{i}", _chain(f"s{i}", SESSION[1]), SESSION[0]) for i in range(4)]
     for g in range(2):
-        chain = [("sys", b) for b in range(SYSTEM_BLOCKS)] + [(f"g{g}", b) for b in range(GROUP[1])]
-        out += [(f"g{g}", chain, GROUP[0])] * 8
+        out += [(f"g{g}", _chain(f"g{g}", GROUP[1]), GROUP[0])] * 8
     return out
 
 
-def partition_order(requests: list[tuple[str, list[tuple[str, int]], int]], rng: random.Random,
-                    partitions: int = 16) -> list[tuple[str, list[tuple[str, int]], int]]:  # fmt: skip
+def partition_order(requests: list[Request], rng: random.Random, partitions: int = 16) -> list[Request]:
     """`requests` as the router sees them: partition by partition, publish order within one."""
     where = {key: rng.randrange(partitions) for key in sorted({k for k, _, _ in requests})}
     first = list(range(partitions))
@@ -51,31 +60,23 @@ def partition_order(requests: list[tuple[str, list[tuple[str, int]], int]], rng:
     return sorted(requests, key=lambda r: rank[where[r[0]]])
 
 
-def split(order: list[tuple[str, list[tuple[str, int]], int]], latency_weight: float) -> tuple[int, ...]:
-    """Sessions per worker (sorted) after routing `order`."""
-    from plumbing.prefix_cache.index import Probe
-
+def split(order: list[Request], latency_weight: float) -> tuple[int, ...]:
+    """Sessions per worker (most first) after routing `order`."""
     workers = [WorkerInfo(worker_id=f"w{i}") for i in range(2)]
-    pending: dict[str, set[tuple[str, int]]] = {w.worker_id: set() for w in workers}
-    load = {w.worker_id: [0.0, 0.0] for w in workers}
-    home: dict[str, str] = {}
+    views = [IndexView() for _ in workers]
+    home: dict[str, int] = {}
     for key, chain, n in order:
-        probes = []
-        for w in workers:
-            matched = 0
-            for block in chain:
-                if block not in pending[w.worker_id]:
-                    break
-                matched += 1
-            probes.append(Probe(w, matched, *load[w.worker_id]))
+        probes = [
+            Probe(w, v.matched(chain, 0.0), v.prefill_load, v.decode_load) for w, v in zip(workers, views, strict=True)
+        ]
         c = choose(probes, n, BLOCK, DECODE, 1.0, latency_weight, tie_key=key.encode())
-        wid = c.probe.worker.worker_id
-        pending[wid].update(chain)
-        load[wid][0] += c.prefill_tokens
-        load[wid][1] += DECODE
-        home.setdefault(key, wid)
+        i = workers.index(c.probe.worker)
+        views[i].pending.update(dict.fromkeys(chain, math.inf))
+        views[i].prefill_load += c.prefill_tokens
+        views[i].decode_load += DECODE
+        home.setdefault(key, i)
     per = Counter(home[f"s{i}"] for i in range(4))
-    return tuple(sorted((per.get(w.worker_id, 0) for w in workers), reverse=True))
+    return tuple(sorted((per[i] for i in range(len(workers))), reverse=True))
 
 
 def main() -> None:
