@@ -14,6 +14,9 @@ went (its own prefix is cached there), so a 4/0 or 3/1 split leaves one engine w
 the cell's later turns while the other idles after its groups.
 
     python -m perf.session_split_sim [--orders 2000] [--latency-weight 0.5] [--order partitions|shuffle]
+                                     [--no-balance-sessions]
+
+`--no-balance-sessions` is the router before routing.balance_sessions (levers run 3).
 """
 
 from __future__ import annotations
@@ -60,16 +63,20 @@ def partition_order(requests: list[Request], rng: random.Random, partitions: int
     return sorted(requests, key=lambda r: rank[where[r[0]]])
 
 
-def split(order: list[Request], latency_weight: float) -> tuple[int, ...]:
-    """Sessions per worker (most first) after routing `order`."""
+def split(order: list[Request], latency_weight: float, balance_sessions: bool = True) -> tuple[int, ...]:
+    """Sessions per worker (most first) after routing `order`; `balance_sessions` as the
+    router's routing.balance_sessions (a first turn goes to the fewest live sessions)."""
     workers = [WorkerInfo(worker_id=f"w{i}") for i in range(2)]
     views = [IndexView() for _ in workers]
     home: dict[str, int] = {}
     for key, chain, n in order:
+        live = Counter(home[k] for k in home if k.startswith("s"))
         probes = [
-            Probe(w, v.matched(chain, 0.0), v.prefill_load, v.decode_load) for w, v in zip(workers, views, strict=True)
+            Probe(w, v.matched(chain, 0.0), v.prefill_load, v.decode_load, live[i])
+            for i, (w, v) in enumerate(zip(workers, views, strict=True))
         ]
-        c = choose(probes, n, BLOCK, DECODE, 1.0, latency_weight, tie_key=key.encode())
+        opens = balance_sessions and key.startswith("s") and key not in home
+        c = choose(probes, n, BLOCK, DECODE, 1.0, latency_weight, tie_key=key.encode(), new_session=opens)
         i = workers.index(c.probe.worker)
         views[i].pending.update(dict.fromkeys(chain, math.inf))
         views[i].prefill_load += c.prefill_tokens
@@ -85,6 +92,7 @@ def main() -> None:
     p.add_argument("--latency-weight", type=float, default=0.5)
     p.add_argument("--order", choices=("partitions", "shuffle"), default="partitions")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-balance-sessions", dest="balance", action="store_false")
     a = p.parse_args()
     rng = random.Random(a.seed)
     counts: Counter[tuple[int, ...]] = Counter()
@@ -94,10 +102,10 @@ def main() -> None:
             rng.shuffle(order)
         else:
             order = partition_order(order, rng)
-        counts[split(order, a.latency_weight)] += 1
+        counts[split(order, a.latency_weight, a.balance)] += 1
     for s, n in sorted(counts.items()):
         print(f"sessions per worker {s}: {n / a.orders:.1%} of {a.orders} orders")
-    print(f"in publish order (sessions first): {split(burst(), a.latency_weight)}")
+    print(f"in publish order (sessions first): {split(burst(), a.latency_weight, a.balance)}")
 
 
 if __name__ == "__main__":

@@ -283,6 +283,11 @@ class RoutingConfig(_Section):
     (router/cost_model.py): 1 scatters bursts, 0 makes hot spots."""
     pending_ttl_s: float = Field(60.0, gt=0)
     """Routed-but-not-yet-stored blocks count as held this long."""
+    balance_sessions: bool = True
+    """cache_aware: a session's first turn goes to a worker with the fewest live sessions,
+    then by cost (router/cost_model.py: a session's later turns stay where it started)."""
+    session_idle_s: float = Field(60.0, gt=0, le=3600)
+    """A session with no turn routed for this long no longer counts as live on its worker."""
     heartbeat_s: float = Field(1.0, gt=0, le=60)
     """How often workers refresh their registry entry and blocks."""
     ttl_s: float = Field(5.0, gt=0, le=600)

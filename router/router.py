@@ -98,7 +98,7 @@ class Router(ConsumerStage):
         self.policy = self.policy or self.cfg.routing.policy
         if self.policy not in get_args(RoutingPolicy):
             raise ValueError(f"routing policy must be one of {get_args(RoutingPolicy)}, not {self.policy!r}")
-        self.index = PrefixIndex(self.redis, self.cfg.routing.ttl_s)
+        self.index = PrefixIndex(self.redis, self.cfg.routing.ttl_s, self.cfg.routing.session_idle_s)
         self.metrics = RouterMetrics(self.registry)
         self._turn = itertools.count()
         # One decision at a time: each must see the pending blocks and load the last one
@@ -162,10 +162,15 @@ class Router(ConsumerStage):
         probes = await self.index.probe(workers, hashes)
         decode = float(req.sampling.max_tokens * req.group_size)
         r = self.cfg.routing
-        c = choose(probes, len(ids), block_size, decode, r.decode_token_cost, r.latency_weight, tie_key=key)
+        session = _session_of(req)
+        opens = r.balance_sessions and session is not None and req.turn_index == 0
+        c = choose(
+            probes, len(ids), block_size, decode, r.decode_token_cost, r.latency_weight, tie_key=key, new_session=opens
+        )
         w = c.probe.worker
+        others = [o.worker_id for o in workers if o.worker_id != w.worker_id] if session is not None else []
         await self.index.add_route(
-            w.worker_id, hashes[w.policy_version], c.prefill_tokens, decode, self.cfg.routing.pending_ttl_s
+            w.worker_id, hashes[w.policy_version], c.prefill_tokens, decode, r.pending_ttl_s, session, others
         )
         self.metrics.predicted_cached.inc(c.predicted_cached_tokens)
         self.metrics.prompt_tokens.inc(len(ids))
@@ -189,6 +194,14 @@ class Router(ConsumerStage):
         if reason != "policy":
             self.metrics.fallbacks.labels(reason).inc()
         return Route(worker_id="", policy="hash"), zlib.crc32(req.routing_key()) % self.routed_partitions
+
+
+def _session_of(req: PromptRequest) -> str | None:
+    """The session a turn belongs to, as the index counts them: its routing key (an environment
+    group's sessions extend one first prompt and share it), or None for one-shot work."""
+    if req.session_id is None and req.session is None:
+        return None
+    return req.routing_key().decode()
 
 
 def _pick(partitions: list[int], key: bytes) -> int:

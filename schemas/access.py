@@ -41,6 +41,7 @@ REGISTRY = "primerl:registry:"
 HELD = "primerl:kv:"
 PENDING = "primerl:kvp:"
 LOAD = "primerl:load:"
+SESSIONS = "primerl:sessions:"
 LEDGER = "primerl:ledger:"
 POLICY_VERSION = "primerl:policy:"
 RESUME = "primerl:resume:"
@@ -68,14 +69,17 @@ PRINCIPALS: tuple[Principal, ...] = (
         writes=(ROUTED.name, DLQ.name),
         groups=("router",),
         redis_read=(REGISTRY, HELD),
-        redis_write=(PENDING, LOAD),
+        redis_write=(PENDING, LOAD, SESSIONS),
     ),
     Principal(
         "primerl-engine",
         reads=(ROUTED.name, DEFERRED.name, POLICY.name, PROMPTS.name, CHUNKS.name),
         writes=(CHUNKS.name, COMPLETIONS.name, DEFERRED.name, PROMPTS.name, ROUTED.name, DLQ.name),
         groups=("engine", "deferral", "router"),
-        redis_write=(REGISTRY, HELD, PENDING, LOAD, LEDGER + "engine:", LEDGER + "policy-dead-letters:", RESUME),
+        redis_write=(
+            *(REGISTRY, HELD, PENDING, LOAD, SESSIONS, RESUME),
+            *(LEDGER + "engine:", LEDGER + "policy-dead-letters:"),
+        ),
     ),
     Principal(
         "primerl-envhub",

@@ -4,6 +4,7 @@ primerl:registry:<role>:<w>     JSON WorkerInfo (schemas/registry.py), TTL: hear
 primerl:kv:<w>                  SET of block hashes worker w's engine holds (KV events)
 primerl:kvp:<w>                 ZSET of block hashes routed to w, not yet reported stored
 primerl:load:<w>                HASH prefill / decode tokens routed to w, not yet served
+primerl:sessions:<w>            ZSET of session keys whose last turn was routed to w (score: when)
 primerl:ledger:<stage>:<id>     a processed-id ledger entry (plumbing/ledger.py)
 primerl:policy:<run>:version    the newest policy version a run's learner published
 primerl:resume:<request id>     "partition:offset" of a request's first chunk (engine_workers/resume.py), TTL
@@ -39,6 +40,11 @@ def pending_blocks(worker_id: str) -> str:
 def load(worker_id: str) -> str:
     """Tokens routed to a worker and not yet served."""
     return f"primerl:load:{worker_id}"
+
+
+def sessions(worker_id: str) -> str:
+    """Sessions routed to a worker, by when their last turn was."""
+    return f"primerl:sessions:{worker_id}"
 
 
 def ledger_prefix(stage: str) -> str:

@@ -97,6 +97,7 @@ def test_every_redis_key_the_code_builds_is_granted_to_someone() -> None:
         keys.held_blocks("w1"),
         keys.pending_blocks("w1"),
         keys.load("w1"),
+        keys.sessions("w1"),
         keys.policy_version("run1"),
         keys.resume_hint("req1"),
         *(keys.ledger_prefix(s.rstrip(":")) + "msg1" for s in stages),

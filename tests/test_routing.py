@@ -33,6 +33,7 @@ from router.router import Router
 from schemas import ChatMessage, PromptRequest, SamplingParams, decode
 from schemas.keys import held_blocks as held_key
 from schemas.keys import load as load_key
+from schemas.keys import sessions as sessions_key
 from schemas.registry import WorkerInfo
 from tests.kafka_helpers import dead_letters_from, make_topic, wait_until
 
@@ -102,8 +103,8 @@ def test_held_blocks_use_the_salt_vllm_reports() -> None:
 # --- the cost model -------------------------------------------------------------------------
 
 
-def _probe(name: str, matched: int, prefill: float = 0.0, decode: float = 0.0) -> Probe:
-    return Probe(WorkerInfo(worker_id=name, partitions=[0]), matched, prefill, decode)
+def _probe(name: str, matched: int, prefill: float = 0.0, decode: float = 0.0, sessions: int = 0) -> Probe:
+    return Probe(WorkerInfo(worker_id=name, partitions=[0]), matched, prefill, decode, sessions)
 
 
 def test_the_cost_model_prefers_the_warm_worker() -> None:
@@ -164,6 +165,13 @@ def test_pure_ttft_would_scatter_a_burst_and_the_blend_keeps_it() -> None:
     assert choose(probes, 14, BS, 8, 1, latency_weight=0.5).probe.worker.worker_id == "home"
 
 
+def test_a_new_session_goes_to_the_fewest_live_sessions_and_then_by_cost() -> None:
+    # `home` holds the prompt and is idle, but already serves two sessions' later turns.
+    probes = [_probe("home", 3, sessions=2), _probe("busy", 0, prefill=40, sessions=1), _probe("far", 0, sessions=1)]
+    assert choose(probes, 14, BS, 8, 1).probe.worker.worker_id == "home"  # one-shot work: by cost
+    assert choose(probes, 14, BS, 8, 1, new_session=True).probe.worker.worker_id == "far"  # fewest, then cost
+
+
 # --- the Redis index ------------------------------------------------------------------------
 
 
@@ -203,6 +211,28 @@ async def test_the_index_answers_with_the_leading_blocks_each_worker_holds(redis
     assert probes[1].prefill_load == 0 and probes[1].decode_load == 0
     # Another policy version: nothing matches.
     assert [p.matched_blocks for p in await index.probe([a], {0: chain_hashes(tokens, BS, policy_salt(1))})] == [0]
+
+
+async def test_the_index_counts_live_sessions_moves_them_and_forgets_idle_ones(redis: Redis) -> None:
+    index = PrefixIndex(redis, ttl_s=5, session_idle_s=0.5)
+    a, b = WorkerInfo(worker_id="a", partitions=[0]), WorkerInfo(worker_id="b", partitions=[1])
+
+    async def live() -> list[int]:
+        return [p.live_sessions for p in await index.probe([a, b], {0: []})]
+
+    await index.add_route("a", [], 1, 1, 30, session="s0", others=["b"])
+    await index.add_route("a", [], 1, 1, 30, session="s1", others=["b"])
+    await index.add_route("b", [], 1, 1, 30)  # one-shot work counts as no session
+    assert await live() == [2, 0]
+    await index.add_route("b", [], 1, 1, 30, session="s1", others=["a"])  # s1's turn moved to b
+    await index.add_route("a", [], 1, 1, 30, session="s0", others=["b"])  # s0's next turn: still one
+    assert await live() == [1, 1]
+    await asyncio.sleep(0.6)  # no turn for longer than session_idle_s
+    assert await live() == [0, 0]
+    await index.add_route("a", [], 1, 1, 30, session="s2", others=["b"])
+    assert await redis.zcard(sessions_key("a")) == 1, "idle sessions are pruned on the next write"
+    await index.deregister("a")
+    assert await redis.exists(sessions_key("a")) == 0
 
 
 async def test_a_dead_workers_entries_are_gone_within_one_ttl(redis: Redis) -> None:
@@ -319,6 +349,29 @@ async def test_cache_aware_routing_keeps_a_shared_prefix_on_one_worker_and_balan
         await s.send([_request(run_id, "Another system prompt entirely. " * 40, "Hello?")])
         assert s.owner(s.routed[-1][0]) not in homes
         assert s.metric("primerl_router_routed_total", policy="cache_aware") == 4
+
+
+@pytest.mark.parametrize("balance", [True, False])
+async def test_sessions_under_one_system_prompt_split_over_workers_and_their_turns_stay_home(
+    cfg, redis, tokenizer, balance: bool
+) -> None:
+    """By cost alone every session's first turn joins the shared prompt's home (as a group's
+    samples do); balancing live sessions spreads them, and a later turn still follows its cache."""
+    cfg.routing.balance_sessions = balance
+    run_id = f"t-{uuid.uuid4().hex[:6]}"
+    shared = "You are a careful assistant. " + "Follow every rule of the house style guide. " * 60
+    async with _Setup(cfg, redis, tokenizer, "cache_aware") as s:
+        for i in range(4):  # one at a time: the order of decisions is the order of arrival
+            await s.send([_request(run_id, shared, f"Question {i}?", session_id=f"s{i}")])
+        homes = [s.owner(p) for p, _ in s.routed]
+        if balance:
+            assert sorted(homes) == ["w0", "w0", "w1", "w1"], homes
+        else:
+            assert len(set(homes)) == 1, homes  # what the lever is for
+        assert await redis.zcard(sessions_key("w0")) + await redis.zcard(sessions_key("w1")) == 4
+        # Turn 1 of s0 (its prompt extends turn 0's): it stays where turn 0 went.
+        await s.send([_request(run_id, shared, "Question 0? An answer. And then?", session_id="s0", turn_index=1)])
+        assert s.owner(s.routed[-1][0]) == homes[0]
 
 
 async def test_round_robin_alternates_workers(cfg, redis, tokenizer) -> None:

@@ -3,12 +3,15 @@
 Every entry of an engine worker expires unless the worker heartbeats, so a dead
 worker's entries are gone within one TTL. The pending-blocks ZSET (score: expiry)
 lets a burst of a group's samples see the first one's prefix before vLLM has
-computed it; the load HASH is added to by routers and released by the worker.
+computed it; the load HASH is added to by routers and released by the worker. The
+sessions ZSET (score: when its last turn was routed) is written by routers only: a
+session counts as live on a worker until `session_idle_s` passes without a turn.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import msgspec
 from redis.asyncio import Redis
@@ -25,6 +28,7 @@ class Probe(msgspec.Struct):
     matched_blocks: int
     prefill_load: float
     decode_load: float
+    live_sessions: int = 0  # sessions whose last turn was routed here within the idle window
 
 
 # Release only what exists: a worker whose load key expired (it died) is not revived.
@@ -39,9 +43,10 @@ return 1
 class PrefixIndex:
     """Reads and writes of the index; every call is one Redis round trip."""
 
-    def __init__(self, redis: Redis, ttl_s: float) -> None:
+    def __init__(self, redis: Redis, ttl_s: float, session_idle_s: float = 60.0) -> None:
         self.redis = redis
         self.ttl_ms = int(ttl_s * 1000)
+        self.session_idle_s = session_idle_s
         self._release = redis.register_script(_RELEASE)
 
     async def heartbeat(self, info: WorkerInfo, blocks: HeldBlocks, resync: bool) -> None:
@@ -72,6 +77,7 @@ class PrefixIndex:
             keys.held_blocks(worker_id),
             keys.pending_blocks(worker_id),
             keys.load(worker_id),
+            keys.sessions(worker_id),
         )
 
     async def live_workers(self, role: str = "engine") -> list[WorkerInfo]:
@@ -83,14 +89,17 @@ class PrefixIndex:
         return sorted((msgspec.json.decode(v, type=WorkerInfo) for v in values if v), key=lambda i: i.worker_id)
 
     async def probe(self, workers: list[WorkerInfo], hashes_by_version: dict[int, list[str]]) -> list[Probe]:
-        """Per worker: leading blocks of the request it holds (or was routed), and its load."""
+        """Per worker: leading blocks of the request it holds (or was routed), its load, and
+        its live sessions."""
         pipe = self.redis.pipeline(transaction=False)
+        since = time.time() - self.session_idle_s
         for wi in workers:
             hashes = hashes_by_version[wi.policy_version]
             if hashes:
                 pipe.smismember(keys.held_blocks(wi.worker_id), hashes)
                 pipe.zmscore(keys.pending_blocks(wi.worker_id), hashes)
             pipe.hmget(keys.load(wi.worker_id), ["prefill", "decode"])
+            pipe.zcount(keys.sessions(wi.worker_id), since, "+inf")
         results = iter(await pipe.execute())
         now = time.time()
         probes = []
@@ -104,14 +113,30 @@ class PrefixIndex:
                         break
                     matched += 1
             prefill, decode = next(results)
-            probes.append(Probe(wi, matched, float(prefill or 0), float(decode or 0)))
+            probes.append(Probe(wi, matched, float(prefill or 0), float(decode or 0), int(next(results))))
         return probes
 
     async def add_route(
-        self, worker_id: str, hashes: list[str], prefill: float, decode: float, pending_ttl_s: float
+        self,
+        worker_id: str,
+        hashes: list[str],
+        prefill: float,
+        decode: float,
+        pending_ttl_s: float,
+        session: str | None = None,
+        others: Sequence[str] = (),
     ) -> None:
-        """Record a routing decision: the worker will hold `hashes`, and has more to do."""
+        """Record a routing decision: the worker will hold `hashes`, and has more to do; a turn
+        of `session` makes it live here and no longer on any of `others` (it moved)."""
         pipe = self.redis.pipeline(transaction=True)
+        if session is not None:
+            now = time.time()
+            sessions = keys.sessions(worker_id)
+            pipe.zremrangebyscore(sessions, "-inf", now - self.session_idle_s)
+            pipe.zadd(sessions, {session: now})
+            pipe.pexpire(sessions, int(self.session_idle_s * 1000))
+            for other in others:
+                pipe.zrem(keys.sessions(other), session)
         if hashes:
             pipe.zadd(keys.pending_blocks(worker_id), {h: time.time() + pending_ttl_s for h in hashes})
             pipe.pexpire(keys.pending_blocks(worker_id), self.ttl_ms, nx=True)
