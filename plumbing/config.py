@@ -286,8 +286,10 @@ class RoutingConfig(_Section):
     balance_sessions: bool = True
     """cache_aware: a session's first turn goes to a worker with the fewest live sessions,
     then by cost (router/cost_model.py: a session's later turns stay where it started)."""
-    session_idle_s: float = Field(60.0, gt=0, le=3600)
-    """A session with no turn routed for this long no longer counts as live on its worker."""
+    session_idle_s: float = Field(30.0, gt=0, le=3600)
+    """A session with no turn routed for this long no longer counts as live on its worker.
+    The router cannot see a session's last turn, so finished sessions count this long: a
+    CPU bench turn takes 2-10 s, and its next cell starts ~50 s after the last one ended."""
     heartbeat_s: float = Field(1.0, gt=0, le=60)
     """How often workers refresh their registry entry and blocks."""
     ttl_s: float = Field(5.0, gt=0, le=600)

@@ -43,7 +43,7 @@ return 1
 class PrefixIndex:
     """Reads and writes of the index; every call is one Redis round trip."""
 
-    def __init__(self, redis: Redis, ttl_s: float, session_idle_s: float = 60.0) -> None:
+    def __init__(self, redis: Redis, ttl_s: float, session_idle_s: float = 30.0) -> None:
         self.redis = redis
         self.ttl_ms = int(ttl_s * 1000)
         self.session_idle_s = session_idle_s
