@@ -401,7 +401,11 @@ class Observer:
         from plumbing.kafka import common_kwargs
 
         self._consumer = AIOKafkaConsumer(
-            **common_kwargs(self.cfg), group_id=None, enable_auto_commit=False, auto_offset_reset="earliest"
+            **common_kwargs(self.cfg),
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=self.cfg.kafka.fetch_max_wait_ms,  # a turn's first chunk is its TTFB
         )
         await self._consumer.start()
         tps = [TopicPartition(t, p) for t in OBSERVED for p in range(TOPICS[t].partitions)]

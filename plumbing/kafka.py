@@ -44,6 +44,7 @@ def consumer_kwargs(cfg: Config, group_id: str) -> dict[str, object]:
         "session_timeout_ms": cfg.kafka.session_timeout_ms,
         "heartbeat_interval_ms": cfg.kafka.heartbeat_interval_ms,
         "max_poll_interval_ms": cfg.kafka.max_poll_interval_ms,
+        "fetch_max_wait_ms": cfg.kafka.fetch_max_wait_ms,
     }
 
 

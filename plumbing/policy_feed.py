@@ -79,7 +79,11 @@ class PolicyFeed:
     async def run(self) -> None:
         """Read updates until stopped; see the module doc for catching up."""
         consumer = AIOKafkaConsumer(
-            POLICY.name, **common_kwargs(self._cfg), group_id=None, auto_offset_reset="earliest"
+            POLICY.name,
+            **common_kwargs(self._cfg),
+            group_id=None,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=self._cfg.kafka.fetch_max_wait_ms,
         )
         await consumer.start()
         held: dict[str, tuple[PolicyUpdate, ConsumerRecord]] | None = {}  # newest per run, while catching up
