@@ -55,13 +55,16 @@ class KafkaConfig(_Section):
     """How long a produce or fetch request may take before it fails (and is retried)."""
     linger_ms: int = Field(5, ge=0, le=1000)
     """Producer batching delay."""
-    fetch_max_wait_ms: int = Field(100, ge=1, le=10_000)
-    """How long a consumer's fetch may wait on the broker for new records. On the local
-    broker (Tansu 0.6) it is also the delivery latency of a record to an idle consumer:
-    publish to consume took 109 ms median (max 234) at aiokafka's 500 and 12 ms (max 38)
-    at 100, and a turn crosses three such hops before its first token reaches the client.
-    Lower costs idle polling: 10 idle consumers took 4.9 % of a core on the broker at 500,
-    17.6 % at 100 and 82 % at 20 (perf/kafka_hop_latency.py)."""
+    fetch_max_wait_ms: int = Field(500, ge=1, le=10_000)
+    """How long a consumer's fetch may wait on the broker for new records (aiokafka's 500).
+    On the local broker (Tansu 0.6) it is also the delivery latency of a record to an idle
+    consumer: 109 ms median (max 234) at 500, 14 ms (max 39) at 100, and a turn crosses
+    three such hops before its first token reaches the client. But idle polling costs the
+    broker CPU (10 idle consumers: 4.7 % of a core at 500, 18 % at 100, 57 % at 20;
+    perf/kafka_hop_latency.py), and on 2 cores shared with the engines that cost more than
+    the latency saved: the bench at 100 gave both stacks' brokers 7.4 % of the cores (2.5 %
+    at 500), the engines 0.72 of them (0.80), and prime 16 tok/s (18; bench_levers_v5 vs v4).
+    Lower it where the broker has cores of its own."""
     compression: Compression | None = None
     """Producer compression (None: none)."""
     max_request_size: int = Field(1_048_576, ge=65_536)
