@@ -11,21 +11,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import csv
 import statistics
 import time
 import uuid
 from pathlib import Path
 
+import msgspec
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from tqdm import tqdm
 
+from perf.common import ARTIFACTS, write_csv
 from perf.workload import ROOT
 from plumbing.local_servers import start_broker, stop_process
 
-ARTIFACTS = ROOT / "artifacts"
+
+class HopCost(msgspec.Struct):
+    """One fetch_max_wait_ms: hop latency to an idle consumer, and the broker's idle CPU."""
+
+    fetch_max_wait_ms: int
+    hop_median_ms: float
+    hop_max_ms: float
+    idle_broker_core_share: float
+    idle_consumers: int
 
 
 async def _topic(boot: str, partitions: int) -> str:
@@ -91,7 +100,7 @@ async def idle_cost(boot: str, broker: psutil.Process, wait_ms: int, consumers: 
             await c.stop()
 
 
-async def run(waits: list[int], records: int, consumers: int, work_dir: Path) -> list[dict[str, float]]:
+async def run(waits: list[int], records: int, consumers: int, work_dir: Path) -> list[HopCost]:
     _, rec = start_broker(work_dir)
     boot = f"127.0.0.1:{rec.port}"
     rows = []
@@ -99,16 +108,8 @@ async def run(waits: list[int], records: int, consumers: int, work_dir: Path) ->
         for w in tqdm(waits, desc="fetch_max_wait_ms"):
             lat = sorted(await hop_latency(boot, w, records))
             share = await idle_cost(boot, psutil.Process(rec.pid), w, consumers)
-            rows.append(
-                {
-                    "fetch_max_wait_ms": w,
-                    "hop_median_ms": 1000 * statistics.median(lat),
-                    "hop_max_ms": 1000 * lat[-1],
-                    "idle_broker_core_share": share,
-                    "idle_consumers": consumers,
-                }
-            )
-            tqdm.write(", ".join(f"{k} {v:.3g}" for k, v in rows[-1].items()))
+            rows.append(HopCost(w, 1000 * statistics.median(lat), 1000 * lat[-1], share, consumers))
+            tqdm.write(str(rows[-1]))
     finally:
         stop_process(rec)
     return rows
@@ -124,24 +125,21 @@ def main() -> None:
     out = Path(a.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = asyncio.run(run([int(w) for w in a.waits.split(",")], a.records, a.consumers, ROOT / ".primerl" / "hop"))
-    with open(out / "kafka_hop_latency.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(out / "kafka_hop_latency.csv", rows)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [r["fetch_max_wait_ms"] for r in rows]
-    ax.plot(xs, [r["hop_median_ms"] for r in rows], "o-", label="hop latency, median (ms)")
+    xs = [r.fetch_max_wait_ms for r in rows]
+    ax.plot(xs, [r.hop_median_ms for r in rows], "o-", label="hop latency, median (ms)")
     ax.set_xscale("log")
     ax.set_xlabel("fetch_max_wait_ms")
     ax.set_ylabel("ms")
     ax2 = ax.twinx()
     ax2.plot(
-        xs, [100 * r["idle_broker_core_share"] for r in rows], "s--", color="tab:red", label="idle broker CPU (% core)"
+        xs, [100 * r.idle_broker_core_share for r in rows], "s--", color="tab:red", label="idle broker CPU (% core)"
     )
     ax2.set_ylabel("% of a core")
     fig.legend(loc="upper center")
