@@ -104,11 +104,21 @@ class StackSpec:
     global_cache: str  # cache-aware routing over every engine's prefix cache
 
 
-STACKS = {
-    "baseline": StackSpec(False, "round_robin", "off"),
-    "prime": StackSpec(True, "cache_aware", "on"),
-    "raw": StackSpec(True, "", "sticky"),
-}
+def stacks(prime_speculation: bool = True) -> dict[str, StackSpec]:
+    """The stacks; `prime_speculation=False` is the routing-only ablation (`--prime-speculation off`)."""
+    return {
+        "baseline": StackSpec(False, "round_robin", "off"),
+        "prime": StackSpec(prime_speculation, "cache_aware", "on"),
+        "raw": StackSpec(prime_speculation, "", "sticky"),  # configured as prime's engines
+    }
+
+
+STACKS = stacks()
+
+
+def specs_of(args: argparse.Namespace) -> dict[str, StackSpec]:
+    """The stacks as `args` configure them."""
+    return stacks(getattr(args, "prime_speculation", "on") == "on")
 
 
 class Row(msgspec.Struct):
@@ -222,9 +232,11 @@ def cell_order(contexts: Sequence[int], repeats: int, raw: bool = True, seed: in
     return cells
 
 
-def summarise(cell: Cell, samples: Sequence[Sample], acceptance: float, workers: int = 2) -> Row:
-    """A cell's row from its finished samples."""
-    spec = STACKS[cell.stack]
+def summarise(
+    cell: Cell, samples: Sequence[Sample], acceptance: float, workers: int = 2, spec: StackSpec | None = None
+) -> Row:
+    """A cell's row from its finished samples (`spec`: the cell's stack, default as in STACKS)."""
+    spec = spec or STACKS[cell.stack]
     nan = float("nan")
     if not samples:
         return Row(cell.context, _onoff(spec.speculation), spec.global_cache, 0.0, nan, nan, nan, cell.stack,
@@ -629,6 +641,7 @@ class RawEngines:
 
     def __init__(self, args: argparse.Namespace, cores: Sequence[int] = (0, 1)) -> None:
         self.args, self.cores = args, cores
+        self.spec = specs_of(args)["raw"]
         self.engines: list[Any] = []
         self._home: dict[bytes, int] = {}
 
@@ -644,7 +657,7 @@ class RawEngines:
             # The engine core is spawned with this process's environment: bind its OpenMP threads to `core`.
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
             cfg = EngineConfig(
-                kv_cache_gib=a.kv_cache_gib, speculation=STACKS["raw"].speculation, block_size=a.block_size
+                kv_cache_gib=a.kv_cache_gib, speculation=self.spec.speculation, block_size=a.block_size
             )
             e = Engine(cfg, model)
             await e.start()
@@ -733,7 +746,8 @@ async def run_cell(
     cr.bar.close()
     if requests is not None:
         requests += request_rows(cell, cr.samples)
-    row = summarise(cell, cr.samples, acceptance(before, after) if STACKS[cell.stack].speculation else float("nan"))
+    spec = target.spec
+    row = summarise(cell, cr.samples, acceptance(before, after) if spec.speculation else float("nan"), spec=spec)
     tqdm.write(
         f"{cell.stack:>8} {cell.context:>5} r{cell.repeat}: {row.tokens_per_s:6.1f} tok/s  TTFB {row.ttfb_ms:7.0f} ms"
         f"  p95 {row.p95_ms:7.0f} ms  hit {row.cache_hit_rate:.3f}  acc {row.acceptance_rate:.2f}"
@@ -780,7 +794,8 @@ async def bench(args: argparse.Namespace) -> list[Row]:
                 rows.append(await run_cell(cell, args, metrics, raw, {"raw-engines": (os.getpid(), True)}, cpu, reqs))
         finally:
             raw.shutdown()
-    sets = {name: PipelineSet(name, STACKS[name], work / name, args) for name in PIPELINE}
+    specs = specs_of(args)
+    sets = {name: PipelineSet(name, specs[name], work / name, args) for name in PIPELINE}
     try:
         print("pipeline: starting baseline and prime (broker, Redis, router, verifier, 2 engines each)...", flush=True)
         for s in sets.values():
@@ -912,6 +927,12 @@ def parser() -> argparse.ArgumentParser:
         choices=range(0, 20),
         metavar="0-19",
         help="nice value of the idle engine set during the other's cells (0: off)",
+    )
+    p.add_argument(
+        "--prime-speculation",
+        choices=("on", "off"),
+        default="on",
+        help="off: the routing-only ablation (prime's cache-aware router, prime and raw engines without speculation)",
     )
     p.add_argument("--no-raw", action="store_true", help="skip the raw-engine bound")
     p.add_argument("--seed", type=int, default=0)

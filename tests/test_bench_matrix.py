@@ -139,6 +139,18 @@ def test_acceptance_from_two_metrics_pages() -> None:
     assert math.isnan(acceptance((40.0, 30.0), (40.0, 30.0)))
 
 
+def test_the_routing_only_ablation_turns_speculation_off_in_prime_and_raw_only() -> None:
+    from perf.bench_matrix import specs_of
+
+    default, ablation = specs_of(parser().parse_args([])), specs_of(parser().parse_args(["--prime-speculation", "off"]))
+    assert default["prime"].speculation and default["raw"].speculation and not default["baseline"].speculation
+    assert not ablation["prime"].speculation and not ablation["raw"].speculation
+    assert ablation["prime"].policy == "cache_aware" and ablation["baseline"] == default["baseline"]
+    sample = Sample(sent=0.0, first=0.1, done=1.0, tokens=10, prompt_tokens=100, cached_tokens=50, worker="a")
+    row = summarise(Cell("prime", 1024, 0, 7), [sample], float("nan"), spec=ablation["prime"])
+    assert (row.speculation, row.global_cache) == ("off", "on")
+
+
 def test_smoke_and_full_defaults() -> None:
     smoke = resolve(parser().parse_args(["--smoke"]))
     assert (smoke.contexts, smoke.repeats) == ([512, 1024], 1)
