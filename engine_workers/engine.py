@@ -116,6 +116,7 @@ class Engine:
             "probe_every": self.cfg.spec_probe_every,
             "fixed_ms": self.cfg.spec_step_fixed_ms,
             "per_token_ms": self.cfg.spec_step_per_token_ms,
+            "inverse_cdf_sampler": self.cfg.inverse_cdf_sampler,
         }
         return {
             "scheduler_cls": "engine_workers.speculation.scheduler.GrammarSpecScheduler",
