@@ -656,9 +656,7 @@ class RawEngines:
         for core in self.cores:
             # The engine core is spawned with this process's environment: bind its OpenMP threads to `core`.
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(core)
-            cfg = EngineConfig(
-                kv_cache_gib=a.kv_cache_gib, speculation=self.spec.speculation, block_size=a.block_size
-            )
+            cfg = EngineConfig(kv_cache_gib=a.kv_cache_gib, speculation=self.spec.speculation, block_size=a.block_size)
             e = Engine(cfg, model)
             await e.start()
             self.engines.append(e)
@@ -708,7 +706,17 @@ class RawEngines:
         self.engines = []
 
 
+def model_max_len() -> int:
+    """The served model's context (max_position_embeddings of its config; 8,192 for SmolLM2)."""
+    import json
+
+    from plumbing.model_store import resolve_model
+
+    return int(json.loads((Path(resolve_model(None)) / "config.json").read_text())["max_position_embeddings"])
+
+
 def shape_for(args: argparse.Namespace, context: int) -> Shape:
+    """A cell's traffic: `--turns` per session, or as many as the context leaves room for."""
     return Shape(
         context=context,
         sessions=args.sessions,
@@ -718,7 +726,7 @@ def shape_for(args: argparse.Namespace, context: int) -> Shape:
         max_tokens=args.max_tokens,
         structured_share=args.structured_share,
         tasks=True,
-    )
+    ).fitted(args.max_model_len)
 
 
 async def run_cell(
@@ -904,7 +912,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--contexts", type=ints, default=None, help="default 512,1024,2048,4096,8192")
     p.add_argument("--repeats", type=int, default=None, help="default 2 (smoke 1)")
     p.add_argument("--sessions", type=int, default=None, help="multi-turn sessions per cell (default 4, smoke 2)")
-    p.add_argument("--turns", type=int, default=None, help="turns per session (default 4, smoke 3)")
+    p.add_argument(
+        "--turns", type=int, default=None, help="turns per session (default 4, smoke 3; fewer where they do not fit)"
+    )
+    p.add_argument("--max-model-len", type=int, default=None, help="what a session's last turn must fit (the model's)")
     p.add_argument("--groups", type=int, default=None, help="GRPO groups per cell (default 2, smoke 1)")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
@@ -947,6 +958,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     for k, v in (SMOKE if args.smoke else full).items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    if args.max_model_len is None:
+        args.max_model_len = model_max_len()
     return args
 
 

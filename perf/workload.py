@@ -18,6 +18,7 @@ the whole pipeline (perf/bench_matrix.py, perf/routing_bench.py) or an offline e
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -61,6 +62,13 @@ def filler(rng: random.Random, tokens: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(int(tokens)))
 
 
+# Shares of the context: the phase's system prompt, a session's task, each tool output
+# that extends a session, a group's question.
+SYSTEM_SHARE, TASK_SHARE, TOOL_SHARE, QUESTION_SHARE = 0.25, 0.4, 0.08, 0.65
+# Chat-template and label tokens per message at most ("<|im_start|>user\nTool output: ...").
+MESSAGE_OVERHEAD = 16
+
+
 @dataclass(frozen=True)
 class Shape:
     """How much of each kind of traffic one phase sends."""
@@ -77,6 +85,20 @@ class Shape:
     @property
     def requests(self) -> int:
         return self.sessions * self.turns + self.groups * self.group_size
+
+    def last_turn_tokens(self, turns: int) -> int:
+        """An upper estimate of a session's last prompt plus its answer, in tokens."""
+        shares = SYSTEM_SHARE + TASK_SHARE + TOOL_SHARE * (turns - 1)
+        messages = 2 * turns  # system + task, then an answer and a tool output per earlier turn
+        return int(self.context * shares) + turns * self.max_tokens + MESSAGE_OVERHEAD * messages
+
+    def fitted(self, max_model_len: int) -> Shape:
+        """This shape with as many of its turns as a session's last turn fits in `max_model_len`
+        (at 8,192 tokens on SmolLM2's 8,192: 4 of 6)."""
+        turns = self.turns
+        while turns > 1 and self.last_turn_tokens(turns) > max_model_len:
+            turns -= 1
+        return dataclasses.replace(self, turns=turns)
 
     def structured(self, index: int, count: int) -> bool:
         """Whether item `index` of `count` (sessions or groups) asks for JSON tool calls."""
@@ -113,19 +135,20 @@ class Workload:
         c = self.shape.context
         sid = uuid.uuid4().hex[:12]
         ask = " Reply with one JSON tool call." if structured else ""
-        messages = [ChatMessage("system", system), ChatMessage("user", "Task: " + filler(self.rng, int(c * 0.4)) + ask)]
+        task = "Task: " + filler(self.rng, int(c * TASK_SHARE)) + ask
+        messages = [ChatMessage("system", system), ChatMessage("user", task)]
         for turn in range(self.shape.turns):
             answer = await send(self._request(messages, structured, session_id=sid, turn_index=turn))
             messages += [
                 ChatMessage("assistant", answer),
-                ChatMessage("user", "Tool output: " + filler(self.rng, int(c * 0.08)) + ask),
+                ChatMessage("user", "Tool output: " + filler(self.rng, int(c * TOOL_SHARE)) + ask),
             ]
 
     async def group(self, system: str, send: Send, structured: bool) -> None:
         """G requests of one prompt at once."""
         gid = uuid.uuid4().hex[:12]
         ask = " Reply with one JSON tool call." if structured else ""
-        question = filler(self.rng, int(self.shape.context * 0.65)) + ask
+        question = filler(self.rng, int(self.shape.context * QUESTION_SHARE)) + ask
         msgs = [ChatMessage("system", system), ChatMessage("user", question)]
         reqs = [self._request(msgs, structured, group_id=gid) for _ in range(self.shape.group_size)]
         await asyncio.gather(*(send(r) for r in reqs))
@@ -134,7 +157,7 @@ class Workload:
         """Send the whole phase; returns its wall seconds."""
         s = self.shape
         # Shared across this phase's sessions and groups: a system prompt of a quarter of the context.
-        system = "You are an agent. Rules: " + filler(self.rng, int(s.context * 0.25))
+        system = "You are an agent. Rules: " + filler(self.rng, int(s.context * SYSTEM_SHARE))
         t0 = time.time()
         await asyncio.gather(
             *(self.session(system, send, s.structured(i, s.sessions)) for i in range(s.sessions)),

@@ -23,6 +23,7 @@ from perf.bench_matrix import (
     cpu_seconds,
     cpu_table,
     meets,
+    model_max_len,
     parser,
     ratios,
     resolve,
@@ -188,6 +189,34 @@ def test_workload_sends_sessions_that_extend_their_context_and_groups_of_separat
     assert {r.task for r in sent if r.grammar is None} == {"regex"}
 
 
+def test_sessions_get_the_turns_their_context_leaves_room_for() -> None:
+    # At 8,192 tokens on SmolLM2's 8,192, six turns would overflow the last prompt (the engine
+    # dead-letters it); the shape keeps as many as fit, and its estimate bounds the real prompts.
+    from transformers import AutoTokenizer
+
+    from engine_workers.requests import render_prompt
+    from perf.workload import WORDS
+    from plumbing.model_store import resolve_model
+
+    assert model_max_len() == 8192
+    assert Shape(4096, turns=6).fitted(8192).turns == 6
+    assert Shape(8192, turns=6).fitted(8192).turns == 4
+    assert Shape(8192, turns=1).fitted(8192).turns == 1
+    tok = AutoTokenizer.from_pretrained(resolve_model(None))
+    for turns in (4, 5):
+        shape = Shape(8192, sessions=1, turns=turns, groups=1, group_size=1, structured_share=1.0, tasks=True)
+        sent: list[PromptRequest] = []
+
+        async def send(req: PromptRequest, sent: list[PromptRequest] = sent) -> str:
+            sent.append(req)
+            return " ".join(random.choice(WORDS) for _ in range(32))  # a full answer
+
+        asyncio.run(Workload(shape, "r", seed=5).run(send))
+        longest = max(len(render_prompt(r, tok)[1]) for r in sent)
+        assert longest + shape.max_tokens <= shape.last_turn_tokens(turns), (turns, longest)
+        assert (longest + shape.max_tokens <= 8192) == (turns == 4)  # five turns of JSON tool calls would not fit
+
+
 def test_scrape_merges_processes_under_one_family_with_a_process_label() -> None:
     servers = []
     for value in (3, 5):
@@ -322,10 +351,20 @@ def test_request_rows_time_each_request_from_the_cells_start() -> None:
     from perf.bench_matrix import request_rows
 
     samples = [
-        Sample(sent=12.0, first=13.0, done=16.0, tokens=5, prompt_tokens=100, cached_tokens=90, worker="b",
-               final=15.0, kind="turn 1"),  # fmt: skip
-        Sample(sent=10.0, first=11.0, done=12.0, tokens=5, prompt_tokens=100, cached_tokens=0, worker="a",
-               kind="group"),  # fmt: skip
+        Sample(
+            sent=12.0,
+            first=13.0,
+            done=16.0,
+            tokens=5,
+            prompt_tokens=100,
+            cached_tokens=90,
+            worker="b",
+            final=15.0,
+            kind="turn 1",
+        ),  # fmt: skip
+        Sample(
+            sent=10.0, first=11.0, done=12.0, tokens=5, prompt_tokens=100, cached_tokens=0, worker="a", kind="group"
+        ),  # fmt: skip
     ]
     rows = request_rows(Cell("raw", 2048, 1, 0), samples)
     assert [(r.kind, r.sent_s, r.first_s, r.final_s, r.done_s) for r in rows] == [

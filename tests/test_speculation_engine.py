@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from engine_workers import vllm_patches
 from engine_workers.engine import Engine
 from engine_workers.grammar import structured_outputs
 from engine_workers.speculation.conformance import GrammarReplay
@@ -64,7 +65,9 @@ async def _generate(
 
 
 @pytest.fixture
-async def spec_engine():
+async def spec_engine(capfd):
+    # capfd: vLLM's engine-core and worker processes inherit the captured stderr, so their
+    # start-up lines (the patches each applied) can be read back.
     engine = Engine(
         EngineConfig(
             kv_cache_gib=1, speculation=True, num_speculative_tokens=4, spec_min_acceptance=0.3, spec_probe_every=20
@@ -72,6 +75,7 @@ async def spec_engine():
         str(resolve_model(None)),
     )
     await engine.start()
+    engine.startup_log = "".join(capfd.readouterr())  # type: ignore[attr-defined]
     yield engine
     engine.shutdown()
 
@@ -79,6 +83,10 @@ async def spec_engine():
 async def test_speculation_keeps_outputs_valid_emits_forced_tokens_and_falls_back(spec_engine: Engine) -> None:
     engine = spec_engine
     replay = GrammarReplay(engine.tokenizer)
+    # 0. The worker process installed its patches, the inverse-CDF plain sampler among them:
+    # every temperature-1 token below (the grammar's masked rows included) is drawn by it.
+    for name in vllm_patches.WORKER + vllm_patches.ENGINE_CORE:
+        assert f"vLLM patch {name} applied" in engine.startup_log, name
     # 1. >= 200 structured outputs generated concurrently: every token is one the mask allows.
     jobs = [
         _generate(engine, f"Give a JSON record for person {i}.", 8, 40, JSON_GRAMMAR, f"json-{i}") for i in range(13)
