@@ -8,6 +8,7 @@ import math
 import random
 from pathlib import Path
 
+import msgspec
 import pytest
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 from prometheus_client.parser import text_string_to_metric_families
@@ -26,6 +27,7 @@ from perf.bench_matrix import (
     model_max_len,
     parser,
     ratios,
+    raw_drift,
     resolve,
     spec_counters,
     summarise,
@@ -76,6 +78,30 @@ def test_cells_interleave_baseline_and_prime_per_context_after_the_raw_bound() -
         mine = [c.seed for c in cells if c.stack == stack]
         assert len(set(mine)) == len(mine)
     assert [c.stack for c in cell_order([512], 1, raw=False)] == ["baseline", "prime"]
+    # --raw-after: the raw cells once more at the end, repeats numbered on, the same text
+    # (on engines started afresh, so still no engine sees a text twice).
+    again = cell_order([512, 2048], repeats=2, raw=True, raw_after=True)
+    assert again[: len(cells)] == cells
+    assert [(c.stack, c.context, c.repeat) for c in again[len(cells) :]] == [
+        ("raw", 512, 2),
+        ("raw", 512, 3),
+        ("raw", 2048, 2),
+        ("raw", 2048, 3),
+    ]
+    assert [c.seed for c in again[len(cells) :]] == [c.seed for c in cells[:4]]
+    assert cell_order([512], 1, raw=False, raw_after=True) == cell_order([512], 1, raw=False)
+
+
+def test_raw_drift_compares_the_raw_cells_before_and_after_the_pipeline_cells() -> None:
+    def raw(context: int, repeat: int, tps: float) -> Row:
+        return Row(context, "on", "sticky", tps, 1.0, 1.0, 0.8, "raw", repeat, 40, 1.0, 1.0, 0.5)
+
+    rows = [raw(2048, 0, 20.0), raw(2048, 1, 22.0), raw(2048, 2, 24.0), raw(2048, 3, 26.0), raw(512, 0, 40.0)]
+    assert raw_drift(rows, repeats=2) == {2048: (21.0, 25.0)}  # 512 has no after-window: left out
+    # The bound the ratios use is the mean over both windows.
+    prime = msgspec.structs.replace(raw(2048, 0, 23.0), stack="prime")
+    base = msgspec.structs.replace(raw(2048, 0, 11.5), stack="baseline")
+    assert ratios([*rows, prime, base])[0].raw_fraction == pytest.approx(1.0)
 
 
 def test_summary_of_a_cell() -> None:
